@@ -1,0 +1,45 @@
+# loraforge: `make run` runs the demo pipeline with DVC; `make test` runs the test suite.
+# Both create .venv and install everything first (torch pinned: CPU wheel here, CUDA build of
+# the same version on GPU machines).
+
+VENV        ?= .venv
+PYTHON      ?= python3
+TORCH_PIN   ?= torch==2.13.0
+STAMP       := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
+
+.PHONY: install run test test-fast sync-dvc demo-data bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet "$(TORCH_PIN)"
+	$(VENV)/bin/pip install --quiet -e ".[test,upscale]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+run: install
+	loraforge sync-dvc --check
+	dvc repro
+	@echo "LoRA: models/lora.safetensors   report: reports/eval/index.html"
+
+test: install
+	pytest -q -ra
+
+test-fast: install
+	pytest -q -ra -m "not slow"
+
+sync-dvc: install
+	loraforge sync-dvc
+
+demo-data: install
+	python scripts/make_demo_data.py
+
+bench: install
+	python benchmarks/pipeline_cache.py
+
+clean:
+	rm -rf data/ingested data/upscaled data/captions data/latents models reports .loraforge

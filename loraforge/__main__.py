@@ -1,0 +1,5 @@
+import sys
+
+from loraforge.cli import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""The `loraforge` command line.
+
+    loraforge stage NAME        run one stage (what dvc.yaml's cmd calls)
+    loraforge run [--from S]    run the whole pipeline as a Prefect flow; prints computed/cached per stage
+    loraforge sync-dvc [--check]  write dvc.yaml from pipeline.yaml (or fail when it is stale)
+    loraforge check             validate params.yaml against every stage's schema
+    loraforge ui [--port N]     start the Prefect server (and UI) on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from loraforge.params import ParamsError, load_all_params
+from loraforge.spec import PIPELINE_FILE, SpecError, load_pipeline
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The project folder: the nearest folder at or above `start` holding pipeline.yaml."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PIPELINE_FILE).is_file():
+            return folder
+    raise SystemExit(f"loraforge: no {PIPELINE_FILE} in {here} or any parent folder")
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from loraforge.runner import run_stage
+
+    manifest = run_stage(find_root(), args.name)
+    report = manifest["report"]
+    print(f"{args.name}: {report['items']} items, {report['computed']} computed, {report['reused']} reused, {report['seconds']:.1f}s")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import run_pipeline
+
+    results = run_pipeline(find_root(), force=args.force)
+    width = max(len(name) for name in results)
+    for name, status in results.items():
+        print(f"{name:<{width}}  {status}")
+    return 0
+
+
+def cmd_sync_dvc(args: argparse.Namespace) -> int:
+    from loraforge.dvcgen import DVC_FILE, sync
+
+    root = find_root()
+    if args.check:
+        if sync(root, check=True):
+            print(f"{DVC_FILE} is up to date with {PIPELINE_FILE}")
+            return 0
+        print(f"{DVC_FILE} is stale: run `loraforge sync-dvc` and commit it", file=sys.stderr)
+        return 1
+    sync(root)
+    print(f"wrote {root / DVC_FILE}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    root = find_root()
+    load_all_params(root, load_pipeline(root))
+    print("params.yaml is valid for every stage")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    url = f"http://127.0.0.1:{args.port}"
+    print(f"Prefect UI: {url}\nIn another shell: export PREFECT_API_URL={url}/api && loraforge run")
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port)]
+    return subprocess.call(command, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraforge", description="Stable Diffusion LoRA training as one reproducible pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("stage", help="run one stage (dvc.yaml calls this)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_stage)
+
+    p = sub.add_parser("run", help="run the pipeline as a Prefect flow; unchanged stages come from cache")
+    p.add_argument("--force", action="store_true", help="ignore the stage cache and recompute every stage")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sync-dvc", help="generate dvc.yaml from pipeline.yaml")
+    p.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml is stale, without writing")
+    p.set_defaults(func=cmd_sync_dvc)
+
+    p = sub.add_parser("check", help="validate params.yaml")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("ui", help="start the Prefect server and UI on 127.0.0.1")
+    p.add_argument("--port", type=int, default=4200)
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ParamsError, SpecError) as e:
+        print(f"loraforge: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

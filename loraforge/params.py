@@ -1,0 +1,143 @@
+"""`params.yaml` loaded into typed, frozen, validated per-stage params.
+
+Each stage module defines `Params`, a frozen pydantic dataclass for its own section (built with
+`section`). Shared sections (`model`) are defined here and handed to every stage that lists them
+in pipeline.yaml: the stage's params get them as a field of the same name.
+
+Validation happens before any work; an unknown key, a wrong type or an out-of-range value raises
+`ParamsError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import ConfigDict, Field
+
+from loraforge.spec import PARAMS_FILE, Pipeline, StageSpec
+
+SECTION_CONFIG = ConfigDict(extra="forbid")
+
+
+def section(cls: type) -> type:
+    """Decorator: a frozen, validated params dataclass that rejects unknown keys."""
+    return pydantic.dataclasses.dataclass(frozen=True, config=SECTION_CONFIG)(cls)
+
+
+class ParamsError(ValueError):
+    """params.yaml failed validation; the message lists every problem."""
+
+
+@section
+class ModelParams:
+    """The `model` section: which base model every stage uses.
+
+    Attributes:
+        base: `builtin:tiny-sdxl`, `builtin:tiny-sd15`, a Hugging Face id (downloaded once) or a
+            local diffusers folder.
+        revision: Hugging Face revision (branch, tag or commit) when `base` is a hub id.
+        allow_pickle: allow `.bin`/`.ckpt` weights (loaded with `weights_only=True`); off by default.
+        device: `auto` picks CUDA when available, else CPU.
+    """
+
+    base: str = Field("builtin:tiny-sdxl", min_length=1)
+    revision: str | None = None
+    allow_pickle: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+SHARED_SECTIONS: dict[str, type] = {"model": ModelParams}
+
+
+def read_params_file(root: Path) -> dict[str, Any]:
+    """The raw `params.yaml` mapping (safe_load)."""
+    path = Path(root) / PARAMS_FILE
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path} not found") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def stage_params_class(stage: StageSpec) -> type:
+    """The stage module's `Params` class (the module imports without torch)."""
+    module = importlib.import_module(stage.module_name)
+    return module.Params
+
+
+def _describe(err: dict[str, Any], cls: type) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        known = ", ".join(sorted(cls.__dataclass_fields__))  # type: ignore[attr-defined]
+        return f"`{loc}` is not a known key (known: {known})"
+    if err["type"] == "missing":
+        return f"`{loc}` is required"
+    return f"`{loc}` = {err['input']!r}: {err['msg']}"
+
+
+def _validate(cls: type, data: Any, prefix: str) -> tuple[Any, list[str]]:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return None, [f"`{prefix}` must be a mapping, got {data!r}"]
+    try:
+        return pydantic.TypeAdapter(cls).validate_python(data), []
+    except pydantic.ValidationError as e:
+        problems = []
+        for err in e.errors():
+            err = {**err, "loc": (prefix, *err["loc"])}
+            problems.append(_describe(err, cls))
+        return None, problems
+
+
+def validate_stage(stage: StageSpec, raw: dict[str, Any]) -> tuple[Any, list[str]]:
+    """Validate one stage's sections; returns (params or None, problems)."""
+    own = raw.get(stage.name) or {}
+    if not isinstance(own, dict):
+        return None, [f"`{stage.name}` must be a mapping, got {own!r}"]
+    problems = []
+    data = dict(own)
+    for shared in stage.params[1:]:
+        if shared in data:
+            problems.append(f"`{stage.name}.{shared}`: set it in the top-level `{shared}` section instead")
+        if shared not in SHARED_SECTIONS:
+            problems.append(f"pipeline.yaml: stage `{stage.name}` reads unknown shared section `{shared}`")
+            continue
+        shared_params, shared_problems = _validate(SHARED_SECTIONS[shared], raw.get(shared), shared)
+        problems += shared_problems
+        data[shared] = shared_params
+    if problems:
+        return None, problems
+    return _validate(stage_params_class(stage), data, stage.name)
+
+
+def load_stage_params(root: Path, pipeline: Pipeline, name: str) -> Any:
+    """Validated params for stage `name`; raises ParamsError listing every problem."""
+    params, problems = validate_stage(pipeline.stages[name], read_params_file(root))
+    if problems:
+        raise ParamsError(f"{Path(root) / PARAMS_FILE}:\n  " + "\n  ".join(problems))
+    return params
+
+
+def load_all_params(root: Path, pipeline: Pipeline) -> dict[str, Any]:
+    """Validated params for every stage; one error listing all problems across all sections."""
+    raw = read_params_file(root)
+    known = set(pipeline.stages) | set(SHARED_SECTIONS)
+    problems = [f"`{s}` is not a known section (known: {', '.join(sorted(known))})" for s in raw if s not in known]
+    result = {}
+    for name, stage in pipeline.stages.items():
+        params, stage_problems = validate_stage(stage, raw)
+        problems += [p for p in stage_problems if p not in problems]
+        result[name] = params
+    if problems:
+        raise ParamsError(f"{Path(root) / PARAMS_FILE}:\n  " + "\n  ".join(problems))
+    return result

@@ -1,0 +1,146 @@
+"""Runs one stage: validated params in, paths resolved, outputs cleaned, report written.
+
+Both runners call `run_stage`: `dvc repro` through `loraforge stage NAME`, and the Prefect flow
+as one task per stage. The stage itself never reads params.yaml, the environment or the working
+directory: everything it needs arrives as arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from loraforge.fingerprint import canonical, hash_tree
+from loraforge.params import load_stage_params, read_params_file
+from loraforge.spec import Pipeline, StageSpec, load_pipeline, param_ref
+from loraforge.store import ItemStore
+
+STATE_DIR = ".loraforge"  # item store, resolved builtin models, hash cache; git- and DVC-ignored
+REQUIRED_SUMMARY_KEYS = ("items", "computed", "reused")
+
+
+class Publisher(Protocol):
+    """Where a stage shows tables and progress: the Prefect UI under `loraforge run`, nowhere under DVC."""
+
+    def table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None: ...
+
+    def markdown(self, key: str, text: str, description: str = "") -> None: ...
+
+    def progress(self, fraction: float, description: str = "") -> None: ...
+
+
+class NullPublisher:
+    """Publishes nothing (the DVC runner; tests)."""
+
+    def table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
+        pass
+
+    def markdown(self, key: str, text: str, description: str = "") -> None:
+        pass
+
+    def progress(self, fraction: float, description: str = "") -> None:
+        pass
+
+
+class Paths(dict):
+    """Named paths of a stage (`inputs.images`, `outputs.report`), read by attribute or key."""
+
+    def __getattr__(self, name: str) -> Path:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no path named `{name}` (have: {', '.join(self)})") from None
+
+
+@dataclass
+class StageEnv:
+    """What the runner hands a stage besides params and paths.
+
+    Attributes:
+        store: the content-addressed item store for per-item caching.
+        state_dir: loraforge's private folder (resolved builtin models live under it).
+        publish: where tables and progress go (Prefect artifacts or nowhere).
+        show_progress: whether to draw terminal progress bars.
+    """
+
+    store: ItemStore
+    state_dir: Path
+    publish: Publisher = field(default_factory=NullPublisher)
+    show_progress: bool = True
+
+
+def resolve_inputs(root: Path, stage: StageSpec, raw_params: dict[str, Any]) -> Paths:
+    """Input paths, with `${section.key}` taken from params.yaml and made absolute."""
+    resolved = Paths()
+    for name, value in stage.inputs.items():
+        ref = param_ref(value)
+        if ref is not None:
+            node: Any = raw_params
+            for part in ref.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, str):
+                raise ValueError(f"pipeline.yaml: stage `{stage.name}` input `{name}` needs params.yaml `{ref}` set to a path")
+            value = node
+        resolved[name] = (root / value).resolve()
+    return resolved
+
+
+def prepare_outputs(root: Path, stage: StageSpec) -> Paths:
+    """Output paths, emptied first (as DVC does) so no stale file survives a rerun."""
+    outputs = Paths()
+    for name, out in stage.outputs.items():
+        path = (root / out.path).resolve()
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        if not path.suffix:  # a folder output
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        outputs[name] = path
+    report = root / stage.report
+    report.unlink(missing_ok=True)
+    return outputs
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write a JSON report (sorted, indented, UTF-8)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(canonical(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def run_stage(root: Path, name: str, publish: Publisher | None = None, pipeline: Pipeline | None = None) -> dict[str, Any]:
+    """Validate params, run stage `name`, write `reports/<name>.json`; return its manifest.
+
+    The manifest is small (paths and content hashes of the outputs plus the report): it is what
+    the Prefect task returns and caches, never tensors or images.
+    """
+    root = Path(root).resolve()
+    pipeline = pipeline or load_pipeline(root)
+    if name not in pipeline.stages:
+        raise KeyError(f"no stage `{name}` in pipeline.yaml (have: {', '.join(pipeline.stages)})")
+    stage = pipeline.stages[name]
+    params = load_stage_params(root, pipeline, name)  # fails before any work
+    inputs = resolve_inputs(root, stage, read_params_file(root))
+    outputs = prepare_outputs(root, stage)
+    env = StageEnv(store=ItemStore(root / STATE_DIR / "store"), state_dir=root / STATE_DIR, publish=publish or NullPublisher())
+    module = importlib.import_module(stage.module_name)
+
+    started = time.perf_counter()
+    summary = module.run(params, inputs, outputs, env)
+    missing = [k for k in REQUIRED_SUMMARY_KEYS if k not in summary]
+    if missing:
+        raise RuntimeError(f"stage `{name}` returned a summary without {missing}")
+    report = {"stage": name, **summary, "seconds": round(time.perf_counter() - started, 3)}
+    write_report(root / stage.report, report)
+    return {
+        "stage": name,
+        "outputs": {path: hash_tree(root / path) for path in (*(o.path for o in stage.outputs.values()), stage.report)},
+        "report": report,
+    }

@@ -1,0 +1,73 @@
+"""resize: reduce each extracted LoRA to a small rank; the last epoch ships as models/lora.safetensors.
+
+The 001 guide resizes its 512-dim extraction to 16. `resize.method` chooses the rank per layer:
+`fixed` (= `resize.rank`), or by singular values (`sv_ratio`, `sv_fro`, `sv_cumulative` with
+`resize.param`), capped by `resize.rank`. Each layer keeps its effective scale through alpha.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, model_validator
+
+from loraforge.params import section
+
+if TYPE_CHECKING:
+    from loraforge.runner import Paths, StageEnv
+
+
+@section
+class Params:
+    """The `resize` section.
+
+    Attributes:
+        rank: the target rank (`fixed`), or the cap for the dynamic methods; the 001 guide: 16.
+        method: `fixed`; `sv_ratio` keeps singular values ≥ max / param; `sv_fro` keeps the
+            smallest rank retaining `param` of the Frobenius norm; `sv_cumulative` the smallest
+            rank whose singular values sum to `param` of the total.
+        param: the dynamic method's target (ratio > 1; fractions in (0, 1]).
+        save_dtype: dtype of the saved LoRA.
+    """
+
+    rank: int = Field(16, ge=1)
+    method: Literal["fixed", "sv_ratio", "sv_fro", "sv_cumulative"] = "fixed"
+    param: float | None = Field(None, gt=0)
+    save_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+
+    @model_validator(mode="after")
+    def _param_fits_method(self) -> "Params":
+        if self.method != "fixed" and self.param is None:
+            raise ValueError(f"`resize.param` is required with `resize.method: {self.method}`")
+        if self.method in ("sv_fro", "sv_cumulative") and self.param is not None and self.param > 1:
+            raise ValueError(f"`resize.param` must be in (0, 1] for `{self.method}`, got {self.param}")
+        return self
+
+
+def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
+    """Resize every `lora-*.safetensors` of `inputs.loras`; copy the last to `outputs.final`."""
+    import torch
+
+    from loraforge.lora import load_lora, resize_lora, save_lora
+
+    files = sorted(inputs.loras.glob("lora-*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no lora-*.safetensors in {inputs.loras}")
+    per_file = {}
+    for path in files:
+        tensors, metadata = load_lora(path)
+        resized, stats = resize_lora(tensors, rank=params.rank, method=params.method, param=params.param)
+        resized = {k: v.to(getattr(torch, params.save_dtype)) if not k.endswith(".alpha") else v for k, v in resized.items()}
+        dim = params.rank if params.method == "fixed" else "Dynamic"
+        metadata = {**metadata, "ss_network_dim": str(dim), "ss_network_alpha": str(dim),
+                    "ss_training_comment": f"{metadata.get('ss_training_comment', '')}; resized by loraforge to {params.method} rank {params.rank}"
+                    + (f" (param {params.param})" if params.param is not None else "")}
+        save_lora(outputs.loras / path.name, resized, metadata)
+        fro = [s["fro_retained"] for s in stats.values()]
+        per_file[path.name] = {"layers": len(stats), "mean_fro_retained": sum(fro) / len(fro),
+                               "min_fro_retained": min(fro), "ranks": sorted({s["rank"] for s in stats.values()})}
+        env.publish.table(f"resize-{path.stem}", [{"layer": k, **v} for k, v in stats.items()], f"Per-layer resize of {path.name}")
+    shutil.copyfile(outputs.loras / files[-1].name, outputs.final)
+    return {"items": len(files), "computed": len(files), "reused": 0, "method": params.method, "rank": params.rank,
+            "files": per_file, "final": files[-1].name}

@@ -1,0 +1,72 @@
+"""The whole pipeline through real `dvc repro` in a temp git repo: outputs, skips, partial reruns."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from tests.helpers import make_project, ran_stages, run, set_params
+
+pytestmark = pytest.mark.slow
+ALL = ["ingest", "upscale", "caption", "latents", "finetune", "extract", "resize", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    project = make_project(tmp_path_factory.mktemp("dvc") / "project")
+    result = run(["dvc", "repro"], project)
+    assert ran_stages(result.stdout) == ALL, result.stdout
+    return project
+
+
+def report(project: Path, stage: str) -> dict:
+    return json.loads((project / "reports" / f"{stage}.json").read_text())
+
+
+def test_first_repro_builds_a_kohya_lora_and_every_report(project):
+    for stage in ALL:
+        r = report(project, stage)
+        assert r["stage"] == stage and {"items", "computed", "reused", "seconds"} <= set(r)
+    with safe_open(str(project / "models" / "lora.safetensors"), framework="pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in keys)
+    assert {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] for k in keys if not k.endswith(".alpha")} == {
+        "lora_down.weight", "lora_up.weight"}
+    assert any(k.startswith("lora_te1_") for k in keys), "text encoder was trained and must be extracted"
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_dim"] == "8"
+    assert (project / "reports" / "eval" / "index.html").is_file()
+    metrics = json.loads((project / "reports" / "eval" / "metrics.json").read_text())
+    assert metrics["final"]["lora_effect"] > 0, "the LoRA must change the images at weight 1"
+    assert report(project, "upscale")["computed"] >= 1, "the demo has images below min_side"
+
+
+def test_second_repro_runs_nothing(project):
+    result = run(["dvc", "repro"], project)
+    assert ran_stages(result.stdout) == []
+    assert run(["dvc", "status"], project).stdout.strip() == "Data and pipelines are up to date."
+
+
+def test_changing_the_trigger_reruns_caption_and_downstream_only(project):
+    set_params(project, {"caption": {"trigger": "zxqstyle"}})
+    result = run(["dvc", "repro"], project)
+    assert ran_stages(result.stdout) == ["caption", "finetune", "extract", "resize", "evaluate"]
+    captions = (project / "data" / "captions" / "manifest.jsonl").read_text()
+    assert "zxqstyle" in captions and "lfxstyle" not in captions
+
+
+def test_adding_one_image_computes_exactly_one_latent(project):
+    demo = project / "data" / "demo"
+    source = next(p for p in sorted(demo.iterdir()) if p.suffix == ".png")
+    from PIL import Image, ImageOps
+
+    with Image.open(source) as img:
+        ImageOps.mirror(img.convert("RGB")).save(demo / "a mirrored copy of a shape.png")
+    result = run(["dvc", "repro"], project)
+    assert "latents" in ran_stages(result.stdout)
+    latents = report(project, "latents")
+    assert latents["computed"] == 1 and latents["reused"] == latents["items"] - 1
+    assert report(project, "ingest")["computed"] == 1
