@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet "$(TORCH_PIN)"
-	$(VENV)/bin/pip install --quiet -e ".[test,upscale]" "$(TORCH_PIN)"
+	$(VENV)/bin/pip install --quiet -e ".[test]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
 run: install

@@ -73,6 +73,14 @@ class StageEnv:
     publish: Publisher = field(default_factory=NullPublisher)
     show_progress: bool = True
 
+    def bar(self, iterable: Any = None, **kwargs: Any) -> Any:
+        """A tqdm progress bar; off when `show_progress` is False (TQDM_DISABLE=1 also turns it off)."""
+        from tqdm import tqdm
+
+        if not self.show_progress:
+            kwargs["disable"] = True
+        return tqdm(iterable, **kwargs)
+
 
 def resolve_inputs(root: Path, stage: StageSpec, raw_params: dict[str, Any]) -> Paths:
     """Input paths, with `${section.key}` taken from params.yaml and made absolute."""

@@ -52,6 +52,7 @@ class ItemStore:
             write(tmp)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; entries are shared, read-only data
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)

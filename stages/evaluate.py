@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
-from tqdm import tqdm
 
 from loraforge.fingerprint import hash_file, item_key
 from loraforge.images import read_jsonl
@@ -151,7 +150,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     prompts = render_prompts(params.prompts, trigger)
     renderer = Renderer(params, env)
     total = len(loras) * len(prompts) * len(params.seeds) * len(params.weights)
-    bar = tqdm(total=total, desc="evaluate", unit="img", disable=not env.show_progress)
+    bar = env.bar(total=total, desc="evaluate", unit="img")
     epochs: dict[str, Any] = {}
     for lora in loras:
         lora_hash = hash_file(lora)

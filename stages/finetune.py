@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
-from tqdm import tqdm
 
 from loraforge.params import ModelParams, section
 
@@ -238,7 +237,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
 
     step_rows, epoch_rows, saved = [], [], []
     global_step = 0
-    bar = tqdm(total=steps["steps"], desc="finetune", unit="step", disable=not env.show_progress)
+    bar = env.bar(total=steps["steps"], desc="finetune", unit="step")
     for epoch in range(1, params.epochs + 1):
         epoch_losses = []
         for batch in epoch_batches(examples, params.batch_size, params.seed, epoch):

@@ -15,7 +15,6 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
-from tqdm import tqdm
 
 from loraforge.fingerprint import item_key
 from loraforge.images import read_jsonl, resize_cover_crop, write_jsonl
@@ -137,7 +136,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         by_bucket: dict[Bucket, list[dict[str, Any]]] = defaultdict(list)
         for it in pending:
             by_bucket[it["bucket"]].append(it)
-        bar = tqdm(total=len(pending), desc="latents", unit="img", disable=not env.show_progress)
+        bar = env.bar(total=len(pending), desc="latents", unit="img")
         for bucket, group in sorted(by_bucket.items()):
             for start in range(0, len(group), params.batch_size):
                 chunk = group[start : start + params.batch_size]

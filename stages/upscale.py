@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
-from tqdm import tqdm
 
 from loraforge.fingerprint import hash_file, item_key
 from loraforge.images import lanczos_upscale, read_jsonl, save_png, write_jsonl
@@ -88,8 +87,13 @@ def model_upscale(image: "Image.Image", model: Any, min_side: int, tile: int) ->
 
 def load_upscaler(path: Path, device: str) -> Any:
     """An ESRGAN-family network from a local file, via spandrel."""
-    import spandrel
-
+    try:
+        import spandrel
+    except ImportError as e:
+        raise ImportError(
+            "`upscale.method: model` needs spandrel: `pip install 'loraforge[upscale]'` (it needs a torchvision "
+            f"built for your torch). Import failed: {e}"
+        ) from e
     descriptor = spandrel.ModelLoader(device=device).load_from_file(str(path))
     return descriptor.eval()
 
@@ -108,7 +112,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     rows = read_jsonl(inputs.images / "manifest.jsonl")
     computed = reused = passed = 0
     out_rows = []
-    for row in tqdm(rows, desc="upscale", unit="img", disable=not env.show_progress):
+    for row in env.bar(rows, desc="upscale", unit="img"):
         src = inputs.images / row["file"]
         dst = outputs.images / row["file"]
         if not needs_upscale(row["width"], row["height"], min_side):
