@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
-from prefect.filesystems import LocalFileSystem
+from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
 from loraforge.fingerprint import canonical, hash_file, hash_json, hash_tree
 from loraforge.params import load_all_params, load_stage_params, read_params_file
@@ -85,10 +85,9 @@ def pipeline_flow(root: str, force: bool = False) -> dict[str, str]:
     project = Path(root)
     pipeline = load_pipeline(project)
     load_all_params(project, pipeline)  # every section valid before any stage starts
-    storage = LocalFileSystem(basepath=str(project / STATE_DIR / "prefect-results"))
     statuses: dict[str, str] = {}
     for name in pipeline.stages:
-        runner = stage_task.with_options(name=f"stage-{name}", result_storage=storage, refresh_cache=force)
+        runner = stage_task.with_options(name=f"stage-{name}", refresh_cache=force)
         state = runner(root, name, return_state=True)
         manifest = state.result()
         cached = state.name == "Cached"
@@ -102,5 +101,8 @@ def pipeline_flow(root: str, force: bool = False) -> dict[str, str]:
 
 
 def run_pipeline(root: Path, force: bool = False) -> dict[str, str]:
-    """Entry point for `loraforge run`."""
-    return pipeline_flow(str(Path(root).resolve()), force=force)
+    """Entry point for `loraforge run`: the flow, with cached manifests kept in the project's
+    `.loraforge/prefect-results` (so each project has its own cache, beside its item store)."""
+    root = Path(root).resolve()
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: root / STATE_DIR / "prefect-results"}):
+        return pipeline_flow(str(root), force=force)
