@@ -67,30 +67,25 @@ def open_weights(files: list[Path]) -> Iterator[Any]:
         yield get
 
 
-def max_abs_diff(base: Any, tuned: Any, modules: list[str]) -> float:
-    """Largest |tuned − base| over the weights of `modules`, one tensor at a time."""
-    return max((tuned(f"{m}.weight").float() - base(f"{m}.weight").float()).abs().max().item() for m in modules)
-
-
-def extract_component(component: str, prefix: str, base_files: list[Path], tuned_file: Path, params: Params) -> tuple[dict[str, Any], dict[str, Any]]:
-    """LoRA tensors for one component, and a note of what was decided."""
+def extract_component(component: str, prefix: str, base_files: list[Path], tuned_file: Path, params: Params, device: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """LoRA tensors for one component (SVDs on `device`), and a note of what was decided."""
     import torch
 
-    from loraforge.lora import extract_lora, kohya_name, text_encoder_changed, text_encoder_targets, unet_targets
+    from loraforge.lora import extract_lora, kohya_names, max_abs_delta, text_encoder_changed, text_encoder_targets, unet_targets
 
     with open_weights(base_files) as base, open_weights([tuned_file]) as tuned:
         if component == "unet":
             modules = unet_targets(tuned.keys, conv=params.conv_dim > 0)
         else:
             modules = text_encoder_targets(tuned.keys)
-            diff = max_abs_diff(base, tuned, modules)
+            diff = max_abs_delta(base, tuned, [f"{m}.weight" for m in modules])
             if not text_encoder_changed(diff, params.min_diff):
                 print(f"extract: {component} left out: its largest change {diff:.3g} is below `extract.min_diff` {params.min_diff:g}")
                 return {}, {"included": False, "max_diff": diff}
             print(f"extract: {component} included: largest change {diff:.3g} ≥ `extract.min_diff` {params.min_diff:g}")
-        targets = {m: kohya_name(prefix, m) for m in modules}
+        targets = kohya_names(prefix, modules)
         tensors = extract_lora(base, tuned, targets, dim=params.dim, conv_dim=params.conv_dim,
-                               clamp_quantile=params.clamp_quantile, dtype=getattr(torch, params.save_dtype))
+                               clamp_quantile=params.clamp_quantile, dtype=getattr(torch, params.save_dtype), device=device)
     note = {"included": True, "modules": len(modules)}
     if component != "unet":
         note["max_diff"] = diff
@@ -100,9 +95,10 @@ def extract_component(component: str, prefix: str, base_files: list[Path], tuned
 def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
     """One `lora-epoch-NNNN.safetensors` per checkpoint folder into `outputs.loras`."""
     from loraforge.lora import lora_metadata, save_lora
-    from loraforge.models import resolve_model, weight_files
+    from loraforge.models import resolve_device, resolve_model, weight_files
 
     info = resolve_model(params.model, env.state_dir)
+    device = resolve_device(params.model.device)
     epochs = sorted(p for p in inputs.checkpoints.glob("epoch-*") if p.is_dir())
     if not epochs:
         raise FileNotFoundError(f"no epoch-* checkpoint folders in {inputs.checkpoints}")
@@ -115,7 +111,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
             if not tuned.exists():
                 notes[component] = {"included": False, "reason": "not trained"}
                 continue
-            part, notes[component] = extract_component(component, prefix, weight_files(info, component), tuned, params)
+            part, notes[component] = extract_component(component, prefix, weight_files(info, component), tuned, params, device)
             tensors.update(part)
         metadata = lora_metadata(info.arch, dim=params.dim, alpha=params.dim, ss_epoch=meta["epoch"], ss_steps=meta["global_step"],
                                  ss_sd_model_name=info.source, ss_text_encoders=json.dumps({k: v["included"] for k, v in notes.items() if k != "unet"}),

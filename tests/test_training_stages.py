@@ -1,0 +1,194 @@
+"""finetune → extract → resize → evaluate through the stage runner on tiny SD1.5 (the DVC
+end-to-end test covers SDXL): real training, real checkpoints, real diffusers generation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge.images import read_jsonl
+from loraforge.lora import load_lora
+from loraforge.runner import run_stage
+from stages import finetune
+from tests.helpers import make_project, set_params
+
+PREP = ["ingest", "upscale", "caption", "latents"]
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory) -> Path:
+    """A project on tiny SD1.5 with data prepared and finetune/extract/resize/evaluate run once."""
+    project = make_project(tmp_path_factory.mktemp("sd15") / "p", git=False)
+    set_params(project, {"model": {"base": "builtin:tiny-sd15"},
+                         "finetune": {"epochs": 2, "save_every_n_epochs": 1, "save_dtype": "float32"},
+                         "extract": {"save_dtype": "float32"}, "resize": {"save_dtype": "float32"}})
+    for stage in [*PREP, "finetune", "extract", "resize", "evaluate"]:
+        run_stage(project, stage)
+    return project
+
+
+def report(project: Path, stage: str) -> dict:
+    return json.loads((project / "reports" / f"{stage}.json").read_text())
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def examples(buckets: list[tuple[int, int]], repeats: int = 1) -> list[dict]:
+    return [{"id": str(i), "bucket": list(b), "repeats": repeats} for i, b in enumerate(buckets)]
+
+
+def test_batches_never_mix_buckets_and_depend_only_on_seed_and_epoch():
+    data = examples([(64, 64)] * 5 + [(96, 32)] * 3)
+    batches = finetune.epoch_batches(data, 2, seed=1, epoch=1)
+    assert all(len({tuple(e["bucket"]) for e in b}) == 1 for b in batches)
+    assert sorted(e["id"] for b in batches for e in b) == sorted(e["id"] for e in data)
+    assert len(batches) == 3 + 2  # ceil(5/2) + ceil(3/2)
+    assert batches == finetune.epoch_batches(data, 2, seed=1, epoch=1)
+    assert batches != finetune.epoch_batches(data, 2, seed=1, epoch=2)
+
+
+def test_plan_reports_the_guide_formula_and_the_exact_count():
+    params = finetune.Params(model={"base": "builtin:tiny-sd15"}, epochs=10, batch_size=2, gradient_accumulation=2)
+    data = examples([(64, 64)] * 4 + [(96, 32)] * 1) * 2  # 5 images × 2 repeats
+    plan = finetune.plan(data, params)
+    assert plan["formula_steps"] == 5 * 10  # images × repeats / batch × epochs
+    assert plan["steps_per_epoch"] == 4 + 1 and plan["steps"] == 50
+    assert plan["optimizer_steps"] == 3 * 10
+    assert plan["images"] == 5
+
+
+def test_fp16_on_cpu_is_refused_before_any_work():
+    with pytest.raises(ValueError, match="finetune.mixed_precision: fp16"):
+        finetune.check_precision("fp16", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- finetune
+
+
+def test_finetune_saves_a_checkpoint_per_epoch_that_moved_from_the_base(sd15):
+    from loraforge.models import weight_files, resolve_model
+    from loraforge.params import ModelParams
+
+    ckpts = project_ckpts = sorted((sd15 / "models" / "checkpoints").iterdir())
+    assert [p.name for p in project_ckpts] == ["epoch-0001", "epoch-0002"]
+    info = resolve_model(ModelParams(base="builtin:tiny-sd15"), sd15 / ".loraforge")
+    base = load_file(str(weight_files(info, "unet")[0]))
+    tuned = load_file(str(ckpts[-1] / "unet.safetensors"))
+    assert base.keys() == tuned.keys()
+    assert max((tuned[k] - base[k]).abs().max().item() for k in base) > 1e-4
+    assert (ckpts[-1] / "text_encoder.safetensors").is_file() and not (ckpts[-1] / "text_encoder_2.safetensors").exists()
+    steps = (sd15 / "reports" / "finetune" / "steps.tsv").read_text().splitlines()
+    r = report(sd15, "finetune")
+    assert steps[0].split("\t") == ["step", "epoch", "loss", "lr"] and len(steps) - 1 == r["plan"]["steps"]
+    assert all(float(line.split("\t")[2]) > 0 for line in steps[1:])
+
+
+def test_finetune_is_reproducible_with_the_same_seed(sd15, tmp_path):
+    first = load_file(str(sd15 / "models" / "checkpoints" / "epoch-0001" / "unet.safetensors"))
+    set_params(sd15, {"finetune": {"epochs": 1}})
+    try:
+        run_stage(sd15, "finetune")
+        again = load_file(str(sd15 / "models" / "checkpoints" / "epoch-0001" / "unet.safetensors"))
+    finally:
+        set_params(sd15, {"finetune": {"epochs": 2}})
+        run_stage(sd15, "finetune")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_nan_loss_stops_training_and_saves_nothing(sd15, monkeypatch):
+    work = sd15.parent / "nan"
+    shutil.copytree(sd15, work, ignore=shutil.ignore_patterns("models", "reports"))
+    real = finetune.diffusion_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(finetune, "diffusion_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 2 \(epoch 1\)"):
+        run_stage(work, "finetune")
+    assert not list((work / "models" / "checkpoints").glob("epoch-*"))
+
+
+# ---------------------------------------------------------------- extract, resize, evaluate
+
+
+def test_extract_writes_a_kohya_lora_per_epoch_with_the_text_encoder(sd15):
+    files = sorted((sd15 / "models" / "extracted").glob("*.safetensors"))
+    assert [f.name for f in files] == ["lora-epoch-0001.safetensors", "lora-epoch-0002.safetensors"]
+    tensors, meta = load_lora(files[-1])
+    assert any(k.startswith("lora_te_") for k in tensors) and any(k.startswith("lora_unet_") for k in tensors)
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_epoch"] == "2"
+    assert json.loads(meta["ss_text_encoders"]) == {"text_encoder": True}
+
+
+def test_min_diff_above_the_change_leaves_the_text_encoder_out_and_says_so(sd15, capsys):
+    set_params(sd15, {"extract": {"min_diff": 10.0}})
+    try:
+        run_stage(sd15, "extract")
+        out = capsys.readouterr().out
+        tensors, meta = load_lora(sd15 / "models" / "extracted" / "lora-epoch-0002.safetensors")
+        assert "text_encoder left out" in out and "extract.min_diff" in out
+        assert not any(k.startswith("lora_te_") for k in tensors)
+        assert json.loads(meta["ss_text_encoders"]) == {"text_encoder": False}
+    finally:
+        set_params(sd15, {"extract": {"min_diff": 1e-6}})
+        run_stage(sd15, "extract")
+
+
+def test_resize_caps_ranks_and_ships_the_last_epoch(sd15):
+    final = sd15 / "models" / "lora.safetensors"
+    assert final.read_bytes() == (sd15 / "models" / "loras" / "lora-epoch-0002.safetensors").read_bytes()
+    tensors, meta = load_lora(final)
+    ranks = {t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
+    assert max(ranks) <= 8 and meta["ss_network_dim"] == "8"
+    r = report(sd15, "resize")
+    assert 0 < r["files"]["lora-epoch-0002.safetensors"]["mean_fro_retained"] <= 1.0 + 1e-6
+
+
+def test_evaluate_renders_every_epoch_and_the_lora_changes_only_weight_one(sd15):
+    r = report(sd15, "evaluate")
+    assert r["epochs"] == ["epoch-0001", "epoch-0002"]
+    # 2 epochs × 2 prompts × 1 seed × 2 weights; the weight-0 (base) images are shared by both epochs
+    assert r["items"] == 8 and r["computed"] == 6 and r["reused"] == 2
+    metrics = json.loads((sd15 / "reports" / "eval" / "metrics.json").read_text())
+    assert all(m["lora_effect"] > 0 for m in metrics["epochs"].values())
+    page = (sd15 / "reports" / "eval" / "index.html").read_text()
+    assert 'src="grids/epoch-0001.png"' in page and 'src="grids/epoch-0002.png"' in page
+    from PIL import Image
+
+    with Image.open(sd15 / "reports" / "eval" / "grids" / "epoch-0002.png") as grid:
+        assert grid.size == (64 * 2, 64 * 2)  # columns: weights 0 and 1; rows: 2 prompts × 1 seed
+
+
+def test_evaluate_rerun_reuses_every_image(sd15):
+    run_stage(sd15, "evaluate")
+    r = report(sd15, "evaluate")
+    assert r["computed"] == 0 and r["reused"] == r["items"]
+
+
+def test_extracted_lora_loads_in_diffusers_and_matters_only_at_weight_one(sd15):
+    from loraforge.models import load_pipeline, resolve_model
+    from loraforge.params import ModelParams
+
+    info = resolve_model(ModelParams(base="builtin:tiny-sd15"), sd15 / ".loraforge")
+    pipe = load_pipeline(info, torch.device("cpu"))
+
+    def image(**kw):
+        return torch.from_numpy(pipe("lfxstyle", num_inference_steps=2, width=64, height=64, output_type="np",
+                                     generator=torch.Generator().manual_seed(0), **kw).images)
+
+    base = image()
+    pipe.load_lora_weights(str(sd15 / "models"), weight_name="lora.safetensors", adapter_name="shipped")
+    pipe.set_adapters(["shipped"], adapter_weights=[0.0])
+    assert torch.equal(image(), base)
+    pipe.set_adapters(["shipped"], adapter_weights=[1.0])
+    assert (image() - base).abs().max() > 1e-3
