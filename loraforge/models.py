@@ -395,6 +395,8 @@ def _load_kwargs(info: ModelInfo, component: str, dtype: torch.dtype | None) -> 
     """from_pretrained arguments: local files only, safetensors unless pickle is what there is."""
     import torch
 
+    quiet_hf_loading()
+
     files = weight_files(info, component)  # refuses pickle-only components without allow_pickle
     if not files:
         raise ValueError(f"{info.path / component}: no weight files (`model.base` = {info.source!r})")
@@ -403,6 +405,28 @@ def _load_kwargs(info: ModelInfo, component: str, dtype: torch.dtype | None) -> 
         "use_safetensors": files[0].name.endswith(".safetensors"),
         "dtype": dtype or torch.float32,
     }
+
+
+class _NoTorchvisionNotice:
+    """Drops transformers' "requires torchvision ... falling back to ...Pil" notice: the PIL
+    image processors are what loraforge wants (no torchvision is installed on CPU), and the
+    notice's advice to install one would break a CPU torch."""
+
+    def filter(self, record: Any) -> bool:
+        return "requires torchvision" not in record.getMessage()
+
+
+def quiet_hf_loading() -> None:
+    """No per-file "Loading weights" bars from transformers/diffusers (the stages draw their own)."""
+    import logging
+
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    for name in ("transformers.utils.import_utils",):
+        logging.getLogger(name).addFilter(_NoTorchvisionNotice())
 
 
 def load_vae(info: ModelInfo, device: torch.device, dtype: torch.dtype | None = None) -> Any:
