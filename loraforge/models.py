@@ -514,6 +514,7 @@ def load_pipeline(info: ModelInfo, device: torch.device, dtype: torch.dtype | No
         device: where to put it.
         dtype: weight dtype; None means float32.
     """
+    quiet_hf_loading()  # before the pipeline import, which triggers the torchvision notice
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     pairs = load_text_encoders(info, device, dtype)
