@@ -42,3 +42,17 @@ def test_cli_run_prints_one_line_per_stage(project):
     result = run(["loraforge", "run"], project)
     lines = [line.split() for line in result.stdout.splitlines() if line.split()[:1] and line.split()[0] in ALL]
     assert lines == [[name, "cached"] for name in ALL], result.stdout
+
+
+def test_stages_publish_tables_to_the_prefect_ui(project):
+    """The first run's stages published their tables as Prefect artifacts."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def keys() -> set[str]:
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts() if a.key}
+
+    found = asyncio.run(keys())
+    assert {"caption-captions", "latents-buckets", "finetune-plan", "finetune-epoch-loss", "evaluate-metrics"} <= found
