@@ -202,6 +202,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     """Train; write checkpoints to `outputs.checkpoints` and loss tables to `outputs.loss`."""
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from diffusers.optimization import get_scheduler
 
     from loraforge.models import load_noise_scheduler, load_text_encoders, load_unet, resolve_device, resolve_model
@@ -216,6 +217,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
 
     torch.manual_seed(params.seed)
     info = resolve_model(params.model, env.state_dir)
+    AcceleratorState._reset_state(reset_partial_state=True)  # the Prefect runner trains in-process, maybe repeatedly
     accelerator = Accelerator(mixed_precision=params.mixed_precision, gradient_accumulation_steps=params.gradient_accumulation, cpu=device.type == "cpu")
     unet = load_unet(info, accelerator.device)
     pairs = load_text_encoders(info, accelerator.device)

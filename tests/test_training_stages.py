@@ -192,3 +192,26 @@ def test_extracted_lora_loads_in_diffusers_and_matters_only_at_weight_one(sd15):
     assert torch.equal(image(), base)
     pipe.set_adapters(["shipped"], adapter_weights=[1.0])
     assert (image() - base).abs().max() > 1e-3
+
+
+def test_gradient_checkpointing_and_bf16_autocast_train_on_cpu(sd15):
+    work = sd15.parent / "bf16"
+    shutil.copytree(sd15, work, ignore=shutil.ignore_patterns("models", "reports"))
+    set_params(work, {"finetune": {"epochs": 1, "gradient_checkpointing": True, "mixed_precision": "bf16"}})
+    run_stage(work, "finetune")
+    r = report(work, "finetune")
+    assert r["mixed_precision"] == "bf16" and r["loss_last_epoch"] > 0
+    state = load_file(str(work / "models" / "checkpoints" / "epoch-0001" / "unet.safetensors"))
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_conv_dim_adds_the_resnet_convolutions(sd15):
+    set_params(sd15, {"extract": {"conv_dim": 4}})
+    try:
+        run_stage(sd15, "extract")
+        tensors, _ = load_lora(sd15 / "models" / "extracted" / "lora-epoch-0002.safetensors")
+        conv = [k for k in tensors if "_resnets_" in k and k.endswith("_conv1.lora_down.weight")]
+        assert conv and all(tensors[k].shape[0] == 4 and tensors[k].dim() == 4 for k in conv)
+    finally:
+        set_params(sd15, {"extract": {"conv_dim": 0}})
+        run_stage(sd15, "extract")
