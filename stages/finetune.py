@@ -229,8 +229,8 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         enc.requires_grad_(params.train_text_encoder)
     if params.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        for enc in encoders:
-            enc.gradient_checkpointing_enable()
+        for enc in encoders:  # transformers 5 renamed the method; 4.x has only the old name
+            (getattr(enc, "activation_checkpointing_enable", None) or enc.gradient_checkpointing_enable)()
     optimizer = make_optimizer(unet, encoders, params)
     lr_schedule = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.lr_warmup_steps, num_training_steps=steps["optimizer_steps"])
     unet, optimizer, lr_schedule, *encoders = accelerator.prepare(unet, optimizer, lr_schedule, *encoders)
