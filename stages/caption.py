@@ -21,8 +21,11 @@ if TYPE_CHECKING:
     from loraforge.runner import Paths, StageEnv
 
 CaptionSource = Literal["sidecar", "filename", "template"]
-# Camera / export names carry no caption ("IMG_0042", "DSC01234", "image (3)", "1234").
-_CAMERA_NAME = re.compile(r"^(img|dsc|dscn|pxl|image|photo|screenshot|frame)?[\s_\-]*\(?\d+\)?$", re.IGNORECASE)
+# Camera / export names carry no caption ("IMG_0042", "DSC01234", "image (3)", "1234"), nor do
+# phone names with date and time ("PXL_20230615_101112345") or copies of any of these ("IMG_0042 (2)").
+_CAMERA_NAME = re.compile(
+    r"^(img|dsc|dscn|pxl|image|photo|screenshot|frame)?[\s_\-]*\(?\d+\)?(?:[\s_\-]+\(?\d+\)?)*$", re.IGNORECASE
+)
 _COPY_SUFFIX = re.compile(r"(\s*\(\d+\)|[_\-\s]+\d{1,4})$")  # "cat (2)", "cat_003"
 
 

@@ -55,6 +55,8 @@ class Params:
     def _step_multiple_of_8(self) -> "Params":
         if self.bucket_step % 8:
             raise ValueError(f"`latents.bucket_step` must be a multiple of 8 (the VAE's scale), got {self.bucket_step}")
+        if self.min_bucket and self.max_bucket and self.min_bucket > self.max_bucket:
+            raise ValueError(f"`latents.min_bucket` ({self.min_bucket}) must not exceed `latents.max_bucket` ({self.max_bucket})")
         return self
 
 
@@ -62,6 +64,7 @@ def make_buckets(resolution: int, step: int, min_side: int, max_side: int) -> li
     """Every (w, h) with sides multiples of `step` in [min_side, max_side] and the largest height
     that keeps w·h ≤ resolution² (kohya's scheme), both orientations, sorted by aspect ratio."""
     area = resolution * resolution
+    min_side, max_side = -(-min_side // step) * step, max_side // step * step  # limits on the step grid
     buckets: set[Bucket] = set()
     width = min_side
     while width <= max_side:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from loraforge.fingerprint import hash_file, item_key
-from loraforge.images import lanczos_upscale, read_jsonl, save_png, write_jsonl
+from loraforge.images import lanczos_upscale, pixel_hash, read_jsonl, save_png, write_jsonl
 from loraforge.params import ModelParams, section
 from loraforge.store import materialize
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from loraforge.runner import Paths, StageEnv
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model upscales land exactly on min_side (a 4x net used to overshoot)
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
@@ -82,7 +82,12 @@ def model_upscale(image: "Image.Image", model: Any, min_side: int, tile: int) ->
                 patch = x[:, :, top : top + tile, left : left + tile]
                 out[:, :, top * scale : (top + patch.shape[2]) * scale, left * scale : (left + patch.shape[3]) * scale] = model(patch)
     array = (out[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype("uint8")
-    return lanczos_upscale(PILImage.fromarray(array), min_side)
+    big = PILImage.fromarray(array)
+    # The exact size `lanczos_upscale` would give: a 4x net on a 100 px image overshoots 128 px.
+    w, h = image.size
+    short = min(w, h)
+    target = (min_side, max(min_side, round(h * min_side / short))) if w <= h else (max(min_side, round(w * min_side / short)), min_side)
+    return big if big.size == target else big.resize(target, PILImage.Resampling.LANCZOS)
 
 
 def load_upscaler(path: Path, device: str) -> Any:
@@ -120,7 +125,8 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
             passed += 1
             out_rows.append({**row, "upscaled_from": None})
             continue
-        key = item_key("upscaled", FORMAT_VERSION, image=row["pixel_hash"], min_side=min_side, method=upscaler_id, tile=params.tile)
+        key = item_key("upscaled", FORMAT_VERSION, image=row["pixel_hash"], min_side=min_side, method=upscaler_id,
+                       tile=params.tile if params.method == "model" else None)
         entry = env.store.get("upscaled", key, ".png")
         if entry is None:
             with PILImage.open(src) as img:
@@ -137,7 +143,8 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         materialize(entry, dst)
         with PILImage.open(entry) as img:
             width, height = img.size
-        out_rows.append({**row, "width": width, "height": height, "upscaled_from": [row["width"], row["height"]]})
+            digest = pixel_hash(img.convert("RGB"))  # new pixels: later stages key their caches on this
+        out_rows.append({**row, "width": width, "height": height, "pixel_hash": digest, "upscaled_from": [row["width"], row["height"]]})
     write_jsonl(outputs.images / "manifest.jsonl", out_rows)
     return {
         "items": len(rows),
