@@ -77,7 +77,8 @@ def stage_params_class(stage: StageSpec) -> type:
 def _describe(err: dict[str, Any], cls: type) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
-        known = ", ".join(sorted(cls.__dataclass_fields__))  # type: ignore[attr-defined]
+        fields = cls.__dataclass_fields__  # type: ignore[attr-defined]
+        known = ", ".join(sorted(f for f in fields if f not in SHARED_SECTIONS))
         return f"`{loc}` is not a known key (known: {known})"
     if err["type"] == "missing":
         return f"`{loc}` is required"
