@@ -5,6 +5,7 @@
     loraforge sync-dvc [--check]  write dvc.yaml from pipeline.yaml (or fail when it is stale)
     loraforge check             validate params.yaml against every stage's schema
     loraforge ui [--port N]     start the Prefect server (and UI) on 127.0.0.1
+    loraforge plan              the guides' steps arithmetic for the ingested dataset (reports/plan.json)
 """
 
 from __future__ import annotations
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="start the Prefect server and UI on 127.0.0.1")
     p.add_argument("--port", type=int, default=4200)
     p.set_defaults(func=cmd_ui)
+
+    from loraforge.plan import add_plan_command
+
+    add_plan_command(sub)
     return parser
 
 

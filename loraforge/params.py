@@ -50,7 +50,53 @@ class ModelParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-SHARED_SECTIONS: dict[str, type] = {"model": ModelParams}
+@section
+class TileParams:
+    """One entry of `dataset.tile`: which source images to cut into sectors (000 guide's
+    "precision method": one very high-resolution image cut into 16 sectors).
+
+    Attributes:
+        source: path of the image relative to `ingest.source`, or a glob (`styles/*.png`).
+        rows: sectors down.
+        cols: sectors across.
+    """
+
+    source: str = Field(min_length=1)
+    rows: int = Field(4, ge=1, le=64)
+    cols: int = Field(4, ge=1, le=64)
+
+
+@section
+class DatasetParams:
+    """The `dataset` section: dataset craft applied by ingest (000 and 003 guides).
+
+    Attributes:
+        dsb_target: Dataset Saturation Balance sweet spot, the dominant side's share (000: 0.60).
+        dsb_tolerance: half-width of the sweet spot (000: ± 0.05); the window is exclusive.
+        dsb_enforce: drop the fewest images that bring the DSB inside the window (else only report them).
+        tile: images to cut into rows × cols sectors (the originals are replaced by the sectors kept).
+        tile_min_sharpness: sectors whose Laplacian variance (grey level²) is below this are dropped as blur.
+        tile_max_clipped: sectors with more than this share of clipped (≤ 2 or ≥ 253) pixels are dropped as exposure.
+        min_side: short side below which an image is flagged for upscaling; null = the model's
+            native side from `model.base` (1024 SDXL, 512 SD1.x, 128 builtin tiny).
+        near_duplicate_distance: images whose 64-bit dHashes differ in at most this many bits are
+            near-duplicates (the larger is kept); -1 disables.
+        min_sharpness: whole images with a Laplacian variance below this are dropped as blurred
+            (listed in `dropped.jsonl`); 0 only reports the score.
+    """
+
+    dsb_target: float = Field(0.60, ge=0.5, le=1)
+    dsb_tolerance: float = Field(0.05, gt=0, le=0.5)
+    dsb_enforce: bool = False
+    tile: tuple[TileParams, ...] = ()
+    tile_min_sharpness: float = Field(50.0, ge=0)
+    tile_max_clipped: float = Field(0.5, ge=0, le=1)
+    min_side: int | None = Field(None, ge=1)
+    near_duplicate_distance: int = Field(4, ge=-1, le=64)
+    min_sharpness: float = Field(0.0, ge=0)
+
+
+SHARED_SECTIONS: dict[str, type] = {"model": ModelParams, "dataset": DatasetParams}
 
 
 def read_params_file(root: Path) -> dict[str, Any]:

@@ -6,9 +6,24 @@ Reads the user's folder (kohya layout: `N_name/` subfolders give N repeats and c
     <images>/images/<id>.png   every kept image as 8-bit RGB PNG; id = first 16 hex of its pixel hash
     <images>/manifest.jsonl    one line per kept image, sorted by source path
     <images>/rejects.jsonl     {"source", "reason"} per file that could not be used
-    <images>/duplicates.jsonl  {"source", "kept"} per exact duplicate dropped
+    <images>/duplicates.jsonl  {"source", "tile", "kept", "kept_tile", "distance"} per exact (distance 0)
+                               or near duplicate (dHash within `dataset.near_duplicate_distance`) dropped
+    <images>/dropped.jsonl     {"source", "tile", "reason"} per image or sector dropped by a quality
+                               gate: blurred / over-exposed tile sectors, `dataset.min_sharpness`, DSB
 
 Output names never come from user file names, so no name can escape the output folder.
+
+Dataset craft (the `dataset` section, `loraforge.dataset`), in this order, on final pixels:
+1. `ingest.clean_adversarial` (003 guide): a light resample + median pass per image; PSNR reported.
+2. `dataset.tile` (000 guide's precision method): chosen images become rows × cols sectors; sectors
+   with blur or clipped exposure are dropped with the reason.
+3. Quality gates: short side below the model's native side is flagged (upscale enlarges it),
+   near-duplicates by dHash (the larger kept), blur score (dropped below `dataset.min_sharpness`).
+4. DSB (000 guide): white share per image, the dataset's balance, the fewest images to drop to get
+   inside `dsb_target ± dsb_tolerance`; dropped only with `dataset.dsb_enforce`. Measured here,
+   before upscale: Lanczos enlarging keeps the tone histogram, and dropping must precede latents.
+Cleaned images, sectors and per-image metrics are item-store entries keyed by their input pixels
+and settings, so a rerun measures nothing twice.
 
 Caching: each source file's normalised PNG is an item-store entry keyed by the file's bytes, the
 background colour, the Pillow version and `VERSION`, with a small JSON entry beside it holding
@@ -19,20 +34,24 @@ transient read error must not stick.
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import json
 import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import PIL
+from PIL import Image
 from pydantic import Field
 
+from loraforge import dataset as craft
 from loraforge.fingerprint import hash_file, item_key, iter_files
 from loraforge.images import ImageRejected, decode_image, parse_color, pixel_hash, save_png, write_jsonl
-from loraforge.params import section
+from loraforge.params import DatasetParams, ModelParams, section
 from loraforge.runner import Paths, StageEnv
 from loraforge.store import ItemStore, materialize
 
@@ -58,12 +77,19 @@ class Params:
         max_reject_ratio: stop the run when rejected files / all image files exceeds this.
         background: `#rrggbb` colour that transparent pixels are flattened onto.
         dedupe: drop exact duplicates (same decoded pixels and size), keeping the first by path.
+        clean_adversarial: run the anti-AI-filter cleanup (003 guide) on every image; off by default
+            because it slightly softens every image.
+        dataset: the shared `dataset` section (DSB, tiling, quality gates).
+        model: the shared `model` section (only `base`, for the minimum-resolution gate).
     """
 
     source: str = Field("data/demo", min_length=1)
     max_reject_ratio: float = Field(0.2, ge=0, le=1)
     background: str = Field("#ffffff", pattern=r"^#[0-9a-fA-F]{6}$")
     dedupe: bool = True
+    clean_adversarial: bool = False
+    dataset: DatasetParams = Field(default_factory=DatasetParams)
+    model: ModelParams = Field(default_factory=ModelParams)
 
 
 @dataclass(frozen=True)
@@ -99,6 +125,7 @@ class Ingested:
         pixel_hash: `loraforge.images.pixel_hash` of the decoded RGB image.
         caption: sidecar caption text, or None.
         reused: True when the store already held it (nothing decoded this run).
+        tile: `r<row>c<col>` (1-based) for a precision-tiling sector, else None.
     """
 
     source: SourceImage
@@ -108,6 +135,7 @@ class Ingested:
     pixel_hash: str
     caption: str | None
     reused: bool
+    tile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -247,6 +275,224 @@ def ingest_one(src: SourceImage, store: ItemStore, background: str) -> Ingested:
     return Ingested(src, png, meta["width"], meta["height"], meta["pixel_hash"], caption, reused=hit is not None)
 
 
+CRAFT_VERSION = 1  # bump when cleanup, tiling or a metric changes: those entries are then redone
+CLEAN_SCALE, CLEAN_MEDIAN = 0.5, 3  # `clean_adversarial`'s resample factor and median size (003 guide)
+
+
+def _derived(store: ItemStore, kind: str, key: str, make: Callable[[], tuple[Image.Image, dict[str, Any]]]) -> tuple[Path, dict[str, Any], bool]:
+    """A derived image (cleaned, sector) through the item store: (png, meta, reused).
+
+    Args:
+        store: the item store.
+        kind: the entry kind.
+        key: its key (input pixel hash + settings + `CRAFT_VERSION`).
+        make: builds (image, extra meta) when the entry is missing; width, height and pixel hash
+            are added to the meta here.
+    """
+    png, meta_path = store.get(kind, key, ".png"), store.get(kind, key, ".json")
+    if png is not None and meta_path is not None:
+        try:
+            return png, json.loads(meta_path.read_text(encoding="utf-8")), True
+        except ValueError:
+            pass  # unreadable entry: recompute and overwrite it
+    img, extra = make()
+    meta = {"width": img.width, "height": img.height, "pixel_hash": pixel_hash(img), **extra}
+    png = store.put(kind, key, ".png", lambda p: save_png(img, p))
+    store.put_bytes(kind, key, ".json", json.dumps(meta).encode())  # after the PNG: marks the pair complete
+    return png, meta, False
+
+
+def clean_one(item: Ingested, store: ItemStore) -> tuple[Ingested, float]:
+    """The anti-AI-filter cleanup of one image (cached): the cleaned item and its PSNR (dB) vs the original.
+
+    Args:
+        item: the ingested image.
+        store: the item store.
+    """
+    def make() -> tuple[Image.Image, dict[str, Any]]:
+        with Image.open(item.png) as opened:
+            original = opened.convert("RGB")
+        cleaned = craft.clean_adversarial(original, CLEAN_SCALE, CLEAN_MEDIAN)
+        return cleaned, {"psnr": craft.psnr(original, cleaned)}
+
+    key = item_key("cleaned-image", CRAFT_VERSION, image=item.pixel_hash, scale=CLEAN_SCALE, median=CLEAN_MEDIAN)
+    png, meta, reused = _derived(store, "cleaned-image", key, make)
+    cleaned = dataclasses.replace(item, png=png, width=meta["width"], height=meta["height"], pixel_hash=meta["pixel_hash"], reused=item.reused and reused)
+    return cleaned, meta["psnr"]
+
+
+def tile_spec_for(rel: str, specs: tuple[Any, ...]) -> Any | None:
+    """The first `dataset.tile` entry whose `source` (path or glob) matches `rel`, else None.
+
+    Args:
+        rel: the image's path relative to the source folder.
+        specs: `dataset.tile`.
+    """
+    return next((t for t in specs if t.source == rel or fnmatch.fnmatchcase(rel, t.source)), None)
+
+
+def tile_one(item: Ingested, rows: int, cols: int, store: ItemStore) -> list[Ingested]:
+    """The rows × cols sectors of one image, each a cached item (tile `r<row>c<col>`, 1-based).
+
+    Args:
+        item: the image to cut.
+        rows: sectors down.
+        cols: sectors across.
+        store: the item store.
+    """
+    boxes = craft.tile_boxes(item.width, item.height, rows, cols)
+    source: list[Image.Image] = []  # opened once, only if a sector is missing from the store
+
+    def sector(box: tuple[int, int, int, int]) -> Callable[[], tuple[Image.Image, dict[str, Any]]]:
+        def make() -> tuple[Image.Image, dict[str, Any]]:
+            if not source:
+                with Image.open(item.png) as opened:
+                    source.append(opened.convert("RGB"))
+            return source[0].crop(box), {"box": list(box)}
+        return make
+
+    sectors = []
+    for index, box in enumerate(boxes):
+        key = item_key("tile-sector", CRAFT_VERSION, image=item.pixel_hash, rows=rows, cols=cols, index=index)
+        png, meta, reused = _derived(store, "tile-sector", key, sector(box))
+        name = f"r{index // cols + 1}c{index % cols + 1}"
+        sectors.append(dataclasses.replace(item, png=png, width=meta["width"], height=meta["height"], pixel_hash=meta["pixel_hash"], reused=item.reused and reused, tile=name))
+    return sectors
+
+
+def image_metrics(item: Ingested, store: ItemStore) -> dict[str, Any]:
+    """White share (DSB), sharpness, clipped share and dHash of one image, cached by its pixels.
+
+    Args:
+        item: the image.
+        store: the item store.
+    """
+    key = item_key("image-metrics", CRAFT_VERSION, image=item.pixel_hash)
+    path = store.get("image-metrics", key, ".json")
+    if path is not None:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            pass
+    with Image.open(item.png) as opened:
+        img = opened.convert("RGB")
+    metrics = {
+        "white": craft.dsb_white_share(img),
+        "sharpness": craft.laplacian_variance(img) if min(img.size) >= 3 else 0.0,
+        "clipped": craft.clipped_share(img),
+        "dhash": f"{craft.dhash(img):016x}",
+    }
+    store.put_bytes("image-metrics", key, ".json", json.dumps(metrics).encode())
+    return metrics
+
+
+def native_resolution(model: ModelParams, state_dir: Path) -> int:
+    """The model's native resolution (resolving it is cheap: upscale resolves it next anyway)."""
+    from loraforge.models import resolve_model
+
+    return resolve_model(model, state_dir).native_resolution
+
+
+def _where(item: Ingested) -> dict[str, Any]:
+    return {"source": item.source.rel, "tile": item.tile}
+
+
+def apply_tiling(items: list[Ingested], ds: DatasetParams, store: ItemStore) -> tuple[list[Ingested], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Replace the images `dataset.tile` names by their kept sectors.
+
+    Args:
+        items: the images so far, in manifest order.
+        ds: the `dataset` section.
+        store: the item store.
+
+    Returns:
+        (items with sectors in place of tiled images, per tiled image {source, rows, cols, kept,
+        dropped}, {source, tile, reason} per dropped sector)
+
+    Raises:
+        ValueError: a `dataset.tile` entry matches no image, or asks for more sectors than pixels.
+    """
+    for i, spec in enumerate(ds.tile):
+        if not any(tile_spec_for(it.source.rel, (spec,)) for it in items):
+            raise ValueError(f"`dataset.tile[{i}].source` = {spec.source!r} matches no ingested image")
+    out, tiled, dropped = [], [], []
+    for item in items:
+        spec = tile_spec_for(item.source.rel, ds.tile)
+        if spec is None:
+            out.append(item)
+            continue
+        try:
+            sectors = tile_one(item, spec.rows, spec.cols, store)
+        except ValueError as e:
+            raise ValueError(f"`dataset.tile` on {item.source.rel}: {e}") from None
+        kept = 0
+        for sector in sectors:
+            m = image_metrics(sector, store)
+            reason = craft.sector_drop_reason(m["sharpness"], m["clipped"], ds.tile_min_sharpness, ds.tile_max_clipped)
+            if reason:
+                dropped.append({**_where(sector), "reason": reason})
+            else:
+                out.append(sector)
+                kept += 1
+        tiled.append({"source": item.source.rel, "rows": spec.rows, "cols": spec.cols, "kept": kept, "dropped": len(sectors) - kept})
+    return out, tiled, dropped
+
+
+def quality_gates(items: list[Ingested], metrics: list[dict[str, Any]], ds: DatasetParams, min_side: int) -> tuple[list[int], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Minimum resolution (flag), near-duplicates and blur (drop) over the images so far.
+
+    Args:
+        items: the images, in manifest order.
+        metrics: `image_metrics` per image.
+        ds: the `dataset` section.
+        min_side: the short side below which an image is flagged for upscaling.
+
+    Returns:
+        (indices kept, low-resolution flags {source, tile, width, height} of kept images, near-duplicate records,
+        blur drops {source, tile, reason})
+    """
+    hashes = [int(m["dhash"], 16) for m in metrics]
+    near = craft.near_duplicates(hashes, [it.width * it.height for it in items], ds.near_duplicate_distance)
+    duplicates = [
+        {**_where(items[i]), "kept": items[k].source.rel, "kept_tile": items[k].tile, "distance": craft.hamming(hashes[i], hashes[k])}
+        for i, k in sorted(near.items())
+    ]
+    blurred = {
+        i: f"blur: Laplacian variance {metrics[i]['sharpness']:.1f} < `dataset.min_sharpness` {ds.min_sharpness}"
+        for i, it in enumerate(items)
+        if i not in near and it.tile is None and metrics[i]["sharpness"] < ds.min_sharpness
+    }
+    drops = [{**_where(items[i]), "reason": r} for i, r in blurred.items()]
+    kept = [i for i in range(len(items)) if i not in near and i not in blurred]
+    # Flag only what is kept: upscale enlarges those; a dropped image needs no warning.
+    low = [{**_where(items[i]), "width": items[i].width, "height": items[i].height} for i in kept if min(items[i].width, items[i].height) < min_side]
+    return kept, low, duplicates, drops
+
+
+def balance(items: list[Ingested], whites: list[float], ds: DatasetParams) -> tuple[dict[str, Any], list[int]]:
+    """The DSB report and the indices to drop for it (empty unless `dataset.dsb_enforce`).
+
+    Args:
+        items: the kept images.
+        whites: their white shares.
+        ds: the `dataset` section.
+    """
+    now = craft.dataset_dsb(whites)
+    inside = craft.dsb_inside(now.dominant, ds.dsb_target, ds.dsb_tolerance)
+    removal = [] if inside else craft.fewest_removals(whites, ds.dsb_target, ds.dsb_tolerance)
+    report: dict[str, Any] = {
+        "white": round(now.white, 4), "black": round(now.black, 4), "dominant": round(now.dominant, 4), "side": now.side,
+        "target": ds.dsb_target, "tolerance": ds.dsb_tolerance, "inside": inside, "enforced": ds.dsb_enforce,
+        "suggested_removals": None if removal is None else [_where(items[i]) for i in removal],
+    }
+    if removal:
+        after = craft.dataset_dsb([w for i, w in enumerate(whites) if i not in removal])
+        report["after_removals"] = {"white": round(after.white, 4), "black": round(after.black, 4), "dominant": round(after.dominant, 4), "side": after.side}
+    if removal is None:
+        log.warning("DSB %.1f%% %s: no removal brings it inside %.0f%% ± %.0f%%", 100 * now.dominant, now.side, 100 * ds.dsb_target, 100 * ds.dsb_tolerance)
+    return report, (removal or []) if ds.dsb_enforce else []
+
+
 def split_duplicates(items: list[Ingested], dedupe: bool) -> tuple[list[Ingested], list[dict[str, str]]]:
     """Keep the first image (by source path) of each pixel hash; the others are duplicates.
 
@@ -307,6 +553,7 @@ def manifest_row(item: Ingested, image_id: str) -> dict[str, Any]:
         "caption": item.caption,
         "caption_source": "sidecar" if item.caption is not None else None,
         "pixel_hash": item.pixel_hash,
+        "tile": item.tile,
     }
 
 
@@ -339,7 +586,7 @@ def run(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[st
     """Ingest `inputs.source` into `outputs.images`; returns the stage summary.
 
     Args:
-        params: the `ingest` section.
+        params: the `ingest` section (with the shared `dataset` and `model` sections).
         inputs: `source`, the folder of source images.
         outputs: `images`, an empty folder to fill.
         env: item store, progress and publishing.
@@ -363,17 +610,67 @@ def run(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[st
 
     # The lists go to disk and the UI before the ratio check, so a stopped run still explains itself.
     write_jsonl(out / "rejects.jsonl", rejects)
-    write_jsonl(out / "duplicates.jsonl", duplicates)
     if rejects:
         env.publish.table("ingest-rejects", rejects, f"{len(rejects)} file(s) of {source.name} rejected")
     ratio = check_reject_ratio(source, rejects, len(scan.images), params.max_reject_ratio, out / "rejects.jsonl")
+
+    craft_report, kept, dropped, near = dataset_craft(kept, params, env)
+    duplicates = [{"source": d["source"], "tile": None, "kept": d["kept"], "kept_tile": None, "distance": 0} for d in duplicates] + near
+    write_jsonl(out / "duplicates.jsonl", duplicates)
+    write_jsonl(out / "dropped.jsonl", dropped)
 
     rows = []
     for item, image_id in zip(kept, assign_ids(kept)):
         materialize(item.png, out / "images" / f"{image_id}.png")
         rows.append(manifest_row(item, image_id))
     write_jsonl(out / "manifest.jsonl", rows)
-    return _summary(scan, ingested, kept, rejects, duplicates, ratio)
+    return {**_summary(scan, ingested, kept, rejects, duplicates, ratio), "dropped": dropped, **craft_report}
+
+
+def dataset_craft(items: list[Ingested], params: Params, env: StageEnv) -> tuple[dict[str, Any], list[Ingested], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Cleanup, tiling, quality gates and DSB over the de-duplicated images (see the module docstring).
+
+    Args:
+        items: the exact-de-duplicated images, in manifest order.
+        params: the `ingest` section.
+        env: item store and publishing.
+
+    Returns:
+        (report sections, images kept, {source, tile, reason} per dropped image, near-duplicate records)
+    """
+    ds, store = params.dataset, env.store
+    cleanup = []
+    if params.clean_adversarial:
+        cleaned = [clean_one(item, store) for item in env.bar(items, desc="clean", unit="img")]
+        items = [c for c, _ in cleaned]
+        cleanup = [{"source": c.source.rel, "psnr_db": round(p, 2)} for c, p in cleaned]
+    items, tiled, dropped = apply_tiling(items, ds, store)
+    metrics = [image_metrics(item, store) for item in env.bar(items, desc="measure", unit="img")]
+    min_side = ds.min_side or native_resolution(params.model, env.state_dir)
+    kept_ix, low, near, blurred = quality_gates(items, metrics, ds, min_side)
+    dropped += blurred
+    items, metrics = [items[i] for i in kept_ix], [metrics[i] for i in kept_ix]
+    if not items:
+        raise ValueError(f"no image left after the `dataset` gates; see {[d['reason'] for d in dropped][:5]}")
+    for row in low:
+        log.warning("%s is %dx%d: short side below %d; upscale will enlarge it", row["source"], row["width"], row["height"], min_side)
+
+    dsb, drop_ix = balance(items, [m["white"] for m in metrics], ds)
+    dropped += [{**_where(items[i]), "reason": f"DSB: dropped to bring {dsb['dominant']:.1%} {dsb['side']} inside `dataset.dsb_target` ± `dataset.dsb_tolerance`"} for i in drop_ix]
+    per_image = [
+        {**_where(it), "white": round(m["white"], 4), "black": round(1 - m["white"], 4), "sharpness": round(m["sharpness"], 2), "clipped": round(m["clipped"], 4)}
+        for it, m in zip(items, metrics)
+    ]
+    env.publish.table("dsb", per_image, f"DSB {dsb['white']:.0%}W | {dsb['black']:.0%}B (inside: {dsb['inside']})")
+    drop = set(drop_ix)
+    keep = [it for i, it in enumerate(items) if i not in drop]
+    report = {
+        "dsb": {**dsb, "images": per_image},
+        "quality": {"min_side": min_side, "low_resolution": low, "near_duplicates": len(near), "blurred": len(blurred)},
+        "tiling": tiled,
+        "cleanup": cleanup,
+    }
+    return report, keep, dropped, near
 
 
 def _summary(
@@ -392,7 +689,7 @@ def _summary(
         "items": len(scan.images),  # files tried as images = computed + reused
         "computed": len(scan.images) - reused,  # decoded this run (rejects included: they are never cached)
         "reused": reused,
-        "kept": len(kept),
+        "kept": len(kept),  # images written (precision-tiling sectors count one each)
         "rejects": len(rejects),
         "reject_ratio": round(ratio, 4),
         "duplicates": len(duplicates),

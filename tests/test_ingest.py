@@ -15,11 +15,12 @@ import yaml
 from PIL import Image
 
 from loraforge.images import read_jsonl
+from loraforge.params import DatasetParams
 from loraforge.runner import Paths, StageEnv, run_stage
 from loraforge.store import ItemStore
 from stages.ingest import Params, folder_convention, run
 
-MANIFEST_KEYS = ["id", "file", "source", "width", "height", "repeats", "class_token", "caption", "caption_source", "pixel_hash"]
+MANIFEST_KEYS = ["id", "file", "source", "width", "height", "repeats", "class_token", "caption", "caption_source", "pixel_hash", "tile"]
 
 
 class RecordingPublisher:
@@ -170,12 +171,14 @@ def test_exact_duplicates_are_dropped(tmp_path: Path) -> None:
     picture(src / "d.png", seed=4)
     summary, out = ingest(src, tmp_path / "work")
     assert [r["source"] for r in read_jsonl(out / "manifest.jsonl")] == ["a.png", "d.png"]
-    dropped = [{"source": "b_copy.png", "kept": "a.png"}, {"source": "c.bmp", "kept": "a.png"}]
+    exact = {"tile": None, "kept_tile": None, "distance": 0}
+    dropped = [{"source": "b_copy.png", "kept": "a.png", **exact}, {"source": "c.bmp", "kept": "a.png", **exact}]
     assert read_jsonl(out / "duplicates.jsonl") == dropped
     assert summary["duplicates_dropped"] == dropped and summary["duplicates"] == 2 and summary["kept"] == 2
     assert len(list((out / "images").iterdir())) == 2
 
-    summary, out = ingest(src, tmp_path / "work", dedupe=False)
+    # Same pixels also hash alike perceptually: keeping copies needs both checks off.
+    summary, out = ingest(src, tmp_path / "work", dedupe=False, dataset=DatasetParams(near_duplicate_distance=-1))
     rows = read_jsonl(out / "manifest.jsonl")
     assert summary["duplicates"] == 0 and len(rows) == 4
     ids = [r["id"] for r in rows[:3]]
@@ -209,7 +212,7 @@ def test_rerun_reuses_and_new_image_is_the_only_work(dataset: Path, tmp_path: Pa
 def test_incomplete_store_entry_is_recomputed(dataset: Path, tmp_path: Path) -> None:
     work = tmp_path / "work"
     ingest(dataset, work)
-    metas = sorted((work / "store").rglob("*.json"))
+    metas = sorted((work / "store" / "ingested-image").rglob("*.json"))
     metas[0].unlink()  # as if killed between the PNG and its JSON
     metas[1].write_text("{broken", encoding="utf-8")
     summary, _ = ingest(dataset, work)
@@ -231,7 +234,7 @@ def test_output_names_never_come_from_user_names(tmp_path: Path) -> None:
     assert after == before  # nothing written next to the source
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     rows = read_jsonl(out / "manifest.jsonl")
-    assert written == sorted(["duplicates.jsonl", "manifest.jsonl", "rejects.jsonl", *(r["file"] for r in rows)])
+    assert written == sorted(["dropped.jsonl", "duplicates.jsonl", "manifest.jsonl", "rejects.jsonl", *(r["file"] for r in rows)])
     for r in rows:
         assert r["file"] == f"images/{r['id']}.png" and all(c in "0123456789abcdef" for c in r["id"])
     assert {r["source"] for r in rows} == {"a/b/x\\..\\..\\evil.png", "a/b/~evil..png", "1_.."}
