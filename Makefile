@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: install run test test-fast sync-dvc demo-data bench clean
+.PHONY: install browser run test test-fast sync-dvc demo-data bench clean
 
 install: $(STAMP)
 
@@ -21,12 +21,18 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[test]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
+# Headless Chromium for the report tests (Debian packages; needs root). Without it those tests skip.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "chromium not installed: the browser tests will be skipped"
+
 run: install
 	loraforge sync-dvc --check
 	dvc repro
 	@echo "LoRA: models/lora.safetensors   report: reports/eval/index.html"
 
-test: install
+test: install browser
 	pytest -q -ra
 
 test-fast: install

@@ -6,6 +6,7 @@
     loraforge check             validate params.yaml against every stage's schema
     loraforge ui [--port N]     start the Prefect server (and UI) on 127.0.0.1
     loraforge plan              the guides' steps arithmetic for the ingested dataset (reports/plan.json)
+    loraforge compare EXP...    side-by-side page of DVC experiments or run folders (reports/compare/)
 """
 
 from __future__ import annotations
@@ -101,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=4200)
     p.set_defaults(func=cmd_ui)
 
+    from loraforge.compare import add_compare_command
     from loraforge.plan import add_plan_command
 
     add_plan_command(sub)
+    add_compare_command(sub)
     return parser
 
 

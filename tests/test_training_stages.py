@@ -155,10 +155,17 @@ def test_resize_caps_ranks_and_ships_the_last_epoch(sd15):
 
 
 def test_evaluate_renders_every_epoch_and_the_lora_changes_only_weight_one(sd15):
+    import yaml
+
     r = report(sd15, "evaluate")
     assert r["epochs"] == ["epoch-0001", "epoch-0002"]
-    # 2 epochs × 2 prompts × 1 seed × 2 weights; the weight-0 (base) images are shared by both epochs
-    assert r["items"] == 8 and r["computed"] == 6 and r["reused"] == 2
+    p = yaml.safe_load((sd15 / "params.yaml").read_text())["evaluate"]
+    fixed = len(p["prompts"]) * len(p["seeds"])
+    captions = min(p.get("caption_prompts", 4), len(read_jsonl(sd15 / "data" / "captions" / "manifest.jsonl")))
+    others = p.get("random_prompts", 4) + captions  # random prompts and training captions, at weights 0 and 1
+    per_epoch = fixed * len(p["weights"]) + 2 * others
+    shared = fixed * (0.0 in p["weights"]) + others  # the weight-0 (base) images are shared by both epochs
+    assert r["items"] == 2 * per_epoch and r["reused"] == shared and r["computed"] == 2 * per_epoch - shared
     metrics = json.loads((sd15 / "reports" / "eval" / "metrics.json").read_text())
     assert all(m["lora_effect"] > 0 for m in metrics["epochs"].values())
     page = (sd15 / "reports" / "eval" / "index.html").read_text()
@@ -166,7 +173,7 @@ def test_evaluate_renders_every_epoch_and_the_lora_changes_only_weight_one(sd15)
     from PIL import Image
 
     with Image.open(sd15 / "reports" / "eval" / "grids" / "epoch-0002.png") as grid:
-        assert grid.size == (64 * 2, 64 * 2)  # columns: weights 0 and 1; rows: 2 prompts × 1 seed
+        assert grid.size == (64 * len(p["weights"]), 64 * fixed)  # columns: weights; rows: prompts × seeds
 
 
 def test_evaluate_rerun_reuses_every_image(sd15):
