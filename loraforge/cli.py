@@ -7,6 +7,8 @@
     loraforge ui [--port N]     start the Prefect server (and UI) on 127.0.0.1
     loraforge plan              the guides' steps arithmetic for the ingested dataset (reports/plan.json)
     loraforge compare EXP...    side-by-side page of DVC experiments or run folders (reports/compare/)
+    loraforge extract --base A --tuned B --out X   a LoRA from two models, outside the pipeline
+    loraforge resize IN --rank N --out Y           resize any kohya LoRA, outside the pipeline
 """
 
 from __future__ import annotations
@@ -103,10 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ui)
 
     from loraforge.compare import add_compare_command
+    from loraforge.lora_cli import add_extract_command, add_resize_command
     from loraforge.plan import add_plan_command
 
     add_plan_command(sub)
     add_compare_command(sub)
+    add_extract_command(sub)
+    add_resize_command(sub)
     return parser
 
 

@@ -404,11 +404,10 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
 
 
 def _targets(name: str, state: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, str]]:
-    """Component → (module → kohya name) for every LoRA-carrying component of builtin `name`."""
-    targets = {"unet": L.kohya_names("lora_unet", L.unet_targets(state["unet"], conv=True))}
-    for encoder, prefix in TEXT_ENCODERS[name].items():
-        targets[encoder] = L.kohya_names(prefix, L.text_encoder_targets(state[encoder]))
-    return targets
+    """Component → (module → kohya name) for every LoRA-carrying component of builtin `name`,
+    named as kohya does (SDXL UNet: sgm names)."""
+    arch = tiny.BUILTIN_ARCH[name]
+    return {c: L.lora_targets(arch, c, state[c], conv=True) for c in ["unet", *TEXT_ENCODERS[name]]}  # type: ignore[arg-type]
 
 
 def _finetuned(state: dict[str, torch.Tensor], modules: list[str], seed: int) -> dict[str, torch.Tensor]:
@@ -457,7 +456,11 @@ def test_kohya_keys_look_right(case: Case) -> None:
     else:
         assert "lora_te1_text_model_encoder_layers_1_mlp_fc1" in names
         assert "lora_te2_text_model_encoder_layers_0_self_attn_out_proj" in names
-        assert "lora_unet_down_blocks_1_attentions_1_transformer_blocks_1_attn2_to_v" in names
+        # sgm names: down_blocks.1.attentions.1 is input_blocks.(1 + 1·3 + 1).1
+        assert "lora_unet_input_blocks_5_1_transformer_blocks_1_attn2_to_v" in names
+        assert "lora_unet_input_blocks_3_0_op" in names and "lora_unet_output_blocks_2_2_conv" in names
+        assert "lora_unet_middle_block_1_proj_in" in names and "lora_unet_middle_block_2_emb_layers_1" in names
+        assert not any(n.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for n in names)
 
 
 def test_full_rank_lora_applied_to_base_gives_tuned(case: Case) -> None:
@@ -573,3 +576,57 @@ def test_extract_lora_streams_from_safetensors(tmp_path: Path) -> None:
         streamed = L.extract_lora(fb.get_tensor, ft.get_tensor, targets, dim=4, conv_dim=2)
     assert streamed.keys() == expected.keys()
     assert all(torch.equal(streamed[k], v) for k, v in expected.items())
+
+
+# --------------------------------------------------------------------------------------------
+# Names by architecture, ModelSpec, hashes
+# --------------------------------------------------------------------------------------------
+
+
+def test_lora_targets_name_each_architecture_as_kohya(components: dict[str, dict[str, Any]]) -> None:
+    sd15 = L.lora_targets("sd15", "unet", components["tiny-sd15"]["unet"].state_dict(), conv=True)
+    assert sd15["down_blocks.0.attentions.0.proj_in"] == "lora_unet_down_blocks_0_attentions_0_proj_in"
+    assert sd15["down_blocks.0.resnets.1.conv1"] == "lora_unet_down_blocks_0_resnets_1_conv1"
+    sdxl_unet = components["tiny-sdxl"]["unet"]
+    sdxl = L.lora_targets("sdxl", "unet", sdxl_unet.state_dict(), conv=True, unet_config=dict(sdxl_unet.config))
+    assert sdxl["down_blocks.1.attentions.0.proj_in"] == "lora_unet_input_blocks_4_1_proj_in"
+    assert sdxl["down_blocks.0.resnets.1.conv1"] == "lora_unet_input_blocks_2_0_in_layers_2"
+    assert sdxl == L.lora_targets("sdxl", "unet", sdxl_unet.state_dict(), conv=True)  # layout from the keys alike
+    te2 = L.lora_targets("sdxl", "text_encoder_2", components["tiny-sdxl"]["text_encoder_2"].state_dict())
+    assert all(v.startswith("lora_te2_text_model_encoder_layers_") for v in te2.values()) and len(te2) == 12
+    with pytest.raises(ValueError, match="`component`"):
+        L.lora_targets("sd15", "text_encoder_2", [])
+    with pytest.raises(ValueError, match="`arch`"):
+        L.lora_targets("sd3", "unet", [])  # type: ignore[arg-type]
+
+
+def test_modelspec_metadata() -> None:
+    meta = L.modelspec_metadata("sdxl", "my-lora", date="2026-01-02T03:04:05+00:00", description="d")
+    assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert meta["modelspec.resolution"] == "1024x1024" and meta["modelspec.title"] == "my-lora"
+    assert meta["modelspec.date"] == "2026-01-02T03:04:05+00:00" and meta["modelspec.description"] == "d"
+    v1 = L.modelspec_metadata("sd15", "x")
+    assert v1["modelspec.architecture"] == "stable-diffusion-v1/lora" and v1["modelspec.resolution"] == "512x512"
+    assert v1["modelspec.implementation"] == "diffusers"
+    with pytest.raises(ValueError, match="`arch`"):
+        L.modelspec_metadata("sd3", "x")  # type: ignore[arg-type]
+
+
+def test_sshs_hashes_follow_kohya_and_ignore_metadata(tmp_path: Path) -> None:
+    import hashlib
+
+    from safetensors.torch import save
+
+    tensors = {"lora_unet_a.lora_down.weight": torch.randn(4, 300_000, generator=_gen(20)), "lora_unet_a.alpha": torch.tensor(4.0)}
+    a = L.save_lora(tmp_path / "a.safetensors", tensors, {"ss_network_dim": "4"})
+    b = L.save_lora(tmp_path / "b.safetensors", tensors, {"ss_network_dim": "4", "ss_note": "other metadata", "modelspec.title": "b"})
+    _, meta_a = L.load_lora(a)
+    _, meta_b = L.load_lora(b)
+    # kohya: sha256 of the bytes after the header of safetensors.torch.save(tensors); legacy: 64 KiB at 1 MiB
+    data = save(tensors, {"ss_network_dim": "4"})
+    body = data[8 + int.from_bytes(data[:8], "little"):]
+    assert meta_a["sshs_model_hash"] == meta_b["sshs_model_hash"] == hashlib.sha256(body).hexdigest()
+    assert meta_a["sshs_legacy_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert meta_b["sshs_legacy_hash"] != meta_a["sshs_legacy_hash"]  # the header (ss_ metadata) shifts the window
+    assert "sshs_model_hash" not in L.load_lora(L.save_lora(tmp_path / "c.safetensors", tensors, {}, hashes=False))[1]

@@ -70,8 +70,12 @@ def test_stage_modules_declare_the_library_code_they_import():
         for node in ast.walk(ast.parse(path.read_text())):
             names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            found |= {n.replace(".", "/") + ".py" for n in names if n.startswith("loraforge.")}
+            found |= {module_file(n) for n in names if n.startswith("loraforge.")}
         return found
+
+    def module_file(name: str) -> str:
+        path = name.replace(".", "/")
+        return f"{path}/__init__.py" if (REPO / path).is_dir() else f"{path}.py"
 
     for stage in pipeline.stages.values():
         todo, seen = [REPO / stage.module], set()
