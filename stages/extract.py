@@ -11,6 +11,8 @@ follow kohya (SDXL UNet in sgm names); the header carries kohya's `ss_*` keys, `
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
@@ -40,6 +42,7 @@ class Params:
         save_dtype: dtype of the saved LoRA.
         svd: `full` (exact, LAPACK) or `lowrank` (randomised `torch.svd_lowrank`, several times
             faster at dim ≪ layer width, error within ~0.1% of `full`; see benchmarks/extract.py).
+        from_ema: extract from the EMA weights saved beside each checkpoint (`finetune.ema_decay` > 0).
     """
 
     model: ModelParams
@@ -49,6 +52,7 @@ class Params:
     min_diff: float = Field(1e-6, ge=0)
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     svd: Literal["full", "lowrank"] = "full"
+    from_ema: bool = False
 
 
 def settings(params: Params) -> "ExtractSettings":
@@ -57,6 +61,15 @@ def settings(params: Params) -> "ExtractSettings":
 
     return ExtractSettings(dim=params.dim, conv_dim=params.conv_dim, clamp_quantile=params.clamp_quantile,
                            min_diff=params.min_diff, save_dtype=params.save_dtype, svd=params.svd)
+
+
+def weights_folder(folder: Path, meta: dict[str, Any], from_ema: bool) -> Path:
+    """Where an epoch's weights are: the checkpoint folder, or its `ema/` (refused when no EMA was kept)."""
+    if not from_ema:
+        return folder
+    if not meta.get("ema"):
+        raise ValueError(f"`extract.from_ema` is set but {folder} has no EMA weights: set `finetune.ema_decay` > 0 and retrain")
+    return folder / "ema"
 
 
 def dataset_hash(meta: dict[str, Any], inputs: "Paths") -> str:
@@ -85,10 +98,15 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     per_epoch = {}
     for folder in epochs:
         meta = json.loads((folder / "meta.json").read_text())
+        weights = weights_folder(folder, meta, params.from_ema)
+        if meta.get("mode") == "lora":  # trained as a LoRA already: pass it through, resize still applies
+            shutil.copyfile(weights / "lora.safetensors", outputs.loras / f"lora-{folder.name}.safetensors")
+            per_epoch[folder.name] = {"passed_through": True, "ema": params.from_ema}
+            continue
         tensors: dict[str, Any] = {}
         notes: dict[str, dict[str, Any]] = {}
         for component in PREFIXES[info.arch]:
-            tuned = folder / f"{component}.safetensors"
+            tuned = weights / f"{component}.safetensors"
             if not tuned.exists():
                 notes[component] = {"included": False, "reason": "not trained"}
                 continue

@@ -1,10 +1,14 @@
 """finetune: full finetune of the UNet (and optionally the text encoders) on cached latents.
 
 The 001 guide's workflow trains the whole model, then extracts a LoRA from the difference. The
-loop reads top to bottom: plan the steps, load the model, then per step encode captions, add
-noise, predict, take the MSE against the target, step. Noise and timesteps come from a generator
-seeded with (seed, global step), so a run is reproducible step by step. A checkpoint of the
-trained components is saved every `save_every_n_epochs` and after the last epoch.
+loop reads top to bottom: plan the steps, load the model, then per step pick the captions, encode
+them, add noise, predict, take the (weighted) loss against the target, step, update the EMA.
+Noise, timesteps and caption augmentation come from (seed, global step), so a run is
+reproducible step by step and a resumed run follows the uninterrupted one. A checkpoint of the
+trained components (plus their EMA) is saved every `save_every_n_epochs` and after the last epoch.
+
+The pieces live in `loraforge.training`: optimizers, LR schedules, losses and noise, EMA,
+caption augmentation, resume state.
 """
 
 from __future__ import annotations
@@ -25,56 +29,147 @@ if TYPE_CHECKING:
 
     from loraforge.runner import Paths, StageEnv
 
+ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+
 
 @section
 class Params:
-    """The `finetune` section (guide figures are the 001 guide's SDXL recipe).
+    """The `finetune` section. Guides: 000 = RFKTR, 001 = SDXL finetune-then-extract, 002 =
+    DreamBooth research, 003 = LoRA guide (see the README's table for each default's source).
 
     Attributes:
-        epochs: passes over the (repeated) dataset; the guide trains 100.
-        batch_size: images per step (same bucket); the guide: 1, with accumulation 3.
+        mode: `full` finetunes the weights (the 001 guide; `extract` then makes the LoRA);
+            `lora` trains a LoRA directly (the 003 guide), saved as `epoch-NNNN/lora.safetensors`.
+        network_dim: LoRA rank of linear layers (mode lora); the 003 guide: 4-32.
+        network_alpha: LoRA alpha; the 003 guide: 1 or half the rank.
+        conv_dim: LoRA rank of the ResNet 3×3 convolutions (LoCon); 0 = none; the 003 guide: under 32.
+        conv_alpha: their alpha.
+        network_dropout: dropout on the LoRA rank activations; the 003 guide: 0.1-0.5.
+        rank_dropout: drop whole rank channels per sample with this probability.
+        module_dropout: skip a whole LoRA module for a step with this probability.
+        scale_weight_norms: cap each LoRA update's norm after every step (max-norm); the 003 guide: 1; 0 = off.
+        epochs: passes over the (repeated) dataset; the 001 guide trains 100.
+        batch_size: images per step (same bucket); the 001 guide: 1, with accumulation 3.
         gradient_accumulation: steps whose gradients are summed before one optimizer step.
-        repeats: multiplies each image's folder repeats (`N_name` folders); the guide: 2.
-        lr: UNet learning rate; the guide: 1e-6 (AdamW, constant). The tiny demo model needs ~3e-4.
-        train_text_encoder: also train the text encoder(s).
-        text_encoder_lr: null = lr / 4 (the 000 guide: a quarter to a sixth of the UNet's).
-        lr_scheduler: `constant` or `cosine`, after `lr_warmup_steps` of linear warmup.
-        lr_warmup_steps: optimizer steps of linear warmup.
-        weight_decay: AdamW weight decay.
+        repeats: multiplies each image's folder repeats (`N_name` folders); the 001 guide: 2.
+        optimizer: AdamW, AdamW8bit (CUDA), Lion, Prodigy, DAdaptAdam, Adafactor, or `module.Class`.
+        optimizer_args: extra constructor arguments, e.g. the 003 guide's Prodigy set
+            `{decouple: true, weight_decay: 0.01, d_coef: 0.8, use_bias_correction: true,
+            safeguard_warmup: true, betas: [0.9, 0.99]}`.
+        lr: UNet learning rate; the 001 guide: 1e-6 (AdamW, constant); Prodigy/DAdapt: 1.
+        train_text_encoder: also train the text encoder(s); the 001 guide: always.
+        text_encoder_lr: null = lr / 4 (the 000 guide: a quarter to a sixth; = lr for Prodigy and
+            DAdaptAdam, which need equal LRs); 0 freezes it.
+        text_encoder_2_lr: SDXL's second encoder; null = text_encoder_lr; 0 freezes it.
+        lr_scheduler: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial.
+        lr_warmup_steps: optimizer steps of linear warmup (not with `constant`).
+        lr_warmup_ratio: warmup as a share of all optimizer steps (the 003 guide: 0.02-0.05 for Prodigy).
+        lr_scheduler_num_cycles: hard restarts of `cosine_with_restarts`.
+        lr_scheduler_power: exponent of `polynomial`.
+        weight_decay: weight decay (optimizer_args.weight_decay wins).
         max_grad_norm: gradient clipping norm (0 disables).
         mixed_precision: `fp16` / `bf16` autocast on GPU (`bf16` also works on CPU); `no` = float32.
         gradient_checkpointing: trade compute for memory in the UNet and text encoders.
+        channels_last: UNet weights and latents in channels-last memory format (faster convolutions
+            on tensor-core GPUs).
         save_every_n_epochs: checkpoint interval; the last epoch is always saved.
         save_dtype: dtype of saved checkpoints (float16 halves disk; extraction works in float32).
-        seed: seeds data order, noise and timesteps.
-        noise_offset: adds offset noise (per-channel constant) of this strength; 0 disables.
+        seed: seeds data order, noise, timesteps and caption augmentation.
+        loss_type: `l2` (MSE) or `huber` (pseudo-Huber, threshold `huber_c`).
+        huber_c: pseudo-Huber threshold.
+        min_snr_gamma: min-SNR-γ loss weighting; 0 disables; the 001 (Dec 2023) and 003 guides: 5.
+        debiased_estimation: weight the loss by 1/√SNR (ε) or 1/(SNR+1) (v).
+        v_parameterization: train with the v-prediction target (SD2-768-style models).
+        noise_offset: per-channel offset noise strength; 0 disables (the 001 guide leaves it off).
+        noise_offset_random_strength: draw the offset strength in [0, noise_offset) each step.
+        adaptive_noise_scale: add this × |latent channel mean| to the offset (needs noise_offset).
+        multires_noise_iterations: pyramid noise levels; 0 disables; the 003 guide: 6-10.
+        multires_noise_discount: pyramid level weight decay; the 003 guide: 0.2-0.4.
+        ip_noise_gamma: input perturbation noise strength; 0 disables (0.1 in the paper).
+        ema_decay: EMA of the trained weights, saved as `ema/` beside each checkpoint; 0 disables;
+            the 001 guide's A100 config: 0.9995.
+        resume: `auto` saves the full training state with each checkpoint (outside the outputs)
+            and continues from the newest one whose params and data match; `off` saves none.
+        class_prompt: prior preservation: class images generated by the base model from this
+            prompt ("a woman") train alongside the instance images; null = off (the 001 guide: off).
+        num_class_images: null = the 002 guide's formula, images × 200 (× 100 with the text encoder).
+        class_inference_steps: sampler steps per generated class image.
+        prior_loss_weight: weight of the class images' loss (the 002 guide: 1).
+        shuffle_caption: shuffle comma-separated tags after the first `keep_tokens` (003: on).
+        keep_tokens: leading tags kept in place and never dropped (003: 1, the activation tag).
+        caption_dropout_rate: share of examples trained with an empty caption.
+        caption_dropout_every_n_epochs: every n-th epoch trains without captions; 0 disables.
+        caption_tag_dropout_rate: drop each non-kept tag with this probability.
     """
 
     model: ModelParams
+    mode: Literal["full", "lora"] = "full"
+    network_dim: int = Field(16, ge=1)
+    network_alpha: float = Field(8.0, gt=0)
+    conv_dim: int = Field(0, ge=0)
+    conv_alpha: float = Field(1.0, gt=0)
+    network_dropout: float = Field(0.0, ge=0, lt=1)
+    rank_dropout: float = Field(0.0, ge=0, lt=1)
+    module_dropout: float = Field(0.0, ge=0, lt=1)
+    scale_weight_norms: float = Field(0.0, ge=0)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(1, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
     repeats: int = Field(1, ge=1)
-    lr: float = Field(1e-6, gt=0, le=1)
+    optimizer: str = Field("AdamW", min_length=1)
+    optimizer_args: dict[str, Any] = Field(default_factory=dict)
+    lr: float = Field(1e-6, gt=0, le=10)
     train_text_encoder: bool = False
-    text_encoder_lr: float | None = Field(None, ge=0, le=1)
-    lr_scheduler: Literal["constant", "cosine"] = "constant"
+    text_encoder_lr: float | None = Field(None, ge=0, le=10)
+    text_encoder_2_lr: float | None = Field(None, ge=0, le=10)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
+    lr_warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    lr_scheduler_num_cycles: int = Field(1, ge=1)
+    lr_scheduler_power: float = Field(1.0, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    channels_last: bool = False
     save_every_n_epochs: int = Field(1, ge=1)
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     seed: int = 42
+    loss_type: Literal["l2", "huber"] = "l2"
+    huber_c: float = Field(0.1, gt=0)
+    min_snr_gamma: float = Field(0.0, ge=0)
+    debiased_estimation: bool = False
+    v_parameterization: bool = False
     noise_offset: float = Field(0.0, ge=0)
+    noise_offset_random_strength: bool = False
+    adaptive_noise_scale: float = Field(0.0, ge=0)
+    multires_noise_iterations: int = Field(0, ge=0)
+    multires_noise_discount: float = Field(0.3, ge=0, le=1)
+    ip_noise_gamma: float = Field(0.0, ge=0)
+    ema_decay: float = Field(0.0, ge=0, lt=1)
+    resume: Literal["off", "auto"] = "off"
+    class_prompt: str | None = None
+    num_class_images: int | None = Field(None, ge=1)
+    class_inference_steps: int = Field(25, ge=1)
+    prior_loss_weight: float = Field(1.0, ge=0)
+    shuffle_caption: bool = False
+    keep_tokens: int = Field(0, ge=0)
+    caption_dropout_rate: float = Field(0.0, ge=0, le=1)
+    caption_dropout_every_n_epochs: int = Field(0, ge=0)
+    caption_tag_dropout_rate: float = Field(0.0, ge=0, le=1)
 
 
 # ---------------------------------------------------------------- data
 
 
 def load_examples(latents_dir: Path, captions_dir: Path, repeats: int) -> list[dict[str, Any]]:
-    """One example per latent (flipped copies included), joined with its caption, repeated."""
+    """One example per latent (flipped copies included), joined with its caption, repeated.
+
+    Args:
+        latents_dir: the latents stage's folder (manifest.jsonl + one safetensors per latent).
+        captions_dir: the caption stage's folder (manifest.jsonl).
+        repeats: `finetune.repeats`, multiplied with each image's folder repeats.
+    """
     from loraforge.images import read_jsonl
 
     captions = {row["id"]: row["caption"] for row in read_jsonl(captions_dir / "manifest.jsonl")}
@@ -90,7 +185,14 @@ def load_examples(latents_dir: Path, captions_dir: Path, repeats: int) -> list[d
 
 
 def epoch_batches(examples: list[dict[str, Any]], batch_size: int, seed: int, epoch: int) -> list[list[dict[str, Any]]]:
-    """Shuffled batches for one epoch; a batch holds one bucket only (latents must stack)."""
+    """Shuffled batches for one epoch; a batch holds one bucket only (latents must stack).
+
+    Args:
+        examples: from `load_examples`.
+        batch_size: images per batch.
+        seed: `finetune.seed`.
+        epoch: 1-based epoch: the order depends only on (seed, epoch), which makes resume exact.
+    """
     order = list(range(len(examples)))
     random.Random(seed * 100_003 + epoch).shuffle(order)
     by_bucket: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
@@ -103,7 +205,12 @@ def epoch_batches(examples: list[dict[str, Any]], batch_size: int, seed: int, ep
 
 def plan(examples: list[dict[str, Any]], params: Params) -> dict[str, Any]:
     """The steps arithmetic (000 guide): steps ≈ images × repeats / batch × epochs, and the exact
-    count given that a batch never mixes buckets."""
+    count given that a batch never mixes buckets.
+
+    Args:
+        examples: from `load_examples`.
+        params: the finetune params.
+    """
     batches = len(epoch_batches(examples, params.batch_size, params.seed, 0))
     images = len({e["id"] for e in examples})
     return {
@@ -112,109 +219,473 @@ def plan(examples: list[dict[str, Any]], params: Params) -> dict[str, Any]:
         "formula_steps": math.ceil(len(examples) / params.batch_size) * params.epochs,
         "steps_per_epoch": batches,
         "steps": batches * params.epochs,
+        # the last, partial accumulation group of an epoch still steps (as kohya's loop does)
         "optimizer_steps": math.ceil(batches / params.gradient_accumulation) * params.epochs,
     }
 
 
 def load_latents(batch: list[dict[str, Any]], scaling_factor: float) -> "torch.Tensor":
-    """(B, 4, h, w) latents scaled for the UNet."""
+    """(B, 4, h, w) latents scaled for the UNet; a non-finite latent stops the run, naming its file.
+
+    Args:
+        batch: examples of one bucket.
+        scaling_factor: the VAE's latent scale.
+    """
     import torch
     from safetensors.torch import load_file
 
-    return torch.stack([load_file(str(e["path"]))["latent"] for e in batch]) * scaling_factor
+    latents = [load_file(str(e["path"]))["latent"] for e in batch]
+    for e, lat in zip(batch, latents):
+        if not torch.isfinite(lat).all():
+            raise FloatingPointError(f"latent {e['path']} has NaN/inf values: it was encoded by a VAE in half precision "
+                                     "(SDXL's VAE overflows in fp16: encode latents with the VAE in float32, 'no half VAE')")
+    return torch.stack(latents) * scaling_factor
+
+
+def prefetch(batches: list[list[dict[str, Any]]], load: Any) -> Any:
+    """Yield (batch, load(batch)), reading the next batch in a background thread while this one
+    trains (data loading overlapped with compute; safetensors reads release the GIL).
+
+    Args:
+        batches: the epoch's batches.
+        load: batch -> tensor (`load_latents`).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        future = pool.submit(load, batches[0]) if batches else None
+        for i, batch in enumerate(batches):
+            data = future.result()  # re-raises a loading error (e.g. a NaN latent) here
+            if i + 1 < len(batches):
+                future = pool.submit(load, batches[i + 1])
+            yield batch, data
+
+
+def batch_captions(batch: list[dict[str, Any]], params: Params, step: int, epoch: int) -> list[str]:
+    """The captions this step trains with (shuffled / dropped per `caption_*` and `keep_tokens`).
+
+    Args:
+        batch: examples of the step.
+        params: the finetune params.
+        step: global step (with the seed and the index in the batch: the random source).
+        epoch: 1-based epoch.
+    """
+    from loraforge.training.captions import train_caption
+
+    settings = caption_settings(params)
+    return [train_caption(e["caption"], settings, random.Random(f"{params.seed}/{step}/{i}"), epoch) for i, e in enumerate(batch)]
+
+
+# ---------------------------------------------------------------- settings
+
+
+def check_settings(params: Params, device: "torch.device") -> None:
+    """Refuse combinations that cannot work, before loading anything.
+
+    Args:
+        params: the finetune params.
+        device: the training device.
+    """
+    from loraforge.training.optimizers import optimizer_class
+
+    check_precision(params.mixed_precision, device)
+    optimizer_class(params.optimizer, device.type)  # importable, and 8-bit only on CUDA
+    if params.lr_scheduler == "constant" and (params.lr_warmup_steps or params.lr_warmup_ratio):
+        raise ValueError("`finetune.lr_scheduler: constant` has no warmup; use `constant_with_warmup` with `finetune.lr_warmup_steps`")
+    if params.lr_warmup_steps and params.lr_warmup_ratio:
+        raise ValueError("set `finetune.lr_warmup_steps` or `finetune.lr_warmup_ratio`, not both")
+    lora_only = {"scale_weight_norms": params.scale_weight_norms, "network_dropout": params.network_dropout,
+                 "rank_dropout": params.rank_dropout, "module_dropout": params.module_dropout}
+    if params.mode == "full" and any(lora_only.values()):
+        key = next(k for k, v in lora_only.items() if v)
+        raise ValueError(f"`finetune.{key}` applies to `finetune.mode: lora` only (mode is `full`)")
+    if params.adaptive_noise_scale and not params.noise_offset:
+        raise ValueError("`finetune.adaptive_noise_scale` needs `finetune.noise_offset` > 0")
+
+
+def check_precision(mixed_precision: str, device: "torch.device") -> None:
+    """fp16 autocast needs a GPU; fail before loading anything.
+
+    Args:
+        mixed_precision: `finetune.mixed_precision`.
+        device: the training device.
+    """
+    if mixed_precision == "fp16" and device.type != "cuda":
+        raise ValueError("`finetune.mixed_precision: fp16` needs a CUDA GPU; use `bf16` or `no` on CPU")
+
+
+def loss_settings(params: Params) -> Any:
+    """The loss/noise part of the params as a `LossSettings`."""
+    from loraforge.training.losses import LossSettings
+
+    return LossSettings(
+        loss_type=params.loss_type, huber_c=params.huber_c, min_snr_gamma=params.min_snr_gamma,
+        debiased_estimation=params.debiased_estimation, v_parameterization=params.v_parameterization,
+        noise_offset=params.noise_offset, noise_offset_random_strength=params.noise_offset_random_strength,
+        adaptive_noise_scale=params.adaptive_noise_scale, multires_noise_iterations=params.multires_noise_iterations,
+        multires_noise_discount=params.multires_noise_discount, ip_noise_gamma=params.ip_noise_gamma,
+    )
+
+
+def caption_settings(params: Params) -> Any:
+    """The caption-augmentation part of the params as a `CaptionSettings`."""
+    from loraforge.training.captions import CaptionSettings
+
+    return CaptionSettings(shuffle=params.shuffle_caption, keep_tokens=params.keep_tokens, tag_dropout_rate=params.caption_tag_dropout_rate,
+                           dropout_rate=params.caption_dropout_rate, dropout_every_n_epochs=params.caption_dropout_every_n_epochs)
+
+
+def component_lrs(params: Params, n_encoders: int) -> dict[str, float]:
+    """LR of each trained component: the UNet, then each text encoder whose LR is above 0.
+
+    Args:
+        params: the finetune params.
+        n_encoders: 1 (SD1.5) or 2 (SDXL).
+    """
+    from loraforge.training.optimizers import ADAPTIVE
+
+    adaptive = params.optimizer in ADAPTIVE  # one step size d for all groups: LRs must match (or be 0)
+    lrs = {"unet": params.lr}
+    if params.train_text_encoder:
+        te1 = (params.lr if adaptive else params.lr / 4) if params.text_encoder_lr is None else params.text_encoder_lr
+        te2 = te1 if params.text_encoder_2_lr is None else params.text_encoder_2_lr
+        lrs.update(zip(ENCODER_NAMES[:n_encoders], (te1, te2)))
+    for name, lr in lrs.items():
+        if adaptive and lr not in (0, params.lr):
+            key = "text_encoder_lr" if name == "text_encoder" else "text_encoder_2_lr"
+            raise ValueError(f"`finetune.{key}` = {lr:g}: {params.optimizer} needs every LR equal to `finetune.lr` ({params.lr:g}) or 0")
+    return {name: lr for name, lr in lrs.items() if lr > 0}  # LR 0 freezes a text encoder
 
 
 # ---------------------------------------------------------------- model
 
 
-def check_precision(mixed_precision: str, device: "torch.device") -> None:
-    """fp16 autocast needs a GPU; fail before loading anything."""
-    if mixed_precision == "fp16" and device.type != "cuda":
-        raise ValueError("`finetune.mixed_precision: fp16` needs a CUDA GPU; use `bf16` or `no` on CPU")
-
-
-def make_optimizer(unet: Any, encoders: list[Any], params: Params) -> Any:
-    """AdamW over the UNet (lr) and, when trained, the text encoders (text_encoder_lr)."""
-    import torch
-
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": params.lr}]
-    te_lr = params.lr / 4 if params.text_encoder_lr is None else params.text_encoder_lr
-    if params.train_text_encoder and te_lr > 0:
-        groups.append({"params": [p for enc in encoders for p in enc.parameters()], "lr": te_lr})
-    return torch.optim.AdamW(groups, weight_decay=params.weight_decay)
-
-
 def step_generator(seed: int, step: int) -> "torch.Generator":
-    """Noise and timesteps of step `step` depend only on (seed, step): resumable and reproducible."""
+    """Noise and timesteps of step `step` depend only on (seed, step): resumable and reproducible.
+
+    Args:
+        seed: `finetune.seed`.
+        step: the global step.
+    """
     import torch
 
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def diffusion_loss(unet: Any, scheduler: Any, latents: "torch.Tensor", cond: dict[str, Any], gen: "torch.Generator", noise_offset: float) -> "torch.Tensor":
-    """MSE between the UNet's prediction and the scheduler's target for one batch."""
-    import torch
-    import torch.nn.functional as F
+def diffusion_loss(unet: Any, scheduler: Any, latents: "torch.Tensor", cond: dict[str, Any], gen: "torch.Generator", settings: Any) -> "torch.Tensor":
+    """The step's weighted loss (see `loraforge.training.losses.diffusion_loss`); a module-level
+    name so tests can poison it."""
+    from loraforge.training.losses import diffusion_loss as loss_fn
 
-    noise = torch.randn(latents.shape, generator=gen)  # (B, 4, h, w)
-    if noise_offset:
-        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, generator=gen)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-    noise, t = noise.to(latents.device), t.to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, t)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
-    pred = unet(noisy, t, encoder_hidden_states=cond["hidden"], added_cond_kwargs=cond.get("added")).sample
-    return F.mse_loss(pred.float(), target.float())
+    return loss_fn(unet, scheduler, latents, cond, gen, settings)
 
 
-def conditioning(arch: str, tokenizers: list[Any], encoders: list[Any], batch: list[dict[str, Any]], device: Any) -> dict[str, Any]:
-    """Text embeddings (and SDXL's pooled embeddings + time ids) for a batch."""
-    from loraforge.conditioning import encode_sd15, encode_sdxl, sdxl_time_ids
+def conditioning(arch: str, encode: Any, batch: list[dict[str, Any]], captions: list[str], device: Any) -> dict[str, Any]:
+    """Text embeddings (and SDXL's pooled embeddings + time ids) for a batch.
 
-    captions = [e["caption"] for e in batch]
+    Args:
+        arch: `sd15` or `sdxl`.
+        encode: captions -> (hidden, pooled): the live encoders, or their cached outputs.
+        batch: the examples (bucket, original size and crop for SDXL's time ids).
+        captions: the captions to encode (after augmentation).
+        device: the training device.
+    """
+    from loraforge.conditioning import sdxl_time_ids
+
+    hidden, pooled = encode(captions)  # (B, 77, D) [SDXL: D1 + D2], (B, P) or None
     if arch == "sd15":
-        return {"hidden": encode_sd15(tokenizers[0], encoders[0], captions)}
-    hidden, pooled = encode_sdxl(tokenizers, encoders, captions)
+        return {"hidden": hidden}
     w, h = batch[0]["bucket"]
-    time_ids = sdxl_time_ids([e["original_size"] for e in batch], [e["crop_top_left"] for e in batch], (h, w))
+    time_ids = sdxl_time_ids([e["original_size"] for e in batch], [e["crop_top_left"] for e in batch], (h, w))  # (B, 6)
     return {"hidden": hidden, "added": {"text_embeds": pooled, "time_ids": time_ids.to(device, hidden.dtype)}}
 
 
-def save_checkpoint(folder: Path, components: dict[str, Any], dtype: "torch.dtype", meta: dict[str, Any]) -> None:
-    """`<folder>/<component>.safetensors` (diffusers key names) + meta.json; refuses NaN weights."""
+def text_encode(params: Params, info: Any, tokenizers: list[Any], encoders: list[Any], trained: dict[str, Any], env: "StageEnv", device: Any) -> Any:
+    """The caption encoder for the loop: cached through the item store when no encoder is
+    trained and captions are not randomised, else the live encoders.
+
+    Args:
+        params: the finetune params.
+        info: the resolved model.
+        tokenizers: one per encoder.
+        encoders: the text encoders.
+        trained: the trained components by name.
+        env: the stage env (item store, state folder).
+        device: the training device.
+    """
+    from loraforge.models import component_hash
+    from loraforge.training.text_cache import CachedEncode, make_encode
+
+    encode = make_encode(info.arch, tokenizers, encoders)
+    if any(name in trained for name in ENCODER_NAMES) or caption_settings(params).randomised:
+        return encode
+    parts = ("tokenizer", "text_encoder") if info.arch == "sd15" else ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    model_key = {"arch": info.arch, **{p: component_hash(info, p, env.state_dir) for p in parts}}
+    return CachedEncode(encode, env.store, model_key, device)
+
+
+def check_finite(loss: "torch.Tensor", step: int, epoch: int, params: Params) -> None:
+    """The divergence guard: a NaN/inf loss stops training at once, with the likely causes.
+
+    Args:
+        loss: the step's loss.
+        step: the global step (0-based).
+        epoch: the epoch (1-based).
+        params: the finetune params (named in the causes).
+    """
+    import torch
+
+    if torch.isfinite(loss):
+        return
+    causes = [f"`finetune.lr` = {params.lr:g} too high for `{params.optimizer}` (the 001 guide: 1e-6 for AdamW on SDXL, 1e-7 for Lion)"]
+    if params.mixed_precision == "fp16":
+        causes.insert(0, "fp16 overflow: use `finetune.mixed_precision: bf16` (or `no`), and encode latents with the VAE in float32 ('no half VAE')")
+    if params.optimizer_args:
+        causes.append(f"`finetune.optimizer_args` = {params.optimizer_args}")
+    raise FloatingPointError(
+        f"finetune: loss is {loss.item()} at step {step} (epoch {epoch}); training stopped, nothing saved for this epoch. "
+        "Likely causes: " + "; ".join(causes)
+    )
+
+
+def save_checkpoint(folder: Path, states: dict[str, dict[str, "torch.Tensor"]], dtype: "torch.dtype", meta: dict[str, Any] | None) -> None:
+    """`<folder>/<component>.safetensors` (diffusers key names) + meta.json; refuses NaN weights.
+
+    Args:
+        folder: the checkpoint folder (created).
+        states: component name -> state dict.
+        dtype: the save dtype.
+        meta: written as meta.json when given.
+    """
     import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name, model in components.items():
-        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    for name, state in states.items():
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
         bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
         if bad:
             raise FloatingPointError(f"{name} has non-finite weights ({bad[0]}...); not saving {folder}")
         save_file(state, str(folder / f"{name}.safetensors"))
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if meta is not None:
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def save_epoch(folder: Path, trained: dict[str, Any], ema: Any, dtype: "torch.dtype", meta: dict[str, Any], params: Params) -> None:
+    """One checkpoint: the trained components (mode full) or `lora.safetensors` (mode lora), and
+    their EMA under `ema/` (what `extract.from_ema` reads).
+
+    Args:
+        folder: `.../epoch-NNNN`.
+        trained: component name -> unwrapped module (or LoRA network in mode lora).
+        ema: the EMA or None.
+        dtype: the save dtype.
+        meta: epoch, step, loss, arch, base.
+        params: the finetune params.
+    """
+    states = {name: m.state_dict() for name, m in trained.items()}
+    ema_states = {name: ema.state_dict(name) for name in trained} if ema is not None else None
+    if params.mode == "lora":
+        save_lora_checkpoint(folder, trained, states, dtype, meta, params, meta["arch"])
+        if ema_states is not None:
+            save_lora_checkpoint(folder / "ema", trained, ema_states, dtype, None, params, meta["arch"])
+        return
+    save_checkpoint(folder, states, dtype, meta)
+    if ema_states is not None:
+        save_checkpoint(folder / "ema", ema_states, dtype, None)
+
+
+def save_lora_checkpoint(folder: Path, networks: dict[str, Any], states: dict[str, Any], dtype: "torch.dtype", meta: dict[str, Any] | None,
+                         params: Params, arch: str) -> None:
+    """`<folder>/lora.safetensors` in kohya format with `ss_*` metadata (+ meta.json); refuses NaN weights.
+
+    Args:
+        folder: the checkpoint folder.
+        networks: component name -> LoRA network.
+        states: component name -> the network state to save (live or EMA).
+        dtype: the save dtype.
+        meta: written as meta.json when given.
+        params: the finetune params (dim, alpha, training settings for the metadata).
+        arch: `sd15` or `sdxl`.
+    """
+    import torch
+
+    from loraforge.lora import lora_metadata, save_lora
+
+    tensors = {}
+    for name, net in networks.items():
+        tensors.update({k: v.to("cpu", dtype) for k, v in net.kohya_state(params.network_alpha, states[name]).items()})
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"LoRA has non-finite weights ({bad[0]}...); not saving {folder}")
+    training = {"ss_training_comment": "loraforge finetune mode lora", "ss_learning_rate": params.lr, "ss_optimizer": params.optimizer,
+                "ss_network_dropout": params.network_dropout, "ss_seed": params.seed,
+                "ss_text_encoders": {n: n in networks for n in ENCODER_NAMES[: 1 if arch == "sd15" else 2]}}
+    if meta is not None:
+        training.update(ss_epoch=meta["epoch"], ss_steps=meta["global_step"])
+    if params.conv_dim:
+        training["ss_network_args"] = {"conv_dim": params.conv_dim, "conv_alpha": params.conv_alpha}
+    save_lora(folder / "lora.safetensors", tensors, lora_metadata(arch, params.network_dim, params.network_alpha, **training))
+    if meta is not None:
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def resume_folder(params: Params, inputs: "Paths", info: Any, state_dir: Path) -> Path:
+    """`<state_dir>/resume/<fingerprint>`: params (less `resume`), model weight hashes, training data.
+
+    Args:
+        params: the finetune params.
+        inputs: the stage's inputs (latents, captions).
+        info: the resolved model.
+        state_dir: loraforge's private folder.
+    """
+    from dataclasses import asdict
+
+    from loraforge.fingerprint import hash_json, hash_tree
+    from loraforge.models import component_hash
+
+    own = {k: v for k, v in asdict(params).items() if k != "resume"}
+    models = {c: component_hash(info, c, state_dir) for c in ("unet", *ENCODER_NAMES) if (info.path / c).is_dir()}
+    data = {"latents": hash_tree(inputs.latents), "captions": hash_tree(inputs.captions)}
+    return state_dir / "resume" / hash_json({"params": own, "models": models, "data": data, "version": 1})
+
+
+def gradient_sync(accelerator: Any, models: list[Any], sync: bool) -> Any:
+    """A context: gradients all-reduced across processes only on `sync` steps (DDP's no_sync otherwise).
+
+    Args:
+        accelerator: the Accelerator.
+        models: the prepared models.
+        sync: whether this batch ends an accumulation group.
+    """
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    if not sync:
+        for model in models:
+            stack.enter_context(accelerator.no_sync(model))
+    return stack
+
+
+def trainable(params: Params, arch: str, modules: dict[str, Any], lrs: dict[str, float]) -> dict[str, Any]:
+    """Set what trains and return it by component: the component itself (mode full) or a LoRA
+    network attached to it (mode lora). Components without an LR are frozen.
+
+    Args:
+        params: the finetune params.
+        arch: `sd15` or `sdxl`.
+        modules: component name -> loaded module.
+        lrs: component name -> LR (from `component_lrs`).
+    """
+    from loraforge.training.lora_net import add_lora
+
+    for name, module in modules.items():
+        module.train(name in lrs and params.mode == "full")
+        module.requires_grad_(name in lrs and params.mode == "full")
+        if params.gradient_checkpointing:
+            if name == "unet":
+                module.enable_gradient_checkpointing()
+            else:  # transformers 5 renamed the method; 4.x has only the old name
+                (getattr(module, "activation_checkpointing_enable", None) or module.gradient_checkpointing_enable)()
+    if params.mode == "full":
+        return {name: modules[name] for name in lrs}
+    return {name: add_lora(modules[name], arch, name, params).train() for name in lrs}
+
+
+def prior_loss(prior: list[Any], params: Params, info: Any, unet: Any, noise_scheduler: Any, encode: Any, step: int, accelerator: Any, settings: Any) -> "torch.Tensor":
+    """The diffusion loss on the step's batch of class images, captioned with `class_prompt`.
+
+    Args:
+        prior: the class latents.
+        params: the finetune params.
+        info: the resolved model.
+        unet: the UNet.
+        noise_scheduler: the DDPM scheduler.
+        encode: the caption encoder.
+        step: the global step (which class images; its own noise stream).
+        accelerator: the Accelerator (device, autocast).
+        settings: the loss settings.
+    """
+    from loraforge.training.prior import class_batch
+
+    latents, batch = class_batch(prior, params.class_prompt or "", info.native_resolution, step, params.batch_size)  # (B, 4, h, w)
+    cond = conditioning(info.arch, encode, batch, [e["caption"] for e in batch], accelerator.device)
+    with accelerator.autocast():
+        return diffusion_loss(unet, noise_scheduler, latents.to(accelerator.device), cond, step_generator(params.seed + 1, step), settings)
+
+
+def optimizer_step(accelerator: Any, optimizer: Any, lr_schedule: Any, trained: dict[str, Any], ema: Any, params: Params) -> tuple[dict[str, float], dict[str, float]]:
+    """Clip, step, advance the schedule, clear gradients, cap LoRA norms, update the EMA.
+
+    Returns the LR each group applied (d·lr for adaptive optimizers, which set d inside step())
+    and, with `scale_weight_norms`, the layers scaled and the mean update norm.
+
+    Args:
+        accelerator: the Accelerator (clipping unscales fp16 gradients first).
+        optimizer: the optimizer.
+        lr_schedule: the LR schedule.
+        trained: the trained modules (or LoRA networks) by component.
+        ema: the EMA or None.
+        params: the finetune params.
+    """
+    from loraforge.training.lora_net import scale_weight_norms
+    from loraforge.training.optimizers import applied_lrs
+
+    if params.max_grad_norm > 0:
+        accelerator.clip_grad_norm_([p for m in trained.values() for p in m.parameters()], params.max_grad_norm)
+    optimizer.step()
+    applied = applied_lrs(optimizer)
+    lr_schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    norms = {}
+    if params.scale_weight_norms:  # max-norm on each LoRA update (mode lora)
+        norms = dict(zip(("keys_scaled", "mean_norm"), scale_weight_norms(list(trained.values()), params.scale_weight_norms)))
+    if ema is not None:
+        ema.update()
+    return applied, norms
 
 
 # ---------------------------------------------------------------- loop
 
 
+def training_record(params: Params) -> dict[str, Any]:
+    """The settings a checkpoint's meta.json records (extract copies them into `ss_training_params`)."""
+    keys = ("mode", "optimizer", "lr", "text_encoder_lr", "lr_scheduler", "epochs", "batch_size", "gradient_accumulation",
+            "repeats", "mixed_precision", "min_snr_gamma", "noise_offset", "ema_decay", "seed")
+    return {key: getattr(params, key) for key in keys}
+
+
 def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
-    """Train; write checkpoints to `outputs.checkpoints` and loss tables to `outputs.loss`."""
+    """Train; write checkpoints to `outputs.checkpoints` and loss/LR tables to `outputs.loss`.
+
+    Args:
+        params: the finetune params.
+        inputs: `latents` and `captions` folders.
+        outputs: `checkpoints` and `loss` folders (emptied by the runner).
+        env: item store, state folder, publisher, progress bars.
+    """
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from diffusers.optimization import get_scheduler
 
+    from loraforge.fingerprint import hash_json, hash_tree
     from loraforge.models import load_noise_scheduler, load_text_encoders, load_unet, resolve_device, resolve_model
+    from loraforge.training import resume
+    from loraforge.training.ema import EMA
+    from loraforge.training.optimizers import applied_lrs, make_optimizer
+    from loraforge.training.resume import load_state, newest_state, publish_checkpoint
+    from loraforge.training.schedules import make_lr_schedule, warmup_steps
 
     device = resolve_device(params.model.device)
-    check_precision(params.mixed_precision, device)
+    check_settings(params, device)
     examples = load_examples(inputs.latents, inputs.captions, params.repeats)
     steps = plan(examples, params)
     print(f"finetune: {steps['images']} images, {steps['examples_per_epoch']} examples/epoch, batch {params.batch_size}, "
-          f"{params.epochs} epochs -> {steps['steps']} steps ({steps['optimizer_steps']} optimizer steps)")
+          f"{params.epochs} epochs -> {steps['steps']} steps ({steps['optimizer_steps']} optimizer steps), {params.optimizer}")
     env.publish.table("plan", [steps], "Training plan")
+    dataset_hash = hash_json({"latents": hash_tree(inputs.latents), "captions": hash_tree(inputs.captions)})
 
+    # -- model: the UNet always trains; each text encoder when its LR is above 0
     torch.manual_seed(params.seed)
     info = resolve_model(params.model, env.state_dir)
     AcceleratorState._reset_state(reset_partial_state=True)  # the Prefect runner trains in-process, maybe repeatedly
@@ -222,71 +693,103 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     unet = load_unet(info, accelerator.device)
     pairs = load_text_encoders(info, accelerator.device)
     tokenizers, encoders = [t for t, _ in pairs], [e for _, e in pairs]
-    scheduler = load_noise_scheduler(info)
-    unet.train()
-    for enc in encoders:
-        enc.train(params.train_text_encoder)
-        enc.requires_grad_(params.train_text_encoder)
-    if params.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for enc in encoders:  # transformers 5 renamed the method; 4.x has only the old name
-            (getattr(enc, "activation_checkpointing_enable", None) or enc.gradient_checkpointing_enable)()
-    optimizer = make_optimizer(unet, encoders, params)
-    lr_schedule = get_scheduler(params.lr_scheduler, optimizer, num_warmup_steps=params.lr_warmup_steps, num_training_steps=steps["optimizer_steps"])
+    noise_scheduler = load_noise_scheduler(info)
+    if params.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    lrs = component_lrs(params, len(encoders))
+    trained = trainable(params, info.arch, {"unet": unet, **dict(zip(ENCODER_NAMES, encoders))}, lrs)
+    groups = [{"name": name, "params": list(trained[name].parameters()), "lr": lr} for name, lr in lrs.items()]
+    optimizer = make_optimizer(params.optimizer, groups, params.optimizer_args, params.weight_decay, device.type)
+    warmup = warmup_steps(params.lr_warmup_steps, params.lr_warmup_ratio, steps["optimizer_steps"])
+    lr_schedule = make_lr_schedule(params.lr_scheduler, optimizer, warmup, steps["optimizer_steps"], params.lr_scheduler_num_cycles, params.lr_scheduler_power)
     unet, optimizer, lr_schedule, *encoders = accelerator.prepare(unet, optimizer, lr_schedule, *encoders)
-    trained = [unet, *encoders] if params.train_text_encoder else [unet]
-    trained_params = [p for m in trained for p in m.parameters() if p.requires_grad]
+    wrapped = {"unet": unet, **dict(zip(ENCODER_NAMES, encoders))}
+    ema = EMA(trained, params.ema_decay) if params.ema_decay else None
+    train_encoders = any(name in lrs for name in ENCODER_NAMES)
+    encode = text_encode(params, info, tokenizers, encoders, trained, env, accelerator.device)
+    losses_cfg = loss_settings(params)
 
-    step_rows, epoch_rows, saved = [], [], []
-    global_step = 0
-    bar = env.bar(total=steps["steps"], desc="finetune", unit="step")
-    for epoch in range(1, params.epochs + 1):
+    # -- prior preservation: class latents from the base model (cached), before any weight moves
+    prior: list[Any] = []
+    if params.class_prompt:
+        from loraforge.training.prior import class_image_count, class_latents
+
+        count = class_image_count(params.num_class_images, steps["images"], params.train_text_encoder)
+        prior = class_latents(info, params.class_prompt, count, params.seed, params.class_inference_steps, env.store, env.state_dir, device)
+
+    # -- resume: continue from the newest state of this exact run (params, model, data)
+    progress: dict[str, Any] = {"global_step": 0, "epoch": 0, "steps": [], "lrs": [], "epochs": [], "saved": []}
+    keep = resume_folder(params, inputs, info, env.state_dir) if params.resume == "auto" else None
+    if keep is not None and (state := newest_state(keep)) is not None:
+        progress = load_state(state, trained, optimizer, lr_schedule, ema, accelerator.scaler)
+        for name in progress["saved"]:
+            publish_checkpoint(keep / "checkpoints" / name, outputs.checkpoints)
+        print(f"finetune: resumed from {state.name} (step {progress['global_step']})")
+
+    norms: dict[str, float] = {"keys_scaled": 0, "mean_norm": 0.0} if params.scale_weight_norms else {}  # logged per step
+    bar = env.bar(total=steps["steps"], initial=progress["global_step"], desc="finetune", unit="step")
+    for epoch in range(progress["epoch"] + 1, params.epochs + 1):
         epoch_losses = []
-        for batch in epoch_batches(examples, params.batch_size, params.seed, epoch):
-            with accelerator.accumulate(*trained):
-                latents = load_latents(batch, info.scaling_factor).to(accelerator.device)
-                with torch.set_grad_enabled(params.train_text_encoder):
-                    cond = conditioning(info.arch, tokenizers, encoders, batch, accelerator.device)
+        batches = epoch_batches(examples, params.batch_size, params.seed, epoch)
+        for i, (batch, latents) in enumerate(prefetch(batches, lambda b: load_latents(b, info.scaling_factor))):
+            step = progress["global_step"]
+            # step the optimizer every `gradient_accumulation` batches and at the end of the epoch
+            sync = (i + 1) % params.gradient_accumulation == 0 or i + 1 == len(batches)
+            with gradient_sync(accelerator, list(wrapped.values()), sync):
+                latents = latents.to(accelerator.device, non_blocking=True)  # (B, 4, h, w)
+                if params.channels_last:
+                    latents = latents.contiguous(memory_format=torch.channels_last)
+                captions = batch_captions(batch, params, step, epoch)
+                with torch.set_grad_enabled(train_encoders):  # frozen encoders: no activations kept
+                    cond = conditioning(info.arch, encode, batch, captions, accelerator.device)
                 with accelerator.autocast():
-                    loss = diffusion_loss(unet, scheduler, latents, cond, step_generator(params.seed, global_step), params.noise_offset)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"finetune: loss is {loss.item()} at step {global_step} (epoch {epoch}); nothing saved for this epoch. "
-                        "Likely causes: `finetune.lr` too high, or fp16 without a float32 VAE/UNet."
-                    )
+                    loss = diffusion_loss(unet, noise_scheduler, latents, cond, step_generator(params.seed, step), losses_cfg)
+                if prior:  # + prior_loss_weight × the loss on a batch of class images
+                    loss = loss + params.prior_loss_weight * prior_loss(prior, params, info, unet, noise_scheduler, encode, step, accelerator, losses_cfg)
+                check_finite(loss, step, epoch, params)  # before backward: no NaN ever reaches the weights
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and params.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trained_params, params.max_grad_norm)
-                optimizer.step()
-                lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-            global_step += 1
+            applied = applied_lrs(optimizer)  # lr (or d·lr) this step uses
+            if sync:
+                applied, norms = optimizer_step(accelerator, optimizer, lr_schedule, trained, ema, params)
+            progress["global_step"] = step + 1
             epoch_losses.append(loss.item())
-            step_rows.append({"step": global_step, "epoch": epoch, "loss": loss.item(), "lr": lr_schedule.get_last_lr()[0]})
+            progress["steps"].append({"step": step + 1, "epoch": epoch, "loss": loss.item(), "lr": applied["unet"], **norms})
+            progress["lrs"].append({"step": step + 1, **applied})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            env.publish.progress(global_step / steps["steps"], "finetune")
-        epoch_rows.append({"epoch": epoch, "loss": sum(epoch_losses) / len(epoch_losses)})
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{applied['unet']:.3g}")
+            env.publish.progress(progress["global_step"] / steps["steps"], f"finetune epoch {epoch}/{params.epochs}")
+        progress["epochs"].append({"epoch": epoch, "loss": sum(epoch_losses) / len(epoch_losses)})
+        progress["epoch"] = epoch
+        env.publish.table("epoch-loss", progress["epochs"], "Mean loss per epoch")
         if epoch % params.save_every_n_epochs == 0 or epoch == params.epochs:
-            components = {"unet": accelerator.unwrap_model(unet)}
-            if params.train_text_encoder:
-                names = ["text_encoder"] if info.arch == "sd15" else ["text_encoder", "text_encoder_2"]
-                components.update({n: accelerator.unwrap_model(e) for n, e in zip(names, encoders)})
-            folder = outputs.checkpoints / f"epoch-{epoch:04d}"
-            save_checkpoint(folder, components, getattr(torch, params.save_dtype),
-                            {"epoch": epoch, "global_step": global_step, "loss": epoch_rows[-1]["loss"], "arch": info.arch, "base": info.source})
-            saved.append(folder.name)
+            name = f"epoch-{epoch:04d}"
+            meta = {"epoch": epoch, "global_step": progress["global_step"], "loss": progress["epochs"][-1]["loss"],
+                    "arch": info.arch, "base": info.source, "ema": ema is not None, "mode": params.mode,
+                    "dataset_hash": dataset_hash, **training_record(params)}
+            save_epoch((keep / "checkpoints" if keep else outputs.checkpoints) / name, trained, ema, getattr(torch, params.save_dtype), meta, params)
+            progress["saved"].append(name)
+            if keep is not None:  # built in the resume folder, hard-linked into the outputs
+                publish_checkpoint(keep / "checkpoints" / name, outputs.checkpoints)
+                resume.save_state(keep, epoch, trained, optimizer, lr_schedule, ema, accelerator.scaler, progress)
     bar.close()
-    write_tsv(outputs.loss / "steps.tsv", step_rows)
-    write_tsv(outputs.loss / "epochs.tsv", epoch_rows)
-    env.publish.table("epoch-loss", epoch_rows, "Mean loss per epoch")
-    return {"items": steps["images"], "computed": steps["images"], "reused": 0, "plan": steps, "epochs_saved": saved,
-            "loss_first_epoch": epoch_rows[0]["loss"], "loss_last_epoch": epoch_rows[-1]["loss"],
-            "device": str(accelerator.device), "mixed_precision": params.mixed_precision}
+
+    write_tsv(outputs.loss / "steps.tsv", progress["steps"])
+    write_tsv(outputs.loss / "lr.tsv", progress["lrs"])
+    write_tsv(outputs.loss / "epochs.tsv", progress["epochs"])
+    return {"items": steps["images"], "computed": steps["images"], "reused": 0, "plan": steps, "epochs_saved": progress["saved"],
+            "loss_first_epoch": progress["epochs"][0]["loss"], "loss_last_epoch": progress["epochs"][-1]["loss"],
+            "device": str(accelerator.device), "mixed_precision": params.mixed_precision, "optimizer": params.optimizer,
+            "trained": list(lrs), "ema": ema is not None,
+            "text_cache": {"hits": encode.hits, "misses": encode.misses} if hasattr(encode, "hits") else None, "final_lr": progress["lrs"][-1] if progress["lrs"] else {}}
 
 
 def write_tsv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Tab-separated table with a header row (DVC plots read it)."""
+    """Tab-separated table with a header row (DVC plots read it).
+
+    Args:
+        path: the file (parents created).
+        rows: dicts with the same keys.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     header = list(rows[0]) if rows else []
     lines = ["\t".join(header)] + ["\t".join(f"{r[h]:.6g}" if isinstance(r[h], float) else str(r[h]) for h in header) for r in rows]

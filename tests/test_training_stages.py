@@ -222,3 +222,39 @@ def test_conv_dim_adds_the_resnet_convolutions(sd15):
     finally:
         set_params(sd15, {"extract": {"conv_dim": 0}})
         run_stage(sd15, "extract")
+
+
+def _copy(sd15: Path, name: str) -> Path:
+    work = sd15.parent / name
+    shutil.copytree(sd15, work, ignore=shutil.ignore_patterns("models", "reports"))
+    return work
+
+
+def test_extract_from_ema_uses_the_ema_weights_and_refuses_without_them(sd15):
+    work = _copy(sd15, "ema")
+    set_params(work, {"finetune": {"epochs": 1, "ema_decay": 0.9}})
+    for stage in ("finetune", "extract"):
+        run_stage(work, stage)
+    raw, meta = load_lora(work / "models" / "extracted" / "lora-epoch-0001.safetensors")
+    assert json.loads(meta["ss_training_params"])["ema_decay"] == 0.9 and meta["ss_dataset_hash"] not in ("", "unknown")
+    set_params(work, {"extract": {"from_ema": True}})
+    run_stage(work, "extract")
+    ema, _ = load_lora(work / "models" / "extracted" / "lora-epoch-0001.safetensors")
+    key = next(k for k in raw if k.endswith(".lora_up.weight"))
+    assert raw.keys() == ema.keys() and not torch.equal(raw[key], ema[key])
+    set_params(work, {"finetune": {"ema_decay": 0.0}})
+    run_stage(work, "finetune")
+    with pytest.raises(ValueError, match="`extract.from_ema` is set but .* has no EMA weights"):
+        run_stage(work, "extract")
+
+
+def test_direct_lora_checkpoints_pass_through_extract_and_resize(sd15):
+    work = _copy(sd15, "direct")
+    set_params(work, {"finetune": {"epochs": 1, "mode": "lora", "network_dim": 8, "network_alpha": 4, "lr": 1e-3}})
+    for stage in ("finetune", "extract", "resize"):
+        run_stage(work, stage)
+    trained = (work / "models" / "checkpoints" / "epoch-0001" / "lora.safetensors").read_bytes()
+    assert (work / "models" / "extracted" / "lora-epoch-0001.safetensors").read_bytes() == trained
+    assert report(work, "extract")["epochs"]["epoch-0001"]["passed_through"] is True
+    tensors, meta = load_lora(work / "models" / "lora.safetensors")
+    assert meta["ss_network_dim"] == "8" and any(k.startswith("lora_unet_") for k in tensors)

@@ -1,0 +1,71 @@
+"""Text-encoder outputs cached through the item store, when the encoders are frozen and the
+captions are not randomised (then a caption always encodes to the same tensors).
+
+Key: the caption text, the weight hashes of the tokenizers and encoders, the architecture and a
+format version. Entry: `hidden` (77, D) and, for SDXL, `pooled` (P,), as float32 safetensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from loraforge.fingerprint import item_key
+
+VERSION = 1
+Encode = Callable[[list[str]], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+def make_encode(arch: str, tokenizers: list[Any], encoders: list[Any]) -> Encode:
+    """captions -> (hidden (B, 77, D), pooled (B, P) or None) with the live encoders.
+
+    Args:
+        arch: `sd15` or `sdxl`.
+        tokenizers: one per encoder.
+        encoders: the text encoders.
+    """
+    from loraforge.conditioning import encode_sd15, encode_sdxl
+
+    if arch == "sd15":
+        return lambda captions: (encode_sd15(tokenizers[0], encoders[0], captions), None)
+    return lambda captions: encode_sdxl(tokenizers, encoders, captions)
+
+
+class CachedEncode:
+    """An `Encode` that reads each caption's outputs from the store, encoding only the misses.
+
+    Args:
+        encode: the live encoder function.
+        store: the item store.
+        model_key: identity of the tokenizers and encoders (their weight hashes) and the arch.
+        device: where returned tensors go.
+    """
+
+    def __init__(self, encode: Encode, store: Any, model_key: dict[str, Any], device: Any) -> None:
+        self.encode, self.store, self.model_key, self.device = encode, store, model_key, device
+        self.hits = self.misses = 0
+
+    def one(self, caption: str) -> dict[str, torch.Tensor]:
+        """The cached entry of one caption (encoded and stored on a miss)."""
+        from safetensors.torch import load_file, save_file
+
+        key = item_key("text-embedding", VERSION, caption=caption, model=self.model_key)
+        path = self.store.get("text-embedding", key, ".safetensors")
+        if path is not None:
+            self.hits += 1
+            return load_file(str(path))
+        self.misses += 1
+        with torch.no_grad():
+            hidden, pooled = self.encode([caption])
+        entry = {"hidden": hidden[0].float().cpu().contiguous()}
+        if pooled is not None:
+            entry["pooled"] = pooled[0].float().cpu().contiguous()
+        self.store.put("text-embedding", key, ".safetensors", lambda p: save_file(entry, str(p)))
+        return entry
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        entries = [self.one(c) for c in captions]
+        hidden = torch.stack([e["hidden"] for e in entries]).to(self.device)  # (B, 77, D)
+        pooled = torch.stack([e["pooled"] for e in entries]).to(self.device) if "pooled" in entries[0] else None  # (B, P)
+        return hidden, pooled

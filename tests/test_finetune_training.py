@@ -1,0 +1,552 @@
+"""finetune's training options (issue #4): each one trains the tiny SD1.5 model a few steps for
+real with the option on and checks its effect. Data (ingest..latents) is prepared once per module;
+`finetune.run` is then called directly with varied params into fresh output folders."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraforge.runner import Paths, StageEnv, run_stage
+from loraforge.store import ItemStore
+from loraforge.training import captions as cap
+from loraforge.training import ema as ema_mod
+from loraforge.training import losses, optimizers, resume, schedules
+from stages import finetune
+from tests.helpers import make_project, set_params
+
+SUBSET = 6
+BASE = {"model": {"base": "builtin:tiny-sd15", "device": "cpu"}, "epochs": 1, "batch_size": 2, "lr": 3e-4,
+        "save_dtype": "float32", "train_text_encoder": True}
+
+
+class Recorder:
+    """A publisher that keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.tables: list[tuple[str, list[dict[str, Any]]]] = []
+        self.progress_values: list[float] = []
+
+    def table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
+        self.tables.append((key, [dict(r) for r in rows]))
+
+    def markdown(self, key: str, text: str, description: str = "") -> None:
+        pass
+
+    def progress(self, fraction: float, description: str = "") -> None:
+        self.progress_values.append(fraction)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """Tiny SD1.5 project with latents and captions prepared."""
+    root = make_project(tmp_path_factory.mktemp("ft") / "p", git=False)
+    set_params(root, {"model": {"base": "builtin:tiny-sd15"}})
+    for stage in ("ingest", "upscale", "caption", "latents"):
+        run_stage(root, stage)
+    # a 6-latent subset keeps every run to a few steps (the full demo has 19 examples per epoch)
+    small = root / "data" / "latents-small"
+    small.mkdir()
+    rows = (root / "data" / "latents" / "manifest.jsonl").read_text().splitlines()[:SUBSET]
+    for row in rows:
+        name = json.loads(row)["file"]
+        (small / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / "data" / "latents" / name, small / name)
+    (small / "manifest.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def train(project: Path, out: Path, publish: Any = None, **overrides: Any) -> tuple[dict[str, Any], Path]:
+    """Run finetune with BASE + overrides into `out` (emptied first, as the runner does)."""
+    shutil.rmtree(out, ignore_errors=True)
+    params = finetune.Params(**{**BASE, **overrides})
+    inputs = Paths(latents=project / "data" / "latents-small", captions=project / "data" / "captions")
+    outputs = Paths(checkpoints=out / "checkpoints", loss=out / "loss")
+    outputs.checkpoints.mkdir(parents=True)
+    env = StageEnv(store=ItemStore(project / ".loraforge" / "store"), state_dir=project / ".loraforge", show_progress=False)
+    if publish is not None:
+        env.publish = publish
+    return finetune.run(params, inputs, outputs, env), out
+
+
+def weights(out: Path, epoch: int = 1, component: str = "unet", sub: str = "") -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / f"epoch-{epoch:04d}" / sub / f"{component}.safetensors"))
+
+
+def tsv(path: Path) -> list[dict[str, str]]:
+    head, *rows = path.read_text().splitlines()
+    return [dict(zip(head.split("\t"), r.split("\t"))) for r in rows]
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def baseline(project, tmp_path_factory) -> Path:
+    """One epoch of plain AdamW: what the options are compared against."""
+    return train(project, tmp_path_factory.mktemp("baseline"))[1]
+
+
+# ---------------------------------------------------------------- 10: divergence guard
+
+
+def test_nan_loss_stops_at_once_naming_step_loss_and_causes(project, tmp_path, monkeypatch):
+    real, calls = finetune.diffusion_loss, {"n": 0}
+
+    def poisoned(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("inf") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(finetune, "diffusion_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"loss is inf at step 1 \(epoch 1\).*`finetune.lr` = 0.0003 too high"):
+        train(project, tmp_path, epochs=2)
+    assert calls["n"] == 2  # stopped at once, not at the end of the epoch
+    assert not list((tmp_path / "checkpoints").rglob("*.safetensors"))
+
+
+def test_guard_names_fp16_and_the_half_vae_and_never_saves_nan_weights(tmp_path):
+    params = finetune.Params(model={"base": "builtin:tiny-sd15"}, mixed_precision="fp16")
+    with pytest.raises(FloatingPointError, match="no half VAE"):
+        finetune.check_finite(torch.tensor(float("nan")), 7, 2, params)
+    finetune.check_finite(torch.tensor(1.0), 7, 2, params)  # finite: no error
+    with pytest.raises(FloatingPointError, match="non-finite weights"):
+        finetune.save_checkpoint(tmp_path / "e", {"unet": {"w": torch.tensor([1.0, float("nan")])}}, torch.float32, {})
+    assert not (tmp_path / "e" / "unet.safetensors").exists()
+
+
+def test_a_nan_latent_is_refused_naming_its_file_and_the_vae(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"latent": torch.tensor([[[float("nan")]]] * 4)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(FloatingPointError, match=r"x\.safetensors has NaN.*no half VAE"):
+        finetune.load_latents([{"path": tmp_path / "x.safetensors"}], 0.18)
+
+
+# ---------------------------------------------------------------- 1: optimizers
+
+
+@pytest.mark.parametrize("name, args, lr", [
+    ("Lion", {}, 3e-5),
+    ("Prodigy", {"decouple": True, "weight_decay": 0.01, "d_coef": 0.8, "use_bias_correction": True,
+                 "safeguard_warmup": True, "betas": [0.9, 0.99]}, 1.0),
+    ("DAdaptAdam", {"decouple": True}, 1.0),
+    ("Adafactor", {}, 3e-4),
+    ("torch.optim.SGD", {"momentum": 0.9}, 1e-2),
+])
+def test_each_optimizer_trains_and_moves_the_weights(project, tmp_path, baseline, name, args, lr):
+    summary, out = train(project, tmp_path, optimizer=name, optimizer_args=args, lr=lr)
+    assert summary["optimizer"] == name and summary["loss_last_epoch"] > 0
+    from loraforge.models import resolve_model, weight_files
+    from loraforge.params import ModelParams
+
+    base = load_file(str(weight_files(resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge"), "unet")[0]))
+    tuned = weights(out)
+    assert all(torch.isfinite(t).all() for t in tuned.values())
+    assert max_diff(tuned, base) > 0 and max_diff(tuned, weights(baseline)) > 0
+    if name in ("Prodigy", "DAdaptAdam"):  # the LR applied is d·lr: d starts at d0 = 1e-6, not lr = 1
+        applied = [float(r["unet"]) for r in tsv(out / "loss" / "lr.tsv")]
+        assert 0 < applied[0] < 1e-3 and applied[-1] >= applied[0]
+
+
+def test_optimizer_errors_name_the_parameter():
+    with pytest.raises(ValueError, match="`finetune.optimizer: AdamW8bit` runs on a CUDA GPU only"):
+        optimizers.optimizer_class("AdamW8bit", "cpu")
+    with pytest.raises(ValueError, match="`finetune.optimizer` = 'Adamw'"):
+        optimizers.optimizer_class("Adamw", "cpu")
+    with pytest.raises(ValueError, match="needs the `nosuchpkg` package"):
+        optimizers.optimizer_class("nosuchpkg.Opt", "cpu")
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="`finetune.optimizer_args`"):
+        optimizers.make_optimizer("AdamW", [{"params": p, "lr": 1.0}], {"d_coef": 0.8}, 0.0, "cpu")
+    assert optimizers.make_optimizer("Lion", [{"params": p, "lr": 1.0}], {"betas": [0.9, 0.99]}, 0.0, "cpu").defaults["betas"] == (0.9, 0.99)
+
+
+def test_adamw8bit_on_cpu_fails_before_any_work(project, tmp_path):
+    with pytest.raises(ValueError, match="AdamW8bit` runs on a CUDA GPU only"):
+        train(project, tmp_path, optimizer="AdamW8bit")
+    assert not (tmp_path / "loss").exists()
+
+
+# ---------------------------------------------------------------- 2: schedules, per-encoder LR, logged LR
+
+
+@pytest.mark.parametrize("name, at_half", [("constant_with_warmup", 1.0), ("linear", 0.5), ("cosine", 0.5),
+                                           ("cosine_with_restarts", 1.0), ("polynomial", 0.5)])
+def test_schedules_warm_up_then_follow_their_curve(name, at_half):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = schedules.make_lr_schedule(name, opt, warmup=10, total=110, num_cycles=2, power=1.0)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(at_half, abs=1e-3)  # halfway through the decay (restarts: start of cycle 2)
+
+
+def test_warmup_as_ratio_and_constant_without_warmup():
+    assert schedules.warmup_steps(0, 0.05, 200) == 10 and schedules.warmup_steps(7, 0.0, 200) == 7
+    with pytest.raises(ValueError, match="lr_warmup_steps` or `finetune.lr_warmup_ratio"):
+        schedules.warmup_steps(7, 0.05, 200)
+    with pytest.raises(ValueError, match="`finetune.lr_scheduler: constant` has no warmup"):
+        finetune.check_settings(finetune.Params(model={}, lr_warmup_steps=3), torch.device("cpu"))
+
+
+def test_applied_lr_per_encoder_is_logged_and_lr_zero_freezes_the_encoder(project, tmp_path):
+    summary, out = train(project, tmp_path / "a", lr_scheduler="linear", lr_warmup_ratio=0.3, text_encoder_lr=1e-4)
+    rows = tsv(out / "loss" / "lr.tsv")
+    unet, te = [float(r["unet"]) for r in rows], [float(r["text_encoder"]) for r in rows]
+    peak = max(range(len(unet)), key=unet.__getitem__)
+    assert unet[0] < unet[peak] == pytest.approx(3e-4) and unet[-1] < unet[peak]  # warm up, then decay
+    assert te[peak] == pytest.approx(1e-4) and all(t / u == pytest.approx(1 / 3) for t, u in zip(te, unet) if u)
+    assert [r["lr"] for r in tsv(out / "loss" / "steps.tsv")] == [r["unet"] for r in rows]
+    assert (out / "checkpoints" / "epoch-0001" / "text_encoder.safetensors").is_file()
+
+    summary, out = train(project, tmp_path / "b", text_encoder_lr=0.0)
+    assert summary["trained"] == ["unet"] and "text_encoder" not in tsv(out / "loss" / "lr.tsv")[0]
+    assert not (out / "checkpoints" / "epoch-0001" / "text_encoder.safetensors").exists()
+
+
+def test_component_lrs_for_two_encoders():
+    p = finetune.Params(model={}, lr=1e-5, train_text_encoder=True, text_encoder_lr=2e-6, text_encoder_2_lr=0.0)
+    assert finetune.component_lrs(p, 2) == {"unet": 1e-5, "text_encoder": 2e-6}
+    p = finetune.Params(model={}, lr=1e-5, train_text_encoder=True)
+    assert finetune.component_lrs(p, 2) == {"unet": 1e-5, "text_encoder": 2.5e-6, "text_encoder_2": 2.5e-6}
+    p = finetune.Params(model={}, lr=1.0, train_text_encoder=True, optimizer="Prodigy", text_encoder_2_lr=0.0)
+    assert finetune.component_lrs(p, 2) == {"unet": 1.0, "text_encoder": 1.0}
+    with pytest.raises(ValueError, match="`finetune.text_encoder_lr` = 0.5: Prodigy needs every LR equal"):
+        finetune.component_lrs(finetune.Params(model={}, lr=1.0, train_text_encoder=True, optimizer="Prodigy", text_encoder_lr=0.5), 1)
+
+
+# ---------------------------------------------------------------- 3: losses and noise
+
+
+def scheduler(prediction_type: str = "epsilon") -> Any:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+
+
+def test_min_snr_and_debiased_weights_match_the_formulas_at_known_timesteps():
+    sch = scheduler()
+    t = torch.tensor([10, 300, 999])
+    a = sch.alphas_cumprod[t]
+    snr = a / (1 - a)
+    assert torch.allclose(losses.snr(sch, t), snr)
+    assert snr[0] > 5 > snr[2]  # the weights clip at t=10, not at t=999
+    eps = losses.loss_weights(snr, False, 5.0, False)
+    v = losses.loss_weights(snr, True, 5.0, False)
+    assert torch.allclose(eps, torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert eps[0] == pytest.approx(5 / snr[0].item()) and eps[2] == pytest.approx(1.0)
+    assert torch.allclose(v, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+    assert torch.allclose(losses.loss_weights(snr, False, 0.0, True), 1 / snr.clamp(max=1000).sqrt())
+
+
+def test_noise_shapes_offset_pyramid_and_huber():
+    lat = torch.randn(2, 4, 16, 16)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    off = losses.offset_noise(lat, g(), 0.1, False, 0.0)
+    assert off.shape == (2, 4, 1, 1)
+    strong = losses.offset_noise(lat + 10, g(), 0.1, False, 1.0)
+    assert (strong.abs() > off.abs()).all()  # adaptive scale grows with |latent mean|
+    rand = losses.offset_noise(lat, g(), 0.1, True, 0.0)
+    assert rand.abs().sum() < off.abs().sum()  # strength × U[0,1)
+    base = torch.randn(2, 4, 16, 16, generator=g())
+    pyr = losses.pyramid_noise(base.clone(), g(), 6, 0.3)
+    assert pyr.std().item() == pytest.approx(1.0, abs=1e-4) and not torch.allclose(pyr, base / base.std())
+    pred, target = torch.zeros(1, 1, 1, 2), torch.tensor([[[[0.01, 3.0]]]])
+    huber = losses.per_sample_loss(pred, target, "huber", 0.1)
+    assert huber.item() < losses.per_sample_loss(pred, target, "l2", 0.1).item()  # linear, not quadratic, in outliers
+
+
+def test_input_perturbation_and_v_target_reach_the_unet():
+    seen: dict[str, torch.Tensor] = {}
+
+    class Unet:
+        def __call__(self, noisy: torch.Tensor, t: torch.Tensor, **kw: Any) -> Any:
+            seen["noisy"], seen["t"] = noisy, t
+            return type("Out", (), {"sample": torch.zeros_like(noisy)})()
+
+    lat = torch.randn(2, 4, 8, 8)
+    sch = scheduler()
+    cond = {"hidden": torch.zeros(2, 77, 8)}
+
+    def run(**kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = losses.diffusion_loss(Unet(), sch, lat, cond, torch.Generator().manual_seed(3), losses.LossSettings(**kw))
+        return loss, seen["noisy"]
+
+    plain_loss, plain_noisy = run()
+    ip_loss, ip_noisy = run(ip_noise_gamma=0.1)
+    assert not torch.allclose(ip_noisy, plain_noisy) and ip_loss == pytest.approx(plain_loss.item())  # same target
+    v_loss, _ = run(v_parameterization=True)
+    assert v_loss.item() != pytest.approx(plain_loss.item())
+
+
+def test_training_with_every_loss_option_on(project, tmp_path, baseline):
+    summary, out = train(project, tmp_path, min_snr_gamma=5.0, loss_type="huber", noise_offset=0.05,
+                         noise_offset_random_strength=True, adaptive_noise_scale=0.01, multires_noise_iterations=6,
+                         multires_noise_discount=0.3, ip_noise_gamma=0.1, debiased_estimation=True)
+    base_loss = [float(r["loss"]) for r in tsv(baseline / "loss" / "steps.tsv")]
+    loss = [float(r["loss"]) for r in tsv(out / "loss" / "steps.tsv")]
+    assert len(loss) == len(base_loss) and all(0 < x < float("inf") for x in loss) and loss != base_loss
+
+
+# ---------------------------------------------------------------- 5: EMA
+
+
+def test_ema_follows_the_decay_formula():
+    lin = torch.nn.Linear(2, 1)
+    w0 = lin.weight.detach().clone()
+    ema = ema_mod.EMA({"m": lin}, 0.9)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update()
+    assert torch.allclose(ema.state_dict("m")["weight"], 0.9 * w0 + 0.1 * (w0 + 1))
+    assert torch.equal(lin.weight, w0 + 1)  # the raw weights are untouched
+    with pytest.raises(ValueError, match="`finetune.ema_decay`"):
+        ema_mod.EMA({"m": lin}, 1.0)
+
+
+def test_ema_weights_are_saved_beside_each_checkpoint_and_lag_the_raw_ones(project, tmp_path, baseline):
+    summary, out = train(project, tmp_path, ema_decay=0.5)
+    raw, avg = weights(out), weights(out, sub="ema")
+    assert summary["ema"] and (out / "checkpoints" / "epoch-0001" / "ema" / "text_encoder.safetensors").is_file()
+    assert max_diff(raw, weights(baseline)) == 0  # EMA does not change training
+    from loraforge.models import resolve_model, weight_files
+    from loraforge.params import ModelParams
+
+    base = load_file(str(weight_files(resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge"), "unet")[0]))
+    moved = [k for k in raw if not torch.equal(raw[k], base[k])]
+    assert moved and max_diff({k: avg[k] for k in moved}, {k: raw[k] for k in moved}) > 0
+    dist = lambda a: sum((a[k] - base[k]).norm().item() for k in moved)  # noqa: E731
+    assert dist(avg) < dist(raw)  # the average lags behind, towards where training started
+
+
+# ---------------------------------------------------------------- 9: exact resume
+
+
+def test_killed_and_resumed_run_matches_the_uninterrupted_one(project, tmp_path, monkeypatch):
+    opts = {"epochs": 2, "resume": "auto", "ema_decay": 0.9, "lr_scheduler": "cosine", "gradient_accumulation": 2,
+            "optimizer": "Prodigy", "lr": 1.0, "caption_dropout_rate": 0.3, "seed": 7}
+    state = project / ".loraforge" / "resume"
+    shutil.rmtree(state, ignore_errors=True)
+    straight, out = train(project, tmp_path / "straight", **opts)
+    want = {k: v.clone() for k, v in weights(out, 2).items()}
+    want_ema = weights(out, 2, sub="ema")
+    want_steps = tsv(out / "loss" / "steps.tsv")
+    shutil.rmtree(state)
+
+    real = resume.save_state
+
+    def killed(folder: Path, epoch: int, *args: Any) -> Path:
+        path = real(folder, epoch, *args)
+        raise KeyboardInterrupt("killed after epoch 1")
+
+    monkeypatch.setattr(resume, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(project, tmp_path / "killed", **opts)
+    monkeypatch.setattr(resume, "save_state", real)
+    assert [p.name for p in state.glob("*/state-*")] == ["state-epoch-0001"]
+
+    again, out = train(project, tmp_path / "killed", **opts)  # outputs emptied again, as DVC does
+    assert again["plan"] == straight["plan"] and again["epochs_saved"] == ["epoch-0001", "epoch-0002"]
+    assert tsv(out / "loss" / "steps.tsv") == want_steps
+    got = weights(out, 2)
+    assert max_diff(got, want) < 1e-6 and max_diff(weights(out, 2, sub="ema"), want_ema) < 1e-6
+    assert (out / "checkpoints" / "epoch-0001" / "unet.safetensors").is_file()  # the epoch before the kill is back
+
+
+def test_resume_needs_the_same_params_and_is_off_by_default(project, tmp_path, capsys):
+    shutil.rmtree(project / ".loraforge" / "resume", ignore_errors=True)
+    train(project, tmp_path / "a")
+    assert not (project / ".loraforge" / "resume").exists()  # `off`: no state written
+    train(project, tmp_path / "b", resume="auto")
+    assert "resumed" not in capsys.readouterr().out
+    train(project, tmp_path / "c", resume="auto")
+    assert "resumed from state-epoch-0001" in capsys.readouterr().out
+    train(project, tmp_path / "d", resume="auto", lr=1e-4)  # other params: a fresh run
+    assert "resumed" not in capsys.readouterr().out
+    assert len(list((project / ".loraforge" / "resume").iterdir())) == 2
+
+
+# ---------------------------------------------------------------- 4: captions at train time
+
+
+def test_caption_shuffle_keeps_the_first_tokens_and_drops_by_rate():
+    s = cap.CaptionSettings(shuffle=True, keep_tokens=1)
+    text = "lfxstyle, red, circle, yellow, background, flat"
+    outs = {cap.train_caption(text, s, random.Random(i), 1) for i in range(20)}
+    assert len(outs) > 5 and all(o.startswith("lfxstyle, ") and sorted(o.split(", ")) == sorted(text.split(", ")) for o in outs)
+    assert cap.train_caption(text, s, random.Random(3), 1) == cap.train_caption(text, s, random.Random(3), 1)
+    drop = cap.CaptionSettings(tag_dropout_rate=0.5, keep_tokens=1)
+    kept = [cap.train_caption(text, drop, random.Random(i), 1).split(", ") for i in range(200)]
+    assert all(k[0] == "lfxstyle" for k in kept) and 1.5 < sum(len(k) - 1 for k in kept) / 200 < 3.5  # 5 tags × 0.5
+    rate = cap.CaptionSettings(dropout_rate=0.25)
+    assert 30 < sum(cap.train_caption(text, rate, random.Random(i), 1) == "" for i in range(200)) < 70
+    every = cap.CaptionSettings(dropout_every_n_epochs=2)
+    assert cap.train_caption(text, every, random.Random(0), 2) == "" and cap.train_caption(text, every, random.Random(0), 3) == text
+    assert every.randomised and not cap.CaptionSettings(keep_tokens=1).randomised
+
+
+def test_training_sees_the_augmented_captions(project, tmp_path, monkeypatch):
+    seen: list[str] = []
+    real = finetune.conditioning
+
+    def spy(arch: str, encode: Any, batch: Any, captions: list[str], device: Any) -> Any:
+        seen.extend(captions)
+        return real(arch, encode, batch, captions, device)
+
+    monkeypatch.setattr(finetune, "conditioning", spy)
+    train(project, tmp_path, caption_dropout_every_n_epochs=2, epochs=2)
+    per_epoch = len(seen) // 2
+    assert all(c for c in seen[:per_epoch]) and not any(seen[per_epoch:])  # epoch 2 trains without captions
+
+
+def test_frozen_encoders_read_text_outputs_from_the_item_store(project, tmp_path):
+    first, out1 = train(project, tmp_path / "a", train_text_encoder=False, seed=11)
+    again, out2 = train(project, tmp_path / "b", train_text_encoder=False, seed=11)
+    assert first["text_cache"]["hits"] + first["text_cache"]["misses"] == first["plan"]["examples_per_epoch"]
+    assert again["text_cache"] == {"hits": first["plan"]["examples_per_epoch"], "misses": 0}
+    assert tsv(out1 / "loss" / "steps.tsv") == tsv(out2 / "loss" / "steps.tsv")  # cached = live outputs
+    by_id = {r["id"]: r["caption"] for r in map(json.loads, (project / "data" / "captions" / "manifest.jsonl").read_text().splitlines())}
+    used = {by_id[json.loads(r)["id"]] for r in (project / "data" / "latents-small" / "manifest.jsonl").read_text().splitlines()}
+    assert len(list((project / ".loraforge" / "store" / "text-embedding").rglob("*.safetensors"))) == len(used)
+    trained, _ = train(project, tmp_path / "c")  # encoders trained: no cache
+    shuffled, _ = train(project, tmp_path / "d", train_text_encoder=False, shuffle_caption=True)  # randomised: no cache
+    assert trained["text_cache"] is None and shuffled["text_cache"] is None
+
+
+# ---------------------------------------------------------------- 12: progress
+
+
+def test_progress_and_the_epoch_loss_table_are_published_as_training_goes(project, tmp_path):
+    rec = Recorder()
+    summary, _ = train(project, tmp_path, publish=rec, epochs=2)
+    assert rec.progress_values[-1] == pytest.approx(1.0) and rec.progress_values == sorted(rec.progress_values)
+    assert len(rec.progress_values) == summary["plan"]["steps"]
+    loss_tables = [rows for key, rows in rec.tables if key == "epoch-loss"]
+    assert [len(rows) for rows in loss_tables] == [1, 2]  # updated after every epoch
+
+
+# ---------------------------------------------------------------- 7: direct LoRA
+
+
+def test_direct_lora_trains_only_adapters_and_saves_a_kohya_file(project, tmp_path):
+    from loraforge.lora import load_lora
+
+    summary, out = train(project, tmp_path, mode="lora", network_dim=4, network_alpha=2.0, conv_dim=2, conv_alpha=1.0,
+                         network_dropout=0.1, rank_dropout=0.1, module_dropout=0.1, lr=1e-3, ema_decay=0.5)
+    folder = out / "checkpoints" / "epoch-0001"
+    assert sorted(p.name for p in folder.iterdir()) == ["ema", "lora.safetensors", "meta.json"]  # no full weights
+    tensors, meta = load_lora(folder / "lora.safetensors")
+    assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
+    ranks = {k: t.shape[0] for k, t in tensors.items() if k.endswith(".lora_down.weight")}
+    conv = [k for k, t in tensors.items() if k.endswith(".lora_down.weight") and t.dim() == 4 and t.shape[-1] == 3]
+    assert conv and all(ranks[k] == 2 for k in conv) and {ranks[k] for k in ranks if k not in conv} == {4}
+    assert all(float(tensors[k]) == 2.0 for k in tensors if k.endswith(".alpha"))  # one alpha per file
+    assert any(tensors[k].abs().max() > 0 for k in tensors if k.endswith(".lora_up.weight"))  # up started at 0 and moved
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0" and meta["ss_epoch"] == "1"
+    ema_tensors, _ = load_lora(folder / "ema" / "lora.safetensors")
+    assert ema_tensors.keys() == tensors.keys() and any(not torch.equal(ema_tensors[k], tensors[k]) for k in tensors)
+
+
+def test_direct_lora_loads_in_diffusers_and_changes_the_output(project, tmp_path):
+    from loraforge.models import load_pipeline, resolve_model
+    from loraforge.params import ModelParams
+
+    _, out = train(project, tmp_path, mode="lora", network_dim=4, network_alpha=4.0, lr=1e-2, train_text_encoder=False)
+    pipe = load_pipeline(resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge"), torch.device("cpu"))
+
+    def image() -> torch.Tensor:
+        return torch.from_numpy(pipe("lfxstyle", num_inference_steps=2, width=64, height=64, output_type="np",
+                                     generator=torch.Generator().manual_seed(0)).images)
+
+    base = image()
+    pipe.load_lora_weights(str(out / "checkpoints" / "epoch-0001"), weight_name="lora.safetensors")
+    assert (image() - base).abs().max() > 1e-4
+
+
+def test_scale_weight_norms_caps_every_update(project, tmp_path):
+    from loraforge.training import lora_net
+
+    lin = torch.nn.Linear(8, 8)
+    net = lora_net.LoRANetwork(torch.nn.Sequential(lin), {"0": "lora_unet_x"}, 4, 4.0, 0, 1.0)
+    torch.nn.init.normal_(net.layers["lora_unet_x"].up.weight, std=10.0)
+    x = torch.randn(3, 8)
+    assert not torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))  # forward is patched
+    scaled, mean = lora_net.scale_weight_norms([net], 1.0)
+    assert scaled == 1 and mean > 1 and net.layers["lora_unet_x"].delta().norm().item() == pytest.approx(1.0, rel=1e-4)
+    summary, out = train(project, tmp_path, mode="lora", lr=5e-2, scale_weight_norms=0.05, network_dim=4, network_alpha=4.0)
+    rows = tsv(out / "loss" / "steps.tsv")
+    assert int(rows[-1]["keys_scaled"]) > 0
+    tensors = load_file(str(out / "checkpoints" / "epoch-0001" / "lora.safetensors"))
+    for k in (k for k in tensors if k.endswith(".lora_down.weight")):
+        up = tensors[k.replace("lora_down", "lora_up")].flatten(1)
+        assert (up @ tensors[k].flatten(1)).norm().item() <= 0.05 * 1.001  # alpha/rank = 1
+    with pytest.raises(ValueError, match="`finetune.scale_weight_norms` applies to `finetune.mode: lora` only"):
+        finetune.check_settings(finetune.Params(model={}, scale_weight_norms=1.0), torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- 8: speed
+
+
+def test_prefetch_yields_every_batch_in_order_and_reraises_errors():
+    loaded: list[int] = []
+
+    def load(batch: list[int]) -> int:
+        loaded.append(batch[0])
+        if batch[0] == 3:
+            raise FloatingPointError("bad latent 3")
+        return batch[0] * 10
+
+    assert list(finetune.prefetch([[1], [2]], load)) == [([1], 10), ([2], 20)]
+    gen = finetune.prefetch([[1], [3]], load)
+    assert next(gen) == ([1], 10)
+    with pytest.raises(FloatingPointError, match="bad latent 3"):
+        next(gen)
+
+
+def test_channels_last_trains_with_the_unet_in_channels_last(project, tmp_path, baseline, monkeypatch):
+    seen: list[bool] = []
+    real = finetune.diffusion_loss
+
+    def spy(unet: Any, scheduler: Any, latents: torch.Tensor, *args: Any) -> torch.Tensor:
+        conv = unet.conv_in.weight
+        seen.append(conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous())
+        return real(unet, scheduler, latents, *args)
+
+    monkeypatch.setattr(finetune, "diffusion_loss", spy)
+    _, out = train(project, tmp_path, channels_last=True)
+    assert seen and all(seen)
+    assert max_diff(weights(out), weights(baseline)) < 1e-4  # same training, another memory layout
+
+
+# ---------------------------------------------------------------- 6: prior preservation
+
+
+def test_class_images_are_generated_once_cached_and_mixed_in_by_weight(project, tmp_path, baseline, monkeypatch):
+    from loraforge.training import prior
+
+    assert prior.class_image_count(None, 5, True) == 500 and prior.class_image_count(None, 5, False) == 1000  # 002 guide
+    opts = {"class_prompt": "a shape", "num_class_images": 2, "class_inference_steps": 2}
+    _, out = train(project, tmp_path / "a", prior_loss_weight=1.0, **opts)
+    cached = sorted((project / ".loraforge" / "store" / "class-latent").rglob("*.safetensors"))
+    assert len(cached) == 2 and load_file(str(cached[0]))["latent"].shape == (4, 16, 16)  # 128 px / 8
+    with_prior = [float(r["loss"]) for r in tsv(out / "loss" / "steps.tsv")]
+    plain = [float(r["loss"]) for r in tsv(baseline / "loss" / "steps.tsv")]
+    assert all(p > q for p, q in zip(with_prior, plain))  # instance + class loss, first step on equal weights
+
+    import loraforge.models as models
+
+    monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("class images must come from the cache"))
+    _, out = train(project, tmp_path / "b", prior_loss_weight=0.0, **opts)
+    assert [float(r["loss"]) for r in tsv(out / "loss" / "steps.tsv")] == plain  # weight 0: the instance loss alone
