@@ -22,6 +22,22 @@ FAST_PARAMS: dict[str, dict[str, Any]] = {
 }
 
 
+class RecordingPublisher:
+    """Keeps the tables a stage publishes (stands in for the Prefect publisher)."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, list[dict[str, Any]]] = {}
+
+    def table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
+        self.tables[key] = rows
+
+    def markdown(self, key: str, text: str, description: str = "") -> None:
+        pass
+
+    def progress(self, fraction: float, description: str = "") -> None:
+        pass
+
+
 def env_with_venv() -> dict[str, str]:
     """The environment with this interpreter's bin folder first (so dvc finds `loraforge`)."""
     bin_dir = str(Path(sys.executable).parent)

@@ -21,25 +21,10 @@ from loraforge.spec import load_pipeline
 from loraforge.store import ItemStore
 from stages import ingest as ingest_stage
 from stages.caption import Params, caption_from_filename, choose_caption, count_tokens, insert_trigger, run
+from tests.helpers import RecordingPublisher
 
 MODEL = ModelParams(base="builtin:tiny-sdxl", device="cpu")
 MANIFEST_KEYS = ["id", "caption", "caption_source", "tokens", "trigger", "source"]
-
-
-class RecordingPublisher:
-    """Keeps what the stage publishes."""
-
-    def __init__(self) -> None:
-        self.tables: dict[str, list[dict[str, Any]]] = {}
-
-    def table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
-        self.tables[key] = rows
-
-    def markdown(self, key: str, text: str, description: str = "") -> None:
-        pass
-
-    def progress(self, fraction: float, description: str = "") -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

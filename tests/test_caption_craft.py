@@ -14,24 +14,9 @@ from loraforge.params import ModelParams
 from loraforge.runner import Paths, StageEnv
 from loraforge.store import ItemStore
 from stages.caption import Params, insert_trigger, normalize_tag, remove_tags, run, tag_frequency
+from tests.helpers import RecordingPublisher
 
 MODEL = ModelParams(base="builtin:tiny-sdxl", device="cpu")
-
-
-class RecordingPublisher:
-    """Keeps what the stage publishes."""
-
-    def __init__(self) -> None:
-        self.tables: dict[str, list[dict[str, Any]]] = {}
-
-    def table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
-        self.tables[key] = rows
-
-    def markdown(self, key: str, text: str, description: str = "") -> None:
-        pass
-
-    def progress(self, fraction: float, description: str = "") -> None:
-        pass
 
 
 @pytest.fixture(scope="module")

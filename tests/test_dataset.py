@@ -18,27 +18,12 @@ from loraforge.params import DatasetParams, TileParams
 from loraforge.runner import Paths, StageEnv
 from loraforge.store import ItemStore
 from stages.ingest import Params, run
+from tests.helpers import RecordingPublisher
 
 # The 000 guide's worked example: "Image - White% / Black%: 1 - 30% / 70%, 2 - 5% / 95%,
 # 3 - 40% / 60%, 4 - 55% / 45%, 5 - 15% / 85%" → "29%W | 71%B"; removing images 2 and 5 gives
 # "(30 + 40 + 55) / 3 = 41% white | ... = 59% black" (41.7 / 58.3, the guide rounds).
 GUIDE_SHARES = [0.30, 0.05, 0.40, 0.55, 0.15]
-
-
-class RecordingPublisher:
-    """Keeps what the stage publishes."""
-
-    def __init__(self) -> None:
-        self.tables: dict[str, list[dict[str, Any]]] = {}
-
-    def table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
-        self.tables[key] = rows
-
-    def markdown(self, key: str, text: str, description: str = "") -> None:
-        pass
-
-    def progress(self, fraction: float, description: str = "") -> None:
-        pass
 
 
 def noise_with_white_share(share: float, size: int = 40, seed: int = 0) -> Image.Image:

@@ -19,24 +19,9 @@ from loraforge.params import DatasetParams
 from loraforge.runner import Paths, StageEnv, run_stage
 from loraforge.store import ItemStore
 from stages.ingest import Params, folder_convention, run
+from tests.helpers import RecordingPublisher
 
 MANIFEST_KEYS = ["id", "file", "source", "width", "height", "repeats", "class_token", "caption", "caption_source", "pixel_hash", "tile"]
-
-
-class RecordingPublisher:
-    """Keeps what the stage publishes."""
-
-    def __init__(self) -> None:
-        self.tables: dict[str, list[dict[str, Any]]] = {}
-
-    def table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
-        self.tables[key] = rows
-
-    def markdown(self, key: str, text: str, description: str = "") -> None:
-        pass
-
-    def progress(self, fraction: float, description: str = "") -> None:
-        pass
 
 
 def picture(path: Path, size: tuple[int, int] = (24, 16), seed: int = 0, **save: Any) -> Image.Image:
