@@ -5,6 +5,7 @@ real with the option on and checks its effect. Data (ingest..latents) is prepare
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -63,11 +64,12 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
-def train(project: Path, out: Path, publish: Any = None, **overrides: Any) -> tuple[dict[str, Any], Path]:
-    """Run finetune with BASE + overrides into `out` (emptied first, as the runner does)."""
+def train(project: Path, out: Path, publish: Any = None, latents: Path | None = None, **overrides: Any) -> tuple[dict[str, Any], Path]:
+    """Run finetune with BASE + overrides into `out` (emptied first, as the runner does), on
+    `latents` (default: the 6-latent subset)."""
     shutil.rmtree(out, ignore_errors=True)
     params = finetune.Params(**{**BASE, **overrides})
-    inputs = Paths(latents=project / "data" / "latents-small", captions=project / "data" / "captions")
+    inputs = Paths(latents=latents or project / "data" / "latents-small", captions=project / "data" / "captions")
     outputs = Paths(checkpoints=out / "checkpoints", loss=out / "loss")
     outputs.checkpoints.mkdir(parents=True)
     env = StageEnv(store=ItemStore(project / ".loraforge" / "store"), state_dir=project / ".loraforge", show_progress=False)
@@ -550,3 +552,77 @@ def test_class_images_are_generated_once_cached_and_mixed_in_by_weight(project, 
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("class images must come from the cache"))
     _, out = train(project, tmp_path / "b", prior_loss_weight=0.0, **opts)
     assert [float(r["loss"]) for r in tsv(out / "loss" / "steps.tsv")] == plain  # weight 0: the instance loss alone
+
+
+def test_reg_images_are_encoded_once_through_the_store_and_mixed_in_by_weight(project, tmp_path, baseline):
+    from PIL import Image
+
+    from loraforge.training import prior
+
+    folder = project / "reg" / "1_plain_shape"  # a kohya-style name: caption "plain shape"
+    folder.mkdir(parents=True)
+    for i, size in enumerate([(128, 128), (96, 160), (200, 120)]):  # three buckets
+        Image.new("RGB", size, (40 * i, 200 - 50 * i, 90)).save(folder / f"r{i}.png")
+    (folder / "r1.txt").write_text("a tall shape\n")
+    assert [prior.reg_caption(folder / f"r{i}.png") for i in range(3)] == ["plain shape", "a tall shape", "plain shape"]
+
+    summary, out = train(project, tmp_path / "a", prior_loss_weight=1.0, reg_images="reg/1_plain_shape")
+    assert summary["class_images"] == {"count": 3, "encoded": 3}
+    assert len(list((project / ".loraforge" / "store" / "reg-latent").rglob("*.safetensors"))) == 3
+    with_prior = [float(r["loss"]) for r in tsv(out / "loss" / "steps.tsv")]
+    plain = [float(r["loss"]) for r in tsv(baseline / "loss" / "steps.tsv")]
+    assert with_prior[0] > plain[0]  # instance + class loss, on equal weights
+
+    summary, out = train(project, tmp_path / "b", prior_loss_weight=0.0, reg_images="reg/1_plain_shape")
+    assert summary["class_images"] == {"count": 3, "encoded": 0}  # all from the store
+    assert [float(r["loss"]) for r in tsv(out / "loss" / "steps.tsv")] == plain  # weight 0: the instance loss alone
+
+
+def test_reg_images_errors_name_the_keys(project, tmp_path):
+    with pytest.raises(ValueError, match="`finetune.class_prompt`.*`finetune.reg_images`.*not both"):
+        finetune.Params(**BASE, class_prompt="a shape", reg_images="reg")
+    with pytest.raises(ValueError, match="`finetune.reg_images` folder .*nowhere does not exist"):
+        train(project, tmp_path, reg_images="nowhere")
+
+
+# ---------------------------------------------------------------- scale: torch.compile
+
+
+def test_compiled_unet_trains_and_saves_plain_key_names(project, tmp_path):
+    if "inductor" not in torch._dynamo.list_backends():
+        pytest.skip(f"torch._dynamo has no inductor backend (available: {torch._dynamo.list_backends()})")
+    # two latents of one bucket, two epochs: two steps on one shape, so inductor compiles once
+    small = project / "data" / "latents-small"
+    rows = [json.dumps({**json.loads(r), "repeats": 1}) for r in (small / "manifest.jsonl").read_text().splitlines()
+            if json.loads(r)["bucket"] == [96, 160]][:2]
+    one_bucket = tmp_path / "latents"
+    one_bucket.mkdir()
+    for row in rows:
+        shutil.copy(small / json.loads(row)["file"], one_bucket / json.loads(row)["file"])
+    (one_bucket / "manifest.jsonl").write_text("\n".join(rows) + "\n")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    summary, out = train(project, tmp_path / "out", latents=one_bucket, compile=True, train_text_encoder=False, epochs=2)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the UNet really ran compiled
+    losses = [float(r["loss"]) for r in tsv(out / "loss" / "steps.tsv")]
+    assert len(losses) == summary["plan"]["steps"] == 2 and all(map(math.isfinite, losses))
+    keys = list(weights(out, epoch=2))
+    assert "conv_in.weight" in keys and not any("_orig_mod" in k for k in keys)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- scale: data parallel processes
+
+
+@pytest.mark.parametrize("mode, saved", [("full", "unet.safetensors"), ("lora", "lora.safetensors")])
+def test_two_processes_share_the_batches_and_save_once(project, tmp_path, mode, saved):
+    summary, out = train(project, tmp_path, num_processes=2, epochs=2, train_text_encoder=False, mode=mode)
+    one = finetune.plan(finetune.load_examples(project / "data" / "latents-small", project / "data" / "captions", 1),
+                        finetune.Params(**{**BASE, "epochs": 2}))
+    assert summary["processes"] == 2
+    assert summary["plan"]["steps_per_epoch"] == -(-one["steps_per_epoch"] // 2)  # each process: half the batches
+    assert summary["optimizer_steps_taken"] == summary["plan"]["optimizer_steps"]
+    losses = [float(r["loss"]) for r in tsv(out / "loss" / "steps.tsv")]
+    assert len(losses) == summary["plan"]["steps"] and all(map(math.isfinite, losses))
+    files = sorted(p.relative_to(out / "checkpoints").as_posix() for p in (out / "checkpoints").rglob("*.safetensors"))
+    assert files == [f"epoch-0001/{saved}", f"epoch-0002/{saved}"]  # the first process alone saves

@@ -5,18 +5,31 @@ class ("woman") keeps what the base model knew while the token learns the concep
 Class images are generated once, at the model's native resolution, as UNet-space latents
 (`output_type="latent"`: no VAE round trip), and cached in the item store by prompt, seed,
 sampler steps, resolution and the base model's weight hashes.
+
+Or the class images come from a folder the user keeps (`finetune.reg_images`, kohya's
+"regularisation images"): each image goes to its aspect-ratio bucket, is resized and cropped, and
+VAE-encoded once into the item store (key: image bytes + bucket + VAE weight hash + format
+version), with the latents stage's own helpers. Its caption is the sidecar `<stem>.txt`, else the
+folder's name less a kohya `N_` repeats prefix (`reg/1_woman` -> "woman").
+
+Either way a class example is a dict: `latent` (4, h, w) already × scaling_factor, `caption`,
+`bucket` [w, h], `original_size` [h, w], `crop_top_left` [top, left].
 """
 
 from __future__ import annotations
 
+import re
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from loraforge.fingerprint import item_key
+from loraforge.fingerprint import hash_bytes, item_key
 
 VERSION = 1
+REG_VERSION = 1
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def class_image_count(requested: int | None, images: int, train_text_encoder: bool) -> int:
@@ -31,8 +44,8 @@ def class_image_count(requested: int | None, images: int, train_text_encoder: bo
     return requested if requested is not None else images * (100 if train_text_encoder else 200)
 
 
-def class_latents(info: Any, prompt: str, count: int, seed: int, steps: int, store: Any, state_dir: Path, device: torch.device) -> list[torch.Tensor]:
-    """`count` class latents (4, h, w) for `prompt`; generated with the base model only on a cache miss.
+def class_latents(info: Any, prompt: str, count: int, seed: int, steps: int, store: Any, state_dir: Path, device: torch.device) -> list[dict[str, Any]]:
+    """`count` class examples for `prompt` (see the module doc); generated with the base model only on a cache miss.
 
     Args:
         info: the resolved base model.
@@ -60,20 +73,93 @@ def class_latents(info: Any, prompt: str, count: int, seed: int, steps: int, sto
             latent = pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=gen, output_type="latent").images[0]
             entry = {"latent": latent.float().cpu().contiguous()}  # (4, h, w), already × scaling_factor
             path = store.put("class-latent", key, ".safetensors", lambda p: save_file(entry, str(p)))
-        out.append(load_file(str(path))["latent"])
+        out.append({"latent": load_file(str(path))["latent"], "caption": prompt, "bucket": [size, size],
+                    "original_size": [size, size], "crop_top_left": [0, 0]})
     return out
 
 
-def class_batch(latents: list[torch.Tensor], prompt: str, size: int, step: int, batch_size: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-    """The step's class batch: (B, 4, h, w) latents taken in turn, and example dicts for conditioning.
+def reg_caption(image: Path) -> str:
+    """A regularisation image's caption: its sidecar `<stem>.txt`, else the folder's name without a
+    kohya `N_` repeats prefix.
 
     Args:
-        latents: from `class_latents`.
-        prompt: the class prompt (every class example's caption).
-        size: the class images' side in pixels (SDXL time ids).
+        image: the image file.
+    """
+    sidecar = image.with_suffix(".txt")
+    if sidecar.is_file():
+        return sidecar.read_text().strip()
+    return re.sub(r"^\d+_", "", image.parent.name).replace("_", " ")
+
+
+def reg_image_files(folder: Path) -> list[Path]:
+    """The images in `folder` (not recursive), sorted; a missing or empty folder is an error.
+
+    Args:
+        folder: the `finetune.reg_images` folder, resolved.
+    """
+    if not folder.is_dir():
+        raise ValueError(f"`finetune.reg_images` folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"`finetune.reg_images` folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def reg_latents(info: Any, folder: Path, store: Any, state_dir: Path, device: torch.device) -> tuple[list[dict[str, Any]], int]:
+    """Class examples from a folder of regularisation images, VAE-encoded only on a cache miss.
+
+    Returns the examples (see the module doc) and how many images were encoded now.
+
+    Args:
+        info: the resolved base model.
+        folder: the `finetune.reg_images` folder, resolved.
+        store: the item store.
+        state_dir: loraforge's private folder (weight-hash cache).
+        device: where to encode.
+    """
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from loraforge.images import resize_cover_crop
+    from loraforge.models import component_hash, load_vae
+    from stages.latents import encode_batch, make_buckets, select_bucket
+
+    res, step = info.native_resolution, 64  # the latents stage's defaults
+    buckets = make_buckets(res, step, max(step, res // 2), 2 * res)
+    vae_hash, items = component_hash(info, "vae", state_dir), []
+    for path in reg_image_files(folder):
+        with Image.open(path) as img:
+            bucket = select_bucket(img.width, img.height, buckets, res, step)
+        key = item_key("reg-latent", REG_VERSION, image=hash_bytes(path.read_bytes()), bucket=bucket, vae=vae_hash)
+        items.append({"path": path, "bucket": bucket, "key": key})
+    pending = [it for it in items if store.get("reg-latent", it["key"], ".safetensors") is None]
+    vae = load_vae(info, device, torch.float32) if pending else None  # float32: SDXL's VAE overflows in fp16
+    for it in pending:
+        with Image.open(it["path"]) as img:
+            crop, top_left, original = resize_cover_crop(img.convert("RGB"), *it["bucket"])
+        latent = encode_batch(vae, [crop], [False], torch.float32)[0]  # (4, h/8, w/8), unscaled
+        entry = {"latent": latent.contiguous(), "original_size": torch.tensor(original), "crop_top_left": torch.tensor(top_left)}
+        store.put("reg-latent", it["key"], ".safetensors", lambda p, e=entry: save_file(e, str(p)))
+    out = []
+    for it in items:
+        entry = load_file(str(store.get("reg-latent", it["key"], ".safetensors")))
+        out.append({"latent": entry["latent"] * info.scaling_factor, "caption": reg_caption(it["path"]), "bucket": list(it["bucket"]),
+                    "original_size": entry["original_size"].tolist(), "crop_top_left": entry["crop_top_left"].tolist()})
+    return out, len(pending)
+
+
+def class_batch(examples: list[dict[str, Any]], step: int, batch_size: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """The step's class batch: (B, 4, h, w) latents taken in turn from the bucket of the step's
+    first pick (latents must stack), and their example dicts for conditioning.
+
+    Args:
+        examples: from `class_latents` or `reg_latents`.
         step: the global step (which class images come next).
         batch_size: B.
     """
-    picks = [latents[(step * batch_size + k) % len(latents)] for k in range(batch_size)]
-    example = {"caption": prompt, "bucket": [size, size], "original_size": [size, size], "crop_top_left": [0, 0]}
-    return torch.stack(picks), [example] * batch_size
+    by_bucket: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for e in examples:
+        by_bucket[tuple(e["bucket"])].append(e)
+    group = by_bucket[tuple(examples[(step * batch_size) % len(examples)]["bucket"])]
+    picks = [group[(step * batch_size + k) % len(group)] for k in range(batch_size)]
+    return torch.stack([e["latent"] for e in picks]), picks
