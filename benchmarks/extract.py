@@ -121,26 +121,7 @@ def speed(dim: int, device: str, conv: bool) -> dict[str, float]:
     return {"ratio": totals["full_s"] / totals["lowrank_s"], "full_err": full_err, "lowrank_err": low_err}
 
 
-MEMORY_SCRIPT = """
-import json, sys
-from pathlib import Path
-import torch
-from loraforge.lora_io import ExtractSettings, extract_component
-
-def status(field):  # bytes, from this process's own memory map (ru_maxrss would carry the parent's peak over exec)
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-
-torch.linalg.svd(torch.randn(64, 64)); torch.svd_lowrank(torch.randn(300, 300), q=20)  # load LAPACK first
-before = status("VmRSS")
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-tensors, _ = extract_component("sd15", "unet", [Path(sys.argv[1])], [Path(sys.argv[2])],
-                               ExtractSettings(dim=int(sys.argv[3]), svd="lowrank", save_dtype="float16"), log=lambda s: None)
-peak = status("VmHWM")
-print(json.dumps({"growth": peak - before, "before": before, "layers": len(tensors) // 3,
-                  "lora_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}))
-"""
+from tests.helpers import MEMORY_SCRIPT  # noqa: E402  (the same child script the memory test runs)
 
 
 def write_model(path: Path, megabytes: int, seed: int) -> int:

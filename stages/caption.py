@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator

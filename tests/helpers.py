@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import textwrap
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -36,6 +40,70 @@ class RecordingPublisher:
 
     def progress(self, fraction: float, description: str = "") -> None:
         pass
+
+
+@contextlib.contextmanager
+def captured_messages() -> Iterator[list[str]]:
+    """Collect warnings and WARNING+ log records of diffusers, transformers and peft."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages += [str(w.message) for w in caught]
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+def run_ingest(source: Path, work: Path, publish: Any = None, **params: Any) -> tuple[dict[str, Any], Path]:
+    """Run the ingest stage as the runner would: fresh output folder, a store that persists in `work`."""
+    from loraforge.runner import Paths, StageEnv
+    from loraforge.store import ItemStore
+    from stages import ingest as ingest_stage
+
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = StageEnv(store=ItemStore(work / "store"), state_dir=work / "state", show_progress=False)
+    if publish is not None:
+        env.publish = publish
+    summary = ingest_stage.run(ingest_stage.Params(source=str(source), **params), Paths(source=source), Paths(images=out), env)
+    return summary, out
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from loraforge.lora_io import ExtractSettings, extract_component
+
+    def status(field):  # bytes, from this process's own memory map (ru_maxrss would carry the parent's peak over exec)
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+    torch.linalg.svd(torch.randn(64, 64)); torch.svd_lowrank(torch.randn(300, 300), q=20)  # load LAPACK first
+    before = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+    tensors, _ = extract_component("sd15", "unet", [Path(sys.argv[1])], [Path(sys.argv[2])],
+                                   ExtractSettings(dim=int(sys.argv[3]), svd="lowrank", save_dtype="float16"), log=lambda s: None)
+    peak = status("VmHWM")
+    print(json.dumps({"growth": peak - before, "before": before, "layers": len(tensors) // 3,
+                      "lora_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}))
+    """
+)
+
 
 
 def env_with_venv() -> dict[str, str]:

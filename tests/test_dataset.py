@@ -4,9 +4,7 @@ example, precision tiling, quality gates (resolution, near-duplicates, blur), an
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -15,10 +13,8 @@ from PIL import Image, ImageFilter
 from loraforge import dataset as craft
 from loraforge.images import read_jsonl
 from loraforge.params import DatasetParams, TileParams
-from loraforge.runner import Paths, StageEnv
-from loraforge.store import ItemStore
-from stages.ingest import Params, run
 from tests.helpers import RecordingPublisher
+from tests.helpers import run_ingest as ingest
 
 # The 000 guide's worked example: "Image - White% / Black%: 1 - 30% / 70%, 2 - 5% / 95%,
 # 3 - 40% / 60%, 4 - 55% / 45%, 5 - 15% / 85%" → "29%W | 71%B"; removing images 2 and 5 gives
@@ -38,17 +34,6 @@ def noise_with_white_share(share: float, size: int = 40, seed: int = 0) -> Image
 
 def noise(size: tuple[int, int], seed: int, low: int = 0, high: int = 256) -> np.ndarray:
     return np.random.default_rng(seed).integers(low, high, (size[1], size[0], 3), dtype=np.uint8)
-
-
-def ingest(source: Path, work: Path, publish: Any = None, **params: Any) -> tuple[dict[str, Any], Path]:
-    out = work / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    env = StageEnv(store=ItemStore(work / "store"), state_dir=work / "state", show_progress=False)
-    if publish is not None:
-        env.publish = publish
-    summary = run(Params(source=str(source), **params), Paths(source=source), Paths(images=out), env)
-    return summary, out
 
 
 # ---------------------------------------------------------------- DSB

@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save, save_file
 
 from loraforge import lora as L
 from loraforge import tiny
 from loraforge.lora_cli import add_extract_command, add_resize_command
 from loraforge.lora_io import WeightReader, open_source
-from tests.helpers import REPO, env_with_venv, make_project, set_params
+from tests.helpers import MEMORY_SCRIPT, REPO, captured_messages, env_with_venv, make_project, set_params
 
 ARCHS = ["tiny-sd15", "tiny-sdxl"]
 ENCODERS = {"tiny-sd15": ["text_encoder"], "tiny-sdxl": ["text_encoder", "text_encoder_2"]}
@@ -93,27 +93,8 @@ def _images(pipe: Any) -> torch.Tensor:
 
 def _load_messages(pipe: Any, path: Path) -> list[str]:
     """Warnings and WARNING+ log lines of diffusers/transformers/peft while loading `path`."""
-    import logging
-    import warnings
-
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler = Collect(level=logging.WARNING)
-    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(path), adapter_name="style")  # not "x": transformers counts keys containing the adapter name as adapter keys
-        messages += [str(w.message) for w in caught]
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
+    with captured_messages() as messages:
+        pipe.load_lora_weights(str(path), adapter_name="style")  # not "x": transformers counts keys containing the adapter name as adapter keys
     return [m for m in messages if any(w in m.lower() for w in BAD_WORDS)]
 
 
@@ -360,28 +341,6 @@ def test_lowrank_svd_matches_full_on_low_rank_plus_noise() -> None:
 # Bounded memory (small here; benchmarks/extract.py measures a few hundred MB)
 # --------------------------------------------------------------------------------------------
 
-MEMORY_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from pathlib import Path
-    import torch
-    from loraforge.lora_io import ExtractSettings, extract_component
-
-    def status(field):  # bytes, from this process's own memory map (ru_maxrss would carry the parent's peak over exec)
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-
-    torch.linalg.svd(torch.randn(64, 64)); torch.svd_lowrank(torch.randn(300, 300), q=20)  # load LAPACK first
-    before = status("VmRSS")
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-    tensors, _ = extract_component("sd15", "unet", [Path(sys.argv[1])], [Path(sys.argv[2])],
-                                   ExtractSettings(dim=int(sys.argv[3]), svd="lowrank", save_dtype="float16"), log=lambda s: None)
-    peak = status("VmHWM")
-    print(json.dumps({"growth": peak - before, "before": before, "layers": len(tensors) // 3,
-                      "lora_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}))
-    """
-)
 
 
 def synthetic_unet(path: Path, layers: int, width: int, seed: int) -> int:

@@ -350,7 +350,7 @@ def test_killed_and_resumed_run_matches_the_uninterrupted_one(project, tmp_path,
     real = resume.save_state
 
     def killed(folder: Path, epoch: int, *args: Any) -> Path:
-        path = real(folder, epoch, *args)
+        real(folder, epoch, *args)  # the state is on disk, then the process "dies"
         raise KeyboardInterrupt("killed after epoch 1")
 
     monkeypatch.setattr(resume, "save_state", killed)

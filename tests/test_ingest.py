@@ -16,10 +16,10 @@ from PIL import Image
 
 from loraforge.images import read_jsonl
 from loraforge.params import DatasetParams
-from loraforge.runner import Paths, StageEnv, run_stage
-from loraforge.store import ItemStore
-from stages.ingest import Params, folder_convention, run
+from loraforge.runner import run_stage
+from stages.ingest import Params, folder_convention
 from tests.helpers import RecordingPublisher
+from tests.helpers import run_ingest as ingest
 
 MANIFEST_KEYS = ["id", "file", "source", "width", "height", "repeats", "class_token", "caption", "caption_source", "pixel_hash", "tile"]
 
@@ -31,18 +31,6 @@ def picture(path: Path, size: tuple[int, int] = (24, 16), seed: int = 0, **save:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, **save)
     return img
-
-
-def ingest(source: Path, work: Path, publish: Any = None, **params: Any) -> tuple[dict[str, Any], Path]:
-    """Run the stage as the runner would: fresh output folder, a store that persists in `work`."""
-    out = work / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    env = StageEnv(store=ItemStore(work / "store"), state_dir=work / "state", show_progress=False)
-    if publish is not None:
-        env.publish = publish
-    summary = run(Params(source=str(source), **params), Paths(source=source), Paths(images=out), env)
-    return summary, out
 
 
 @pytest.fixture

@@ -3,12 +3,9 @@ files into real (tiny) diffusers SD1.5 and SDXL pipelines with `load_lora_weight
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -17,6 +14,7 @@ import torch
 
 from loraforge import lora as L
 from loraforge import tiny
+from tests.helpers import captured_messages
 
 ARCHS = ["tiny-sd15", "tiny-sdxl"]
 # Text encoders of each builtin and their kohya prefixes.
@@ -473,29 +471,6 @@ def test_full_rank_lora_applied_to_base_gives_tuned(case: Case) -> None:
         assert all(torch.equal(unchanged[k], v) for k, v in case.base[c].items())
 
 
-@contextlib.contextmanager
-def _captured_messages() -> Iterator[list[str]]:
-    """Collect warnings and WARNING+ log records of diffusers, transformers and peft."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler = Collect(level=logging.WARNING)
-    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield messages
-        messages += [str(w.message) for w in caught]
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-
-
 def _images(pipe: Any) -> torch.Tensor:
     out = pipe("a photo of a cat", num_inference_steps=2, height=64, width=64, generator=_gen(0), output_type="pt")
     return out.images  # (1, 3, 64, 64) in [0, 1]
@@ -516,7 +491,7 @@ def test_diffusers_loads_the_kohya_file(case: Case, tmp_path: Path) -> None:
     pipe = _pipeline_with(case.name, case.base)
     base_images = _images(pipe)
 
-    with _captured_messages() as messages:
+    with captured_messages() as messages:
         pipe.load_lora_weights(path, adapter_name="style")
     bad_words = ("unexpected", "missing", "not match", "no lora keys", "ignored", "not been correctly")
     problems = [m for m in messages if any(w in m.lower() for w in bad_words)]
@@ -549,7 +524,7 @@ def test_diffusers_applies_a_resized_lora_like_apply_lora(case: Case, tmp_path: 
     merged = {c: L.apply_lora(case.base[c], resized, case.targets[c], scale=0.5) for c in case.components}
 
     pipe = _pipeline_with(case.name, case.base)
-    with _captured_messages() as messages:
+    with captured_messages() as messages:
         pipe.load_lora_weights(path, adapter_name="style")
     assert [m for m in messages if "ignored" in m or "not match" in m] == []
     pipe.set_adapters(["style"], adapter_weights=[0.5])

@@ -84,8 +84,3 @@ def applied_lrs(optimizer: Any) -> dict[str, float]:
         optimizer: a torch optimizer (or accelerate's wrapper) whose groups carry a `name`.
     """
     return {g.get("name", str(i)): float(g["lr"]) * float(g.get("d", 1.0)) for i, g in enumerate(optimizer.param_groups)}
-
-
-def is_adaptive(optimizer: Any) -> bool:
-    """Whether the optimizer keeps a step size `d` (Prodigy, DAdaptation)."""
-    return "d" in optimizer.param_groups[0]
