@@ -824,7 +824,7 @@ def render_page(ctx: Context, epochs: dict[str, Any], cross: list[str], best: di
         f"<h2>Weight sweep per epoch</h2><p>Columns: LoRA weight {esc(', '.join(f'{w:g}' for w in p.weights))} "
         f"(0 = base model); rows: each prompt × seed.</p>"
         + '<div class="row">' + "".join(figure(e["grids"]["sweep"], n) for n, e in epochs.items()) + "</div>",
-        random_section(ctx, epochs), caption_section(ctx, epochs), checks_section(checks),
+        random_section(ctx, epochs), caption_section(ctx, epochs), vae_section(checks.get("latents", {})), checks_section(checks),
     ]
     return page("loraforge evaluation", "\n".join(body))
 
@@ -861,6 +861,26 @@ def caption_section(ctx: Context, epochs: dict[str, Any]) -> str:
     first = "training image, " if ctx.train_images else ""
     return (f"<h2>Training captions prompted 1:1 (columns: {first}weight 0, weight 1)</h2>"
             f"<p>Near-copies of the training image mean overtraining (001 guide).</p><ol>{legend}</ol>"
+            f'<div class="row">{figs}</div>')
+
+
+def vae_section(latents_report: dict[str, Any]) -> str:
+    """What the VAE loses (003 guide): the worst reconstructions, original | reconstruction |
+    error, with their PSNR. Empty when `latents.vae_check` is off.
+
+    Args:
+        latents_report: `reports/latents.json` (its `vae_check` section; sheets live in reports/vae_check).
+    """
+    from loraforge.htmlreport import esc, figure
+
+    check = latents_report.get("vae_check") or {}
+    if not check.get("worst"):
+        return ""
+    figs = "".join(figure(f"../{w['sheet']}", f"{w['source']}: {w['psnr_db']:g} dB (worst window {w['worst_window_psnr_db']:g} dB)")
+                   for w in check["worst"])
+    return (f"<h2>What the VAE loses</h2><p>decode(encode(image)) with the training VAE: mean PSNR "
+            f"{esc(check['mean_psnr_db'])} dB over {esc(check['images'])} images. Worst windows, enlarged: original | "
+            f"reconstruction | error ×4. Details lost here cannot be learned (003 guide).</p>"
             f'<div class="row">{figs}</div>')
 
 

@@ -6,6 +6,11 @@ posterior mean is stored per image in the item store with the original size and 
 micro-conditioning needs them). Key: image pixels + bucket/crop/flip + VAE weight hash + format
 version, so a changed image re-encodes alone and a changed VAE re-encodes all. Captions are not an
 input of this stage: changing the trigger never re-encodes a latent.
+
+`latents.vae_check` (003 guide) decodes every cached latent again and measures what the VAE loses:
+PSNR per image, and the worst window of the worst images saved side by side (original |
+reconstruction | error) into `reports/vae_check/`, shown on the evaluation page. Results are cached
+per latent, so only new or changed images are decoded.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from loraforge.fingerprint import item_key
 from loraforge.images import read_jsonl, resize_cover_crop, write_jsonl
 from loraforge.params import ModelParams, section
 from loraforge.store import materialize
+from loraforge.vaecheck import check as vae_check_image
+from loraforge.vaecheck import decode_latent
 
 if TYPE_CHECKING:
     from loraforge.runner import Paths, StageEnv
 
 FORMAT_VERSION = 1
+VAE_CHECK_VERSION = 1
 Bucket = tuple[int, int]  # (width, height) in pixels
 
 
@@ -40,6 +48,10 @@ class Params:
         flip: also cache a horizontally flipped copy of every image (doubles the latents).
         batch_size: images per VAE call (same bucket).
         vae_dtype: keep float32 for SDXL's VAE ("no half VAE" in the 001 guide): fp16 overflows to NaN.
+        vae_check: decode every latent again and report what the VAE loses (PSNR per image,
+            worst windows side by side; 003 guide). One extra VAE decode per new image.
+        vae_check_worst: how many of the worst-reconstructed images to show.
+        vae_check_window: side, in pixels, of the worst window shown per image.
     """
 
     model: ModelParams
@@ -50,6 +62,9 @@ class Params:
     flip: bool = False
     batch_size: int = Field(4, ge=1)
     vae_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    vae_check: bool = False
+    vae_check_worst: int = Field(4, ge=1)
+    vae_check_window: int = Field(64, ge=8)
 
     @model_validator(mode="after")
     def _step_multiple_of_8(self) -> "Params":
@@ -118,10 +133,9 @@ def plan_items(rows: list[dict[str, Any]], params: Params, resolution: int, buck
 
 
 def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
-    """Encode missing latents into the store; materialise all of them into `outputs.latents`."""
+    """Encode missing latents into the store; materialise all of them into `outputs.latents`;
+    with `vae_check`, measure the reconstructions into `outputs.vae_check`."""
     import torch
-    from PIL import Image
-    from safetensors.torch import save_file
 
     from loraforge.models import component_hash, load_vae, resolve_device, resolve_model
 
@@ -132,32 +146,13 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     rows = read_jsonl(inputs.images / "manifest.jsonl")
     items = plan_items(rows, params, resolution, buckets, component_hash(info, "vae", env.state_dir))
     pending = [it for it in items if env.store.get("latent", it["key"], ".safetensors") is None]
+    unchecked = [it for it in vae_check_items(items, params) if env.store.get("vae-check", it["check_key"], ".json") is None]
 
-    if pending:
+    if pending or unchecked:
         dtype = getattr(torch, params.vae_dtype)
         vae = load_vae(info, resolve_device(params.model.device), dtype)
-        by_bucket: dict[Bucket, list[dict[str, Any]]] = defaultdict(list)
-        for it in pending:
-            by_bucket[it["bucket"]].append(it)
-        bar = env.bar(total=len(pending), desc="latents", unit="img")
-        for bucket, group in sorted(by_bucket.items()):
-            for start in range(0, len(group), params.batch_size):
-                chunk = group[start : start + params.batch_size]
-                crops = []
-                for it in chunk:
-                    with Image.open(inputs.images / it["row"]["file"]) as img:
-                        crop, top_left, original = resize_cover_crop(img.convert("RGB"), *bucket)
-                    it["crop_top_left"], it["original_size"] = top_left, original
-                    crops.append(crop)
-                latents = encode_batch(vae, crops, [it["flip"] for it in chunk], dtype)  # (B, 4, h/8, w/8)
-                for it, latent in zip(chunk, latents):
-                    meta = {"bucket": f"{bucket[0]}x{bucket[1]}", "original_size": f"{it['original_size'][0]}x{it['original_size'][1]}",
-                            "crop_top_left": f"{it['crop_top_left'][0]}x{it['crop_top_left'][1]}", "flip": str(it["flip"])}
-                    env.store.put("latent", it["key"], ".safetensors",
-                                  lambda p, t=latent.contiguous(), m=meta: save_file({"latent": t}, str(p), metadata=m))
-                bar.update(len(chunk))
-                env.publish.progress(bar.n / len(pending), "VAE encoding")
-        bar.close()
+        encode_pending(vae, pending, params, inputs, env, dtype)
+        check_pending(vae, unchecked, inputs, env)
 
     out_rows, bucket_counts = [], defaultdict(int)
     for it in items:
@@ -171,8 +166,145 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
                          "repeats": it["row"].get("repeats", 1)})
     write_jsonl(outputs.latents / "manifest.jsonl", out_rows)
     env.publish.table("buckets", [{"bucket": b, "images": n} for b, n in sorted(bucket_counts.items())], "Aspect-ratio buckets")
-    return {"items": len(items), "computed": len(pending), "reused": len(items) - len(pending),
-            "resolution": resolution, "buckets": dict(sorted(bucket_counts.items()))}
+    summary = {"items": len(items), "computed": len(pending), "reused": len(items) - len(pending),
+               "resolution": resolution, "buckets": dict(sorted(bucket_counts.items()))}
+    if "vae_check" in outputs:
+        summary["vae_check"] = write_vae_check(vae_check_items(items, params), params, outputs.vae_check, env, len(unchecked))
+    return summary
+
+
+def crop_for(item: dict[str, Any], folder: Any) -> tuple[Any, tuple[int, int], tuple[int, int]]:
+    """The exact bucket crop that item's latent encodes (Lanczos cover + centre crop, deterministic).
+
+    Args:
+        item: a work item from `plan_items`.
+        folder: the input images folder.
+    """
+    from PIL import Image
+
+    with Image.open(folder / item["row"]["file"]) as img:
+        return resize_cover_crop(img.convert("RGB"), *item["bucket"])
+
+
+def encode_pending(vae: Any, pending: list[dict[str, Any]], params: Params, inputs: "Paths", env: "StageEnv", dtype: Any) -> None:
+    """VAE-encode the items missing from the store, batched per bucket, into the store.
+
+    Args:
+        vae: the training VAE.
+        pending: work items whose latent is not cached.
+        params: the `latents` section.
+        inputs: the stage inputs (`images`).
+        env: the stage environment.
+        dtype: the VAE's dtype.
+    """
+    from safetensors.torch import save_file
+
+    if not pending:
+        return
+    by_bucket: dict[Bucket, list[dict[str, Any]]] = defaultdict(list)
+    for it in pending:
+        by_bucket[it["bucket"]].append(it)
+    bar = env.bar(total=len(pending), desc="latents", unit="img")
+    for bucket, group in sorted(by_bucket.items()):
+        for start in range(0, len(group), params.batch_size):
+            chunk = group[start : start + params.batch_size]
+            crops = []
+            for it in chunk:
+                crop, it["crop_top_left"], it["original_size"] = crop_for(it, inputs.images)
+                crops.append(crop)
+            latents = encode_batch(vae, crops, [it["flip"] for it in chunk], dtype)  # (B, 4, h/8, w/8)
+            for it, latent in zip(chunk, latents):
+                meta = {"bucket": f"{bucket[0]}x{bucket[1]}", "original_size": f"{it['original_size'][0]}x{it['original_size'][1]}",
+                        "crop_top_left": f"{it['crop_top_left'][0]}x{it['crop_top_left'][1]}", "flip": str(it["flip"])}
+                env.store.put("latent", it["key"], ".safetensors",
+                              lambda p, t=latent.contiguous(), m=meta: save_file({"latent": t}, str(p), metadata=m))
+            bar.update(len(chunk))
+            env.publish.progress(bar.n / len(pending), "VAE encoding")
+    bar.close()
+
+
+# ---------------------------------------------------------------- the VAE reconstruction check
+
+
+def vae_check_items(items: list[dict[str, Any]], params: Params) -> list[dict[str, Any]]:
+    """The items the check covers (unflipped ones; none when `vae_check` is off), each given its
+    `check_key`: the latent's key + the window size, so a cached result is reused exactly when
+    the latent is.
+
+    Args:
+        items: the work items from `plan_items`.
+        params: the `latents` section.
+    """
+    if not params.vae_check:
+        return []
+    checked = [it for it in items if not it["flip"]]
+    for it in checked:
+        it["window"] = params.vae_check_window
+        it["check_key"] = item_key("vae-check", VAE_CHECK_VERSION, latent=it["key"], window=it["window"])
+    return checked
+
+
+def check_pending(vae: Any, unchecked: list[dict[str, Any]], inputs: "Paths", env: "StageEnv") -> None:
+    """Decode each unchecked item's cached latent, compare it with its crop, and store the stats
+    (`.json`) and the worst-window sheet (`.png`).
+
+    Args:
+        vae: the training VAE.
+        unchecked: items whose check is not cached.
+        inputs: the stage inputs (`images`).
+        env: the stage environment.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    if not unchecked:
+        return
+    bar = env.bar(total=len(unchecked), desc="VAE check", unit="img")
+    for n, it in enumerate(unchecked, 1):
+        latent = load_file(str(env.store.get("latent", it["key"], ".safetensors")))["latent"]
+        crop = crop_for(it, inputs.images)[0]
+        stats, sheet = vae_check_image(crop, decode_latent(vae, latent), it["window"])
+        env.store.put("vae-check", it["check_key"], ".png", lambda p, im=sheet: im.save(p, format="PNG"))
+        env.store.put_bytes("vae-check", it["check_key"], ".json", json.dumps(stats).encode())  # after the PNG: marks it complete
+        bar.update(1)
+        env.publish.progress(n / len(unchecked), "VAE reconstruction check")
+    bar.close()
+
+
+def write_vae_check(checked: list[dict[str, Any]], params: Params, folder: Any, env: "StageEnv", computed: int) -> dict[str, Any]:
+    """Per-image PSNR, worst first; the worst `vae_check_worst` sheets as `NN-<id>.png` in
+    `folder` with `index.json`; a Prefect table. Returns the report's `vae_check` section.
+
+    Args:
+        checked: the items from `vae_check_items` (all checked by now).
+        params: the `latents` section.
+        folder: the `vae_check` output folder (reports/vae_check).
+        env: the stage environment.
+        computed: how many were decoded this run.
+    """
+    import json
+
+    keys, images = {}, []
+    for it in checked:
+        keys[it["row"]["id"]] = it["check_key"]
+        stats = json.loads(env.store.get("vae-check", it["check_key"], ".json").read_text())
+        images.append({"id": it["row"]["id"], "source": it["row"].get("source", it["row"]["id"]), **stats})
+    images.sort(key=lambda r: (r["psnr_db"], r["id"]))
+    worst = []
+    for rank, row in enumerate(images[: params.vae_check_worst], 1):
+        name = f"{rank:02d}-{row['id']}.png"
+        materialize(env.store.get("vae-check", keys[row["id"]], ".png"), folder / name)
+        worst.append({**row, "sheet": f"vae_check/{name}"})
+    section = {"enabled": params.vae_check, "images": len(images), "computed": computed, "reused": len(images) - computed,
+               "window": params.vae_check_window,
+               "mean_psnr_db": round(sum(r["psnr_db"] for r in images) / len(images), 2) if images else None,
+               "min_psnr_db": images[0]["psnr_db"] if images else None, "worst": worst, "per_image": images}
+    (folder / "index.json").write_text(json.dumps(section, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if images:
+        env.publish.table("vae-reconstruction", [{k: r[k] for k in ("source", "psnr_db", "worst_window_psnr_db")} for r in images],
+                          "VAE reconstruction PSNR per image, worst first (003 guide: low = details the model cannot learn)")
+    return section
 
 
 def read_latent_meta(path: Any) -> dict[str, list[int]]:

@@ -343,6 +343,9 @@ def test_the_page_holds_the_recommendation_metrics_loss_curve_and_dataset_checks
     assert "Train loss per epoch" in page and "<polyline" in page and "Metrics per epoch" in page
     assert "Dataset checks" in page and "<h3>ingest</h3>" in page and "<h3>latents</h3>" in page
     assert 'src="grids/prompt-1.png"' in page and 'src="grids/epoch-0001-captions.png"' in page
+    worst = json.loads((project / "reports" / "latents.json").read_text())["vae_check"]["worst"]
+    assert worst and "What the VAE loses" in page  # params.yaml turns latents.vae_check on
+    assert all(f'src="../{w["sheet"]}"' in page and (project / "reports" / w["sheet"]).is_file() for w in worst)
 
 
 @pytest.mark.skipif(find_chromium() is None, reason=f"needs Chromium and chromedriver: {INSTALL_HINT}")
@@ -355,7 +358,8 @@ def test_the_report_renders_in_headless_chromium_with_every_image(project, tmp_p
         shot = browser.screenshot(tmp_path / "report.png")
     finally:
         browser.close()
-    assert len(images) == 2 + 3 * 2  # 2 cross-epoch grids + 3 grids per epoch × 2 epochs
+    sheets = len(json.loads((project / "reports" / "latents.json").read_text())["vae_check"]["worst"])
+    assert sheets and len(images) == 2 + 3 * 2 + sheets  # 2 cross-epoch grids + 3 grids per epoch × 2 epochs + VAE sheets
     assert all(i["ok"] for i in images), [i["src"] for i in images if not i["ok"]]
     assert [c for c in console if c["level"] in ("SEVERE", "WARNING")] == []
     with Image.open(shot) as img:
