@@ -72,7 +72,8 @@ class Params:
         lr_scheduler_power: exponent of `polynomial`.
         weight_decay: weight decay (optimizer_args.weight_decay wins).
         max_grad_norm: gradient clipping norm (0 disables).
-        mixed_precision: `fp16` / `bf16` autocast on GPU (`bf16` also works on CPU); `no` = float32.
+        mixed_precision: `fp16` (autocast + dynamic loss scaling) / `bf16` autocast; `no` = float32.
+            Meant for GPUs; both also run on CPU (fp16 slowly).
         gradient_checkpointing: trade compute for memory in the UNet and text encoders.
         channels_last: UNet weights and latents in channels-last memory format (faster convolutions
             on tensor-core GPUs).
@@ -340,14 +341,14 @@ def check_settings(params: Params, device: "torch.device") -> None:
 
 
 def check_precision(mixed_precision: str, device: "torch.device") -> None:
-    """fp16 autocast needs a GPU; fail before loading anything.
+    """Say so when fp16 runs where it only costs time: CPUs have no fast fp16 matmul.
 
     Args:
         mixed_precision: `finetune.mixed_precision`.
         device: the training device.
     """
-    if mixed_precision == "fp16" and device.type != "cuda":
-        raise ValueError("`finetune.mixed_precision: fp16` needs a CUDA GPU; use `bf16` or `no` on CPU")
+    if mixed_precision == "fp16" and device.type == "cpu":
+        print("finetune: note: fp16 on CPU works (autocast + loss scaling) but is slower than `bf16` or `no` there")
 
 
 def loss_settings(params: Params) -> Any:
@@ -630,7 +631,7 @@ def trainable(params: Params, arch: str, modules: dict[str, Any], lrs: dict[str,
     return {name: add_lora(modules[name], arch, name, params).train() for name in lrs}
 
 
-def prior_loss(prior: list[Any], params: Params, info: Any, unet: Any, noise_scheduler: Any, encode: Any, step: int, accelerator: Any, settings: Any) -> "torch.Tensor":
+def prior_loss(prior: list[Any], params: Params, info: Any, unet: Any, noise_scheduler: Any, encode: Any, step: int, precision: Any, settings: Any) -> "torch.Tensor":
     """The diffusion loss on the step's batch of class images (generated or `reg_images`), each
     with its own caption.
 
@@ -642,15 +643,15 @@ def prior_loss(prior: list[Any], params: Params, info: Any, unet: Any, noise_sch
         noise_scheduler: the DDPM scheduler.
         encode: the caption encoder.
         step: the global step (which class images; its own noise stream).
-        accelerator: the Accelerator (device, autocast).
+        precision: the run's MixedPrecision (device, autocast).
         settings: the loss settings.
     """
     from loraforge.training.prior import class_batch
 
     latents, batch = class_batch(prior, step, params.batch_size)  # (B, 4, h, w)
-    cond = conditioning(info.arch, encode, batch, [e["caption"] for e in batch], accelerator.device)
-    with accelerator.autocast():
-        return diffusion_loss(unet, noise_scheduler, latents.to(accelerator.device), cond, step_generator(params.seed + 1, step), settings)
+    cond = conditioning(info.arch, encode, batch, [e["caption"] for e in batch], precision.device)
+    with precision.autocast():
+        return diffusion_loss(unet, noise_scheduler, latents.to(precision.device), cond, step_generator(params.seed + 1, step), settings)
 
 
 def reg_images_folder(params: Params, inputs: "Paths", state_dir: Path) -> Path | None:
@@ -717,14 +718,17 @@ def prepare(accelerator: Any, params: Params, unet: Any, encoders: list[Any], tr
     return unet, encoders, optimizer, lr_schedule
 
 
-def optimizer_step(accelerator: Any, optimizer: Any, lr_schedule: Any, trained: dict[str, Any], ema: Any, params: Params) -> tuple[dict[str, float], dict[str, float]]:
-    """Clip, step, advance the schedule, clear gradients, cap LoRA norms, update the EMA.
+def optimizer_step(accelerator: Any, precision: Any, optimizer: Any, lr_schedule: Any, trained: dict[str, Any], ema: Any,
+                   params: Params) -> tuple[dict[str, float], dict[str, float]]:
+    """Unscale (fp16), clip, step (skipped on fp16 overflow), advance the schedule, clear
+    gradients, cap LoRA norms, update the EMA.
 
     Returns the LR each group applied (d·lr for adaptive optimizers, which set d inside step())
     and, with `scale_weight_norms`, the layers scaled and the mean update norm.
 
     Args:
-        accelerator: the Accelerator (clipping unscales fp16 gradients first).
+        accelerator: the Accelerator.
+        precision: the run's MixedPrecision (fp16 loss scaling).
         optimizer: the optimizer.
         lr_schedule: the LR schedule.
         trained: the trained modules (or LoRA networks) by component.
@@ -737,16 +741,17 @@ def optimizer_step(accelerator: Any, optimizer: Any, lr_schedule: Any, trained: 
     if accelerator.num_processes > 1 and params.mode == "lora":  # LoRA networks have no forward for DDP to hook
         for p in (p for m in trained.values() for p in m.parameters() if p.grad is not None):
             p.grad = accelerator.reduce(p.grad, reduction="mean")
+    precision.unscale(optimizer)  # clip the true gradients, not the scaled ones
     if params.max_grad_norm > 0:
         accelerator.clip_grad_norm_([p for m in trained.values() for p in m.parameters()], params.max_grad_norm)
-    optimizer.step()
+    stepped = precision.step(optimizer)
     applied = applied_lrs(optimizer)
-    lr_schedule.step()
+    lr_schedule.step()  # also on a skipped fp16 step: the schedule follows the step count
     optimizer.zero_grad(set_to_none=True)
     norms = {}
-    if params.scale_weight_norms:  # max-norm on each LoRA update (mode lora)
+    if params.scale_weight_norms and stepped:  # max-norm on each LoRA update (mode lora)
         norms = dict(zip(("keys_scaled", "mean_norm"), scale_weight_norms(list(trained.values()), params.scale_weight_norms)))
-    if ema is not None:
+    if ema is not None and stepped:
         ema.update()
     return applied, norms
 
@@ -841,6 +846,7 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
     from loraforge.training import resume
     from loraforge.training.ema import EMA
     from loraforge.training.optimizers import applied_lrs, make_optimizer
+    from loraforge.training.precision import MixedPrecision, accelerate_mode
     from loraforge.training.resume import load_state, newest_state, publish_checkpoint
     from loraforge.training.schedules import make_lr_schedule, warmup_steps
 
@@ -861,10 +867,11 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
     torch.manual_seed(params.seed)
     info = resolve_model(params.model, env.state_dir)
     AcceleratorState._reset_state(reset_partial_state=True)  # the Prefect runner trains in-process, maybe repeatedly
-    accelerator = Accelerator(mixed_precision=params.mixed_precision, gradient_accumulation_steps=params.gradient_accumulation, cpu=device.type == "cpu",
+    accelerator = Accelerator(mixed_precision=accelerate_mode(params.mixed_precision), gradient_accumulation_steps=params.gradient_accumulation, cpu=device.type == "cpu",
                               step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])  # e.g. SD1.5's unused pooled output
     main = accelerator.is_main_process
+    precision = MixedPrecision(params.mixed_precision, accelerator.device, accelerator)
     unet = load_unet(info, accelerator.device)
     pairs = load_text_encoders(info, accelerator.device)
     tokenizers, encoders = [t for t, _ in pairs], [e for _, e in pairs]
@@ -893,7 +900,7 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
     progress: dict[str, Any] = {"global_step": 0, "epoch": 0, "steps": [], "lrs": [], "epochs": [], "saved": []}
     keep = resume_folder(params, inputs, info, env.state_dir) if params.resume == "auto" else None
     if keep is not None and (state := newest_state(keep)) is not None:
-        progress = load_state(state, trained, optimizer, lr_schedule, ema, accelerator.scaler)
+        progress = load_state(state, trained, optimizer, lr_schedule, ema, precision.scaler)
         for name in progress["saved"]:
             publish_checkpoint(keep / "checkpoints" / name, outputs.checkpoints)
         print(f"finetune: resumed from {state.name} (step {progress['global_step']})")
@@ -915,15 +922,15 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
                 captions = batch_captions(batch, params, draw, epoch)
                 with torch.set_grad_enabled(train_encoders):  # frozen encoders: no activations kept
                     cond = conditioning(info.arch, encode, batch, captions, accelerator.device)
-                with accelerator.autocast():
+                with precision.autocast():
                     loss = diffusion_loss(unet, noise_scheduler, latents, cond, step_generator(params.seed, draw), losses_cfg)
                 if prior:  # + prior_loss_weight × the loss on a batch of class images
-                    loss = loss + params.prior_loss_weight * prior_loss(prior, params, info, unet, noise_scheduler, encode, draw, accelerator, losses_cfg)
+                    loss = loss + params.prior_loss_weight * prior_loss(prior, params, info, unet, noise_scheduler, encode, draw, precision, losses_cfg)
                 check_finite(loss, step, epoch, params)  # before backward: no NaN ever reaches the weights
-                accelerator.backward(loss)
+                accelerator.backward(precision.scale(loss))
             applied = applied_lrs(optimizer)  # lr (or d·lr) this step uses
             if sync:
-                applied, norms = optimizer_step(accelerator, optimizer, lr_schedule, trained, ema, params)
+                applied, norms = optimizer_step(accelerator, precision, optimizer, lr_schedule, trained, ema, params)
             progress["global_step"] = step + 1
             epoch_losses.append(loss.item())
             progress["steps"].append({"step": step + 1, "epoch": epoch, "loss": loss.item(), "lr": applied["unet"], **norms})
@@ -943,7 +950,7 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
             progress["saved"].append(name)
             if keep is not None:  # built in the resume folder, hard-linked into the outputs
                 publish_checkpoint(keep / "checkpoints" / name, outputs.checkpoints)
-                resume.save_state(keep, epoch, trained, optimizer, lr_schedule, ema, accelerator.scaler, progress)
+                resume.save_state(keep, epoch, trained, optimizer, lr_schedule, ema, precision.scaler, progress)
     bar.close()
 
     if main:
@@ -954,6 +961,7 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
     return {"items": steps["images"], "computed": steps["images"], "reused": 0, "plan": steps, "epochs_saved": progress["saved"],
             "loss_first_epoch": progress["epochs"][0]["loss"], "loss_last_epoch": progress["epochs"][-1]["loss"],
             "device": str(accelerator.device), "mixed_precision": params.mixed_precision, "optimizer": params.optimizer,
+            "loss_scale": precision.loss_scale, "skipped_steps": precision.skipped,
             "trained": list(lrs), "ema": ema is not None, "class_images": {"count": len(prior), "encoded": reg_encoded},
             "text_cache": {"hits": encode.hits, "misses": encode.misses} if hasattr(encode, "hits") else None, "final_lr": progress["lrs"][-1] if progress["lrs"] else {},
             "processes": accelerator.num_processes, "optimizer_steps_taken": getattr(lr_schedule, "scheduler", lr_schedule).last_epoch,

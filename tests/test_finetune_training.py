@@ -380,6 +380,77 @@ def test_resume_needs_the_same_params_and_is_off_by_default(project, tmp_path, c
     assert len(list((project / ".loraforge" / "resume").iterdir())) == 2
 
 
+# ---------------------------------------------------------------- 8: fp16 with loss scaling
+
+
+def test_fp16_scales_the_loss_unscales_before_clipping_and_skips_an_overflowing_step():
+    from loraforge.training.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    amp = MixedPrecision("fp16", torch.device("cpu"), None, init_scale=1024.0, growth_interval=2)
+    x = torch.randn(3, 8)
+    with amp.autocast():
+        out = layer(x)
+    assert out.dtype == torch.float16  # the forward really runs in half precision
+    loss = out.float().pow(2).mean()
+    assert amp.scale(loss).item() == pytest.approx(loss.item() * 1024, rel=1e-6)
+    amp.scale(loss).backward()
+    scaled = layer.weight.grad.clone()
+    amp.unscale(optimizer)
+    assert torch.allclose(layer.weight.grad, scaled / 1024)  # true gradients for clipping
+    before = layer.weight.detach().clone()
+    assert amp.step(optimizer) and not torch.equal(layer.weight, before) and amp.loss_scale == 1024
+    optimizer.zero_grad()
+
+    # an overflowing step: skipped, weights untouched, the scale halves
+    with amp.autocast():
+        big = layer(x).float().sum() * float("inf")
+    amp.scale(big).backward()
+    before = layer.weight.detach().clone()
+    assert not amp.step(optimizer)
+    assert torch.equal(layer.weight, before) and amp.loss_scale == 512 and amp.skipped == 1
+    optimizer.zero_grad()
+
+    for _ in range(2):  # `growth_interval` clean steps: the scale doubles
+        with amp.autocast():
+            amp.scale(layer(x).float().pow(2).mean()).backward()
+        assert amp.step(optimizer)
+        optimizer.zero_grad()
+    assert amp.loss_scale == 1024
+
+    plain = MixedPrecision("no", torch.device("cpu"), None)
+    assert plain.scaler is None and plain.loss_scale is None and plain.scale(loss) is loss
+
+
+def test_fp16_training_runs_the_unet_in_half_precision_and_reports_the_loss_scale(project, tmp_path, baseline, monkeypatch):
+    seen: list[torch.dtype] = []
+    real = finetune.diffusion_loss
+
+    def recording(unet: Any, *args: Any) -> torch.Tensor:
+        hook = unet.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        try:
+            return real(unet, *args)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(finetune, "diffusion_loss", recording)
+    summary, out = train(project, tmp_path, mixed_precision="fp16", resume="auto")
+    assert seen and set(seen) == {torch.float16}
+    assert summary["mixed_precision"] == "fp16" and summary["loss_scale"] > 0
+    assert summary["skipped_steps"] < summary["plan"]["optimizer_steps"]
+    tuned, ref = weights(out), weights(baseline)
+    assert all(torch.isfinite(t).all() and t.dtype == torch.float32 for t in tuned.values())  # fp32 master weights
+    assert 0 < max_diff(tuned, ref) < 1e-2  # the same training, at half-precision activations
+    fp32_losses = [float(r["loss"]) for r in tsv(baseline / "loss" / "steps.tsv")]
+    fp16_losses = [float(r["loss"]) for r in tsv(out / "loss" / "steps.tsv")]
+    assert fp16_losses != fp32_losses and fp16_losses == pytest.approx(fp32_losses, rel=2e-2)
+    state = max((project / ".loraforge" / "resume").glob("*/state-epoch-0001"), key=lambda p: p.stat().st_mtime)  # this run's
+    saved = torch.load(state / "training.pt", weights_only=True)
+    assert saved["scaler"]["scale"] == summary["loss_scale"]  # the scaler resumes too
+
+
 # ---------------------------------------------------------------- 4: captions at train time
 
 

@@ -63,9 +63,11 @@ def test_plan_reports_the_guide_formula_and_the_exact_count():
     assert plan["images"] == 5
 
 
-def test_fp16_on_cpu_is_refused_before_any_work():
-    with pytest.raises(ValueError, match="finetune.mixed_precision: fp16"):
-        finetune.check_precision("fp16", torch.device("cpu"))
+def test_fp16_on_cpu_runs_with_a_note_that_bf16_is_faster(capsys):
+    finetune.check_precision("fp16", torch.device("cpu"))
+    assert "slower than `bf16`" in capsys.readouterr().out
+    finetune.check_precision("bf16", torch.device("cpu"))
+    assert capsys.readouterr().out == ""
 
 
 # ---------------------------------------------------------------- finetune
