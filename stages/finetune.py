@@ -780,8 +780,10 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
 
 def launch(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
     """Spawn `num_processes` local processes that each run `train` as one rank of a process group
-    (accelerate reads RANK/WORLD_SIZE/MASTER_*); return the first process's summary. The publisher
-    stays here (it may not pickle): workers publish nothing.
+    (accelerate reads RANK/WORLD_SIZE/MASTER_*); return the first process's summary. The first
+    process draws the terminal bar and sends its tables and progress here, where they reach the
+    publisher (which may not pickle). A process's error is raised here with its own type and
+    message; torch stops the other processes at once.
 
     Args:
         params: the finetune params.
@@ -800,14 +802,64 @@ def launch(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -
         port = sock.getsockname()[1]
     worker_env = StageEnv(store=env.store, state_dir=env.state_dir, show_progress=env.show_progress)
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(train_rank, args=(params.num_processes, port, params, inputs, outputs, worker_env, queue), nprocs=params.num_processes)
-    summary = queue.get()
-    env.publish.table("epoch-loss", summary.pop("epoch_rows"), "Mean loss per epoch (first process)")
-    return summary
+    context = mp.spawn(train_rank, args=(params.num_processes, port, params, inputs, outputs, worker_env, queue),
+                       nprocs=params.num_processes, join=False)
+    messages: dict[str, Any] = {}
+    try:
+        while not context.join(timeout=0.2):
+            relay(queue, env, messages)
+    except mp.ProcessRaisedException:
+        relay(queue, env, messages)
+        if "error" in messages:
+            kind, text = messages["error"]
+            raise (kind if isinstance(kind, type) and issubclass(kind, Exception) else RuntimeError)(text) from None
+        raise
+    relay(queue, env, messages)
+    return messages["summary"]
+
+
+def relay(queue: Any, env: "StageEnv", messages: dict[str, Any]) -> None:
+    """Hand the workers' queued tables and progress to the publisher; keep their summary or error.
+
+    Args:
+        queue: the workers' queue of (kind, payload) messages.
+        env: the parent's stage environment (its publisher).
+        messages: where `summary` and `error` are kept.
+    """
+    while not queue.empty():
+        kind, payload = queue.get()
+        if kind == "table":
+            env.publish.table(*payload)
+        elif kind == "progress":
+            env.publish.progress(*payload)
+        else:  # summary, error
+            messages.setdefault(kind, payload)
+
+
+class QueuePublisher:
+    """A worker's publisher: tables and progress go to the parent process through `queue`.
+
+    Args:
+        queue: the spawn queue the parent relays from.
+    """
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    def table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
+        self.queue.put(("table", (key, [dict(r) for r in rows], description)))
+
+    def markdown(self, key: str, text: str, description: str = "") -> None:
+        pass  # finetune publishes no markdown
+
+    def progress(self, fraction: float, description: str = "") -> None:
+        self.queue.put(("progress", (fraction, description)))
 
 
 def train_rank(rank: int, world: int, port: int, params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv", queue: Any) -> None:
-    """One spawned process: join the process group as `rank`, train, hand back the summary (rank 0).
+    """One spawned process: join the process group as `rank` and train. The first process shows
+    the bar, publishes through the queue and hands back the summary; any process's error goes
+    to the queue before it is raised.
 
     Args:
         rank: this process's index.
@@ -817,14 +869,23 @@ def train_rank(rank: int, world: int, port: int, params: Params, inputs: "Paths"
         inputs: `latents` and `captions` folders.
         outputs: `checkpoints` and `loss` folders.
         env: item store, state folder (no publisher).
-        queue: where rank 0 puts the summary.
+        queue: the messages to the parent.
     """
+    import dataclasses
     import os
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    summary = train(params, inputs, outputs, env)
     if rank == 0:
-        queue.put(summary)
+        env = dataclasses.replace(env, publish=QueuePublisher(queue))
+    else:
+        env = dataclasses.replace(env, show_progress=False)
+    try:
+        summary = train(params, inputs, outputs, env)
+    except Exception as error:
+        queue.put(("error", (type(error), f"{error} (process {rank} of {world})")))
+        raise
+    if rank == 0:
+        queue.put(("summary", summary))
 
 
 def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
@@ -964,8 +1025,7 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
             "loss_scale": precision.loss_scale, "skipped_steps": precision.skipped,
             "trained": list(lrs), "ema": ema is not None, "class_images": {"count": len(prior), "encoded": reg_encoded},
             "text_cache": {"hits": encode.hits, "misses": encode.misses} if hasattr(encode, "hits") else None, "final_lr": progress["lrs"][-1] if progress["lrs"] else {},
-            "processes": accelerator.num_processes, "optimizer_steps_taken": getattr(lr_schedule, "scheduler", lr_schedule).last_epoch,
-            **({"epoch_rows": progress["epochs"]} if accelerator.num_processes > 1 else {})}
+            "processes": accelerator.num_processes, "optimizer_steps_taken": getattr(lr_schedule, "scheduler", lr_schedule).last_epoch}
 
 
 def write_tsv(path: Path, rows: list[dict[str, Any]]) -> None:

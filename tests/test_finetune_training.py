@@ -687,7 +687,8 @@ def test_compiled_unet_trains_and_saves_plain_key_names(project, tmp_path):
 
 @pytest.mark.parametrize("mode, saved", [("full", "unet.safetensors"), ("lora", "lora.safetensors")])
 def test_two_processes_share_the_batches_and_save_once(project, tmp_path, mode, saved):
-    summary, out = train(project, tmp_path, num_processes=2, epochs=2, train_text_encoder=False, mode=mode)
+    recorder = Recorder()
+    summary, out = train(project, tmp_path, recorder, num_processes=2, epochs=2, train_text_encoder=False, mode=mode)
     one = finetune.plan(finetune.load_examples(project / "data" / "latents-small", project / "data" / "captions", 1),
                         finetune.Params(**{**BASE, "epochs": 2}))
     assert summary["processes"] == 2
@@ -697,3 +698,21 @@ def test_two_processes_share_the_batches_and_save_once(project, tmp_path, mode, 
     assert len(losses) == summary["plan"]["steps"] and all(map(math.isfinite, losses))
     files = sorted(p.relative_to(out / "checkpoints").as_posix() for p in (out / "checkpoints").rglob("*.safetensors"))
     assert files == [f"epoch-0001/{saved}", f"epoch-0002/{saved}"]  # the first process alone saves
+    # the first process's live progress and tables reach the parent's publisher
+    assert len(recorder.progress_values) == summary["plan"]["steps"] and recorder.progress_values[-1] == 1.0
+    assert recorder.progress_values == sorted(recorder.progress_values)
+    epoch_tables = [rows for key, rows in recorder.tables if key == "epoch-loss"]
+    assert [len(rows) for rows in epoch_tables] == [1, 2] and "plan" in [key for key, _ in recorder.tables]
+
+
+def test_a_nan_loss_in_one_process_stops_every_process_at_once(project, tmp_path):
+    from safetensors.torch import save_file
+
+    poisoned = tmp_path / "latents"
+    shutil.copytree(project / "data" / "latents-small", poisoned)
+    first = json.loads((poisoned / "manifest.jsonl").read_text().splitlines()[0])["file"]
+    latent = load_file(str(poisoned / first))["latent"]
+    save_file({"latent": torch.full_like(latent, 3e38)}, str(poisoned / first))  # finite, but the UNet overflows on it
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step \d+ \(epoch 1\).*\(process [01] of 2\)"):
+        train(project, tmp_path / "out", latents=poisoned, num_processes=2, train_text_encoder=False)
+    assert not list((tmp_path / "out" / "checkpoints").rglob("*.safetensors"))
