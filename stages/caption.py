@@ -1,7 +1,14 @@
 """caption: one caption per image, built around the activation token.
 
 Sources, in the order of `caption.sources`: the sidecar `.txt` ingest carried along, the file
-name (the 001 guide keeps captions in file names), the `caption.template`. The trigger replaces a
+name (the 001 guide keeps captions in file names), the `caption.template`. A model captioner
+(`caption.captioner`: `blip` sentences or `wd14` booru tags, from a local folder or a Hugging
+Face id, see `loraforge.captioners`) merges in by `caption.merge`: `keep` (it stands in for the
+template: sidecar and file-name captions win), `replace` (its caption wins wherever it wrote
+one) or `append` (its tags follow the chosen caption, minus tags already there). Its output is
+cached per image in the item store, keyed by the image's pixels, the hash of the model's files
+and the settings that change the output; WD14 scores are cached, so a new threshold re-selects
+tags without running the model. The trigger replaces a
 `{trigger}` placeholder (the 001 guide: put it next to what it should absorb), else goes first
 (the 003 guide: activation tag first) or last, or nowhere (`none`: only where the caption asks).
 `caption.remove_tags` prunes tags that bleed into the concept (the 003 guide's `navel`); a caption
@@ -14,18 +21,22 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
+from loraforge.fingerprint import item_key
 from loraforge.images import read_jsonl, write_jsonl
 from loraforge.params import ModelParams, section
 
 if TYPE_CHECKING:
+    from loraforge.captioners import BlipCaptioner, Wd14Tagger
     from loraforge.runner import Paths, StageEnv
 
 CaptionSource = Literal["sidecar", "filename", "template"]
+Merge = Literal["keep", "replace", "append"]
+FORMAT_VERSION = 1  # of the captioners' cached outputs
 # Camera / export names carry no caption ("IMG_0042", "DSC01234", "image (3)", "1234"), nor do
 # phone names with date and time ("PXL_20230615_101112345") or copies of any of these ("IMG_0042 (2)").
 _CAMERA_NAME = re.compile(
@@ -48,6 +59,26 @@ class Params:
         sources: caption sources in order of precedence.
         template: used when no other source applies; `{trigger}` and `{class_token}` are filled in.
         max_tokens: CLIP's window (75 tokens between BOS and EOS); longer captions are reported.
+        captioner: `none`, `blip` (sentence captions) or `wd14` (booru tags from an ONNX tagger).
+        captioner_path: local folder or Hugging Face id of the captioner; null = kohya's default
+            (`Salesforce/blip-image-captioning-large`, `SmilingWolf/wd-v1-4-convnext-tagger-v2`).
+        captioner_revision: hub branch, tag or commit when `captioner_path` is a hub id.
+        captioner_batch_size: images per model call.
+        merge: `keep` (the captioner stands in for the template), `replace` (its caption wins),
+            `append` (its new tags follow the chosen caption).
+        blip_decoding: `beam` (beam search) or `nucleus` (top-p sampling, seeded per image).
+        blip_num_beams: beams for `beam` (1 = greedy).
+        blip_top_p: probability mass kept for `nucleus`.
+        blip_min_length: fewest new tokens per caption.
+        blip_max_length: most new tokens per caption.
+        blip_prompt: text the caption continues (`a picture of`), cut from the result.
+        blip_seed: seed for `nucleus`.
+        wd14_general_threshold: general tags scoring at least this are kept.
+        wd14_character_threshold: character tags scoring at least this are kept.
+        wd14_include_rating: put the most likely rating tag (`general`, `sensitive`...) first.
+        wd14_undesired_tags: tags the tagger never writes (`_` = space, any case).
+        wd14_character_first: character tags before general tags.
+        wd14_replace_underscores: `long_hair` -> `long hair` (kaomoji like `^_^` are kept).
     """
 
     model: ModelParams
@@ -58,12 +89,38 @@ class Params:
     sources: tuple[CaptionSource, ...] = ("sidecar", "filename", "template")
     template: str = "{trigger} {class_token}"
     max_tokens: int = Field(75, ge=1)
+    captioner: Literal["none", "blip", "wd14"] = "none"
+    captioner_path: str | None = None
+    captioner_revision: str | None = None
+    captioner_batch_size: int = Field(8, ge=1)
+    merge: Merge = "keep"
+    blip_decoding: Literal["beam", "nucleus"] = "beam"
+    blip_num_beams: int = Field(3, ge=1)
+    blip_top_p: float = Field(0.9, gt=0, le=1)
+    blip_min_length: int = Field(5, ge=0)
+    blip_max_length: int = Field(75, ge=1)
+    blip_prompt: str = ""
+    blip_seed: int = 42
+    wd14_general_threshold: float = Field(0.35, ge=0, le=1)
+    wd14_character_threshold: float = Field(0.85, ge=0, le=1)
+    wd14_include_rating: bool = False
+    wd14_undesired_tags: tuple[str, ...] = ()
+    wd14_character_first: bool = True
+    wd14_replace_underscores: bool = True
 
     @field_validator("sources")
     @classmethod
     def _distinct_sources(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value or len(set(value)) != len(value):
             raise ValueError("must list each of sidecar, filename, template at most once, and at least one")
+        return value
+
+    @field_validator("blip_max_length")
+    @classmethod
+    def _lengths_in_order(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("blip_min_length")
+        if low is not None and value < low:
+            raise ValueError(f"must be at least `caption.blip_min_length` ({low})")
         return value
 
 
@@ -166,8 +223,8 @@ def check_trigger(rows: list[dict[str, Any]], trigger: str) -> None:
         )
 
 
-def choose_caption(row: dict[str, Any], params: Params) -> tuple[str, CaptionSource]:
-    """The caption text (before trigger insertion) and which source gave it."""
+def base_caption(row: dict[str, Any], params: Params) -> tuple[str, CaptionSource] | None:
+    """The caption from `caption.sources` (before trigger insertion) and its source; None if none applies."""
     for source in params.sources:
         if source == "sidecar" and row.get("caption"):
             return row["caption"].strip(), source
@@ -177,9 +234,112 @@ def choose_caption(row: dict[str, Any], params: Params) -> tuple[str, CaptionSou
                 return text, source
         if source == "template":
             return fill_template(params.template, params.trigger, row.get("class_token") or ""), source
+    return None
+
+
+def choose_caption(row: dict[str, Any], params: Params) -> tuple[str, CaptionSource]:
+    """The caption text (before trigger insertion) and which source gave it; raises when none applies."""
+    if choice := base_caption(row, params):
+        return choice
     raise ValueError(
         f"no caption for {row['source']}: none of `caption.sources` {list(params.sources)} applies; add `template`"
     )
+
+
+def wants_machine_caption(choice: tuple[str, str] | None, params: Params) -> bool:
+    """Whether an image needs the captioner: always for `replace`/`append`; for `keep`, only
+    when `caption.sources` gave nothing better than the template.
+
+    Args:
+        choice: `base_caption` of the image.
+        params: the `caption` section.
+    """
+    if params.captioner == "none":
+        return False
+    return params.merge != "keep" or choice is None or choice[1] == "template"
+
+
+def merge_caption(choice: tuple[str, str] | None, generated: str, merge: Merge, captioner: str) -> tuple[str, str] | None:
+    """The caption and its source after merging the captioner's output into `choice`.
+
+    An empty `generated` (no tag above threshold) leaves `choice` as it is. `keep` uses
+    `generated` in place of a template caption; `replace` uses it always; `append` adds its tags
+    that `choice` lacks (compared as `normalize_tag`) after `choice`, source `<source>+<captioner>`.
+
+    Args:
+        choice: `base_caption` of the image (None when no source applies).
+        generated: the captioner's caption ("" when it gave nothing or was not asked).
+        merge: `caption.merge`.
+        captioner: `caption.captioner`, the source name of a machine caption.
+    """
+    if not generated:
+        return choice
+    if choice is None or merge == "replace" or (merge == "keep" and choice[1] == "template"):
+        return generated, captioner
+    if merge == "keep":
+        return choice
+    text, source = choice
+    have = {normalize_tag(t) for t in split_tags(text)}
+    extra = [t for t in split_tags(generated) if normalize_tag(t) not in have]
+    return ", ".join([text, *extra]), f"{source}+{captioner}"
+
+
+def make_captioner(params: Params, state_dir: Path) -> tuple[BlipCaptioner | Wd14Tagger, str]:
+    """The configured captioner (not loaded yet) and the hash of its model files.
+
+    Args:
+        params: the `caption` section (`captioner` is `blip` or `wd14`).
+        state_dir: loraforge's private folder; its parent is the project root for relative paths.
+    """
+    from loraforge.captioners import (BlipCaptioner, BlipSettings, Wd14Settings, Wd14Tagger, files_hash, locate_model,
+                                      model_files)
+
+    kind = params.captioner
+    folder = locate_model(kind, params.captioner_path, Path(state_dir).parent, params.captioner_revision)
+    identity = files_hash(model_files(kind, folder), folder, state_dir)
+    if kind == "blip":
+        settings = BlipSettings(decoding=params.blip_decoding, num_beams=params.blip_num_beams, top_p=params.blip_top_p,
+                                min_length=params.blip_min_length, max_length=params.blip_max_length,
+                                prompt=params.blip_prompt, seed=params.blip_seed)
+        return BlipCaptioner(folder, settings, params.model.device), identity
+    settings = Wd14Settings(general_threshold=params.wd14_general_threshold, character_threshold=params.wd14_character_threshold,
+                            include_rating=params.wd14_include_rating, undesired_tags=params.wd14_undesired_tags,
+                            character_first=params.wd14_character_first, replace_underscores=params.wd14_replace_underscores)
+    return Wd14Tagger(folder, settings, params.model.device), identity
+
+
+def machine_captions(rows: list[dict[str, Any]], params: Params, images: Path, env: "StageEnv") -> tuple[dict[str, str], int]:
+    """The captioner's caption per image id, and how many images the model ran on.
+
+    Raw outputs are cached in the item store (kind `autocaption-<captioner>`) by image pixels,
+    model file hash and the settings that change the raw output; only missing ones are computed.
+
+    Args:
+        rows: manifest rows of the images to caption (need `id`, `file`, `pixel_hash`).
+        params: the `caption` section.
+        images: the folder the rows' `file` paths are relative to.
+        env: the stage environment (store, progress).
+    """
+    from PIL import Image
+
+    captioner, identity = make_captioner(params, env.state_dir)
+    kind = f"autocaption-{params.captioner}"
+    keys = {r["id"]: item_key(kind, FORMAT_VERSION, image=r["pixel_hash"], model=identity, **captioner.identity()) for r in rows}
+    pending = [r for r in rows if env.store.get(kind, keys[r["id"]], captioner.suffix) is None]
+    bar = env.bar(total=len(pending), desc=f"caption ({params.captioner})", unit="img")
+    for start in range(0, len(pending), params.captioner_batch_size):
+        chunk = pending[start : start + params.captioner_batch_size]
+        batch = []
+        for r in chunk:
+            with Image.open(images / r["file"]) as img:
+                batch.append(img.copy())  # the captioners convert (BLIP: RGB; WD14: alpha on white)
+        for r, raw in zip(chunk, captioner.run(batch)):
+            env.store.put_bytes(kind, keys[r["id"]], captioner.suffix, raw)
+        bar.update(len(chunk))
+        env.publish.progress(bar.n / len(pending), f"captioning with {params.captioner}")
+    bar.close()
+    out = {r["id"]: captioner.caption(env.store.path(kind, keys[r["id"]], captioner.suffix).read_bytes()) for r in rows}
+    return out, len(pending)
 
 
 def count_tokens(tokenizer: Any, text: str) -> int:
@@ -191,21 +351,25 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     """Write `<id>.txt` and `manifest.jsonl` into `outputs.captions`."""
     from loraforge.models import load_tokenizers, resolve_model
 
-    tokenizer = load_tokenizers(resolve_model(params.model, env.state_dir))[0]
-    rows = read_jsonl(inputs.images / "manifest.jsonl")
-    out_rows, overflow, by_source = [], [], {s: 0 for s in params.sources}
     pruned_trigger = normalize_tag(params.trigger) in {normalize_tag(t) for t in params.remove_tags}
     if pruned_trigger:
         raise ValueError(f"`caption.remove_tags` lists the trigger {params.trigger!r}: it would be pruned from every caption")
+    tokenizer = load_tokenizers(resolve_model(params.model, env.state_dir))[0]
+    rows = read_jsonl(inputs.images / "manifest.jsonl")
+    choices = {r["id"]: base_caption(r, params) for r in rows}
+    wanted = [r for r in rows if wants_machine_caption(choices[r["id"]], params)]
+    generated, ran = machine_captions(wanted, params, inputs.images, env) if wanted else ({}, 0)
+    out_rows, overflow, by_source = [], [], {s: 0 for s in params.sources}
     for row in rows:
-        text, source = choose_caption(row, params)
+        merged = merge_caption(choices[row["id"]], generated.get(row["id"], ""), params.merge, params.captioner)
+        text, source = merged or choose_caption(row, params)  # None: no source applies, choose_caption says so
         caption = insert_trigger(remove_tags(text, params.remove_tags), params.trigger, params.trigger_position)
         tokens = count_tokens(tokenizer, caption)
         if tokens > params.max_tokens:
             overflow.append({"id": row["id"], "source": row["source"], "tokens": tokens})
             print(f"caption: warning: {row['source']} has {tokens} tokens > {params.max_tokens}; CLIP truncates the rest")
         (outputs.captions / f"{row['id']}.txt").write_text(caption + "\n", encoding="utf-8")
-        by_source[source] += 1
+        by_source[source] = by_source.get(source, 0) + 1
         out_rows.append({"id": row["id"], "caption": caption, "caption_source": source, "tokens": tokens, "trigger": params.trigger, "source": row["source"]})
     if params.require_trigger:
         check_trigger(out_rows, params.trigger)
@@ -213,10 +377,15 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     tags = tag_frequency([r["caption"] for r in out_rows])
     env.publish.table("tag-frequency", tags, f"Tags across {len(out_rows)} captions (count, share of images)")
     env.publish.table("captions", [{k: r[k] for k in ("source", "caption", "caption_source", "tokens")} for r in out_rows], "Captions")
+    reused = len(wanted) - ran
     return {
         "items": len(rows),
-        "computed": len(rows),  # captions are cheap string work: always rebuilt, nothing cached
-        "reused": 0,
+        "computed": len(rows) - reused,  # string work is always redone; only captioner outputs are cached
+        "reused": reused,
+        "captioner": params.captioner,
+        "merge": params.merge,
+        "machine_captioned": len(wanted),  # images the captioner was asked about
+        "generated": ran,  # of those, images the model ran on (the rest came from the item store)
         "trigger": params.trigger,
         "by_source": by_source,
         "max_tokens": params.max_tokens,
