@@ -7,9 +7,10 @@ Noise, timesteps and caption augmentation come from (seed, global step), so a ru
 reproducible step by step and a resumed run follows the uninterrupted one. A checkpoint of the
 trained components (plus their EMA) is saved every `save_every_n_epochs` and after the last epoch.
 
-With `num_processes` > 1, `run` spawns that many processes (torch.multiprocessing; accelerate
-sets up the process group: gloo on CPU, NCCL on GPUs), each training on its share of every
-epoch's batches with gradients all-reduced; only the first one saves and writes tables.
+With `num_processes` > 1 (or an `accelerate_config` file saying so), `run` spawns that many
+processes (`loraforge.training.launch`; accelerate sets up the process group: gloo on CPU, NCCL on
+GPUs), each training on its share of every epoch's batches with gradients all-reduced; only the
+first one saves, and its progress and tables reach the publisher.
 
 The pieces live in `loraforge.training`: optimizers, LR schedules, losses and noise, EMA,
 caption augmentation, resume state, prior preservation (generated or `reg_images` class images).
@@ -80,6 +81,9 @@ class Params:
         num_processes: data-parallel training processes on this machine (through accelerate: one per
             GPU, or gloo on CPU); each takes its share of every epoch's batches, so an optimizer
             step sees num_processes × batch_size images; only the first process saves.
+        accelerate_config: an accelerate config file (`accelerate config` writes one), relative to
+            the project: its `num_processes`, `gpu_ids` and `main_process_port` set the launch.
+            Data-parallel on one machine only (FSDP, DeepSpeed and multi-machine are refused).
         compile: compile the UNet's forward with `torch.compile` (inductor): the first steps pay
             the compile time, later ones run faster; weights keep their plain key names.
         save_every_n_epochs: checkpoint interval; the last epoch is always saved.
@@ -149,6 +153,7 @@ class Params:
     channels_last: bool = False
     compile: bool = False
     num_processes: int = Field(1, ge=1)
+    accelerate_config: str | None = Field(None, min_length=1)
     save_every_n_epochs: int = Field(1, ge=1)
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     seed: int = 42
@@ -767,7 +772,8 @@ def training_record(params: Params) -> dict[str, Any]:
 
 
 def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
-    """Train in this process, or in `num_processes` processes (see `launch`).
+    """Train in this process, or in several (`num_processes` or `accelerate_config`; see
+    `loraforge.training.launch`).
 
     Args:
         params: the finetune params.
@@ -775,117 +781,29 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         outputs: `checkpoints` and `loss` folders (emptied by the runner).
         env: item store, state folder, publisher, progress bars.
     """
-    return launch(params, inputs, outputs, env) if params.num_processes > 1 else train(params, inputs, outputs, env)
-
-
-def launch(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
-    """Spawn `num_processes` local processes that each run `train` as one rank of a process group
-    (accelerate reads RANK/WORLD_SIZE/MASTER_*); return the first process's summary. The first
-    process draws the terminal bar and sends its tables and progress here, where they reach the
-    publisher (which may not pickle). A process's error is raised here with its own type and
-    message; torch stops the other processes at once.
-
-    Args:
-        params: the finetune params.
-        inputs: `latents` and `captions` folders.
-        outputs: `checkpoints` and `loss` folders.
-        env: item store, state folder, publisher, progress bars.
-    """
-    import socket
-
-    import torch.multiprocessing as mp
-
-    from loraforge.runner import StageEnv
-
-    with socket.socket() as sock:  # a free port for the process group's rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    worker_env = StageEnv(store=env.store, state_dir=env.state_dir, show_progress=env.show_progress)
-    queue = mp.get_context("spawn").SimpleQueue()
-    context = mp.spawn(train_rank, args=(params.num_processes, port, params, inputs, outputs, worker_env, queue),
-                       nprocs=params.num_processes, join=False)
-    messages: dict[str, Any] = {}
-    try:
-        while not context.join(timeout=0.2):
-            relay(queue, env, messages)
-    except mp.ProcessRaisedException:
-        relay(queue, env, messages)
-        if "error" in messages:
-            kind, text = messages["error"]
-            raise (kind if isinstance(kind, type) and issubclass(kind, Exception) else RuntimeError)(text) from None
-        raise
-    relay(queue, env, messages)
-    return messages["summary"]
-
-
-def relay(queue: Any, env: "StageEnv", messages: dict[str, Any]) -> None:
-    """Hand the workers' queued tables and progress to the publisher; keep their summary or error.
-
-    Args:
-        queue: the workers' queue of (kind, payload) messages.
-        env: the parent's stage environment (its publisher).
-        messages: where `summary` and `error` are kept.
-    """
-    while not queue.empty():
-        kind, payload = queue.get()
-        if kind == "table":
-            env.publish.table(*payload)
-        elif kind == "progress":
-            env.publish.progress(*payload)
-        else:  # summary, error
-            messages.setdefault(kind, payload)
-
-
-class QueuePublisher:
-    """A worker's publisher: tables and progress go to the parent process through `queue`.
-
-    Args:
-        queue: the spawn queue the parent relays from.
-    """
-
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
-
-    def table(self, key: str, rows: list[dict[str, Any]], description: str = "") -> None:
-        self.queue.put(("table", (key, [dict(r) for r in rows], description)))
-
-    def markdown(self, key: str, text: str, description: str = "") -> None:
-        pass  # finetune publishes no markdown
-
-    def progress(self, fraction: float, description: str = "") -> None:
-        self.queue.put(("progress", (fraction, description)))
-
-
-def train_rank(rank: int, world: int, port: int, params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv", queue: Any) -> None:
-    """One spawned process: join the process group as `rank` and train. The first process shows
-    the bar, publishes through the queue and hands back the summary; any process's error goes
-    to the queue before it is raised.
-
-    Args:
-        rank: this process's index.
-        world: the number of processes.
-        port: the rendezvous port on 127.0.0.1.
-        params: the finetune params.
-        inputs: `latents` and `captions` folders.
-        outputs: `checkpoints` and `loss` folders.
-        env: item store, state folder (no publisher).
-        queue: the messages to the parent.
-    """
     import dataclasses
-    import os
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if rank == 0:
-        env = dataclasses.replace(env, publish=QueuePublisher(queue))
-    else:
-        env = dataclasses.replace(env, show_progress=False)
-    try:
-        summary = train(params, inputs, outputs, env)
-    except Exception as error:
-        queue.put(("error", (type(error), f"{error} (process {rank} of {world})")))
-        raise
-    if rank == 0:
-        queue.put(("summary", summary))
+    from loraforge.training.launch import launch
+
+    config = launch_config(params, env.state_dir.parent)
+    if config.processes == 1:
+        return train(params, inputs, outputs, env)
+    params = dataclasses.replace(params, num_processes=config.processes)  # the plan splits the batches by it
+    return launch(train, config, params, inputs, outputs, env)
+
+
+def launch_config(params: Params, root: Path) -> Any:
+    """The process count (and port, GPUs): from `accelerate_config` when set, else `num_processes`.
+
+    Args:
+        params: the finetune params.
+        root: the project root (a relative `accelerate_config` is taken from it).
+    """
+    from loraforge.training.launch import LaunchConfig, read_accelerate_config
+
+    if params.accelerate_config:
+        return read_accelerate_config(root / params.accelerate_config, params.num_processes, params.mixed_precision)
+    return LaunchConfig(processes=params.num_processes)
 
 
 def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:

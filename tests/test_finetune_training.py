@@ -685,10 +685,17 @@ def test_compiled_unet_trains_and_saves_plain_key_names(project, tmp_path):
 # ---------------------------------------------------------------- scale: data parallel processes
 
 
-@pytest.mark.parametrize("mode, saved", [("full", "unet.safetensors"), ("lora", "lora.safetensors")])
-def test_two_processes_share_the_batches_and_save_once(project, tmp_path, mode, saved):
+@pytest.mark.parametrize("mode, saved, launch", [("full", "unet.safetensors", "num_processes"),
+                                                ("lora", "lora.safetensors", "accelerate_config")])
+def test_two_processes_share_the_batches_and_save_once(project, tmp_path, mode, saved, launch):
     recorder = Recorder()
-    summary, out = train(project, tmp_path, recorder, num_processes=2, epochs=2, train_text_encoder=False, mode=mode)
+    if launch == "num_processes":
+        how: dict[str, Any] = {"num_processes": 2}
+    else:  # a file as `accelerate config` writes it, relative to the project
+        (project / "accelerate.yaml").write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\n"
+                                                 "mixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\nuse_cpu: true\n")
+        how = {"accelerate_config": "accelerate.yaml"}
+    summary, out = train(project, tmp_path, recorder, epochs=2, train_text_encoder=False, mode=mode, **how)
     one = finetune.plan(finetune.load_examples(project / "data" / "latents-small", project / "data" / "captions", 1),
                         finetune.Params(**{**BASE, "epochs": 2}))
     assert summary["processes"] == 2
@@ -703,6 +710,33 @@ def test_two_processes_share_the_batches_and_save_once(project, tmp_path, mode, 
     assert recorder.progress_values == sorted(recorder.progress_values)
     epoch_tables = [rows for key, rows in recorder.tables if key == "epoch-loss"]
     assert [len(rows) for rows in epoch_tables] == [1, 2] and "plan" in [key for key, _ in recorder.tables]
+
+
+def test_an_accelerate_config_sets_the_launch_and_refuses_what_is_not_supported(tmp_path):
+    from loraforge.training.launch import LaunchConfig, read_accelerate_config
+
+    def config(text: str) -> Path:
+        path = tmp_path / "acc.yaml"
+        path.write_text(text)
+        return path
+
+    got = read_accelerate_config(config("distributed_type: MULTI_GPU\nnum_processes: 4\ngpu_ids: 0,1,2,3\nmain_process_port: 29511\n"
+                                        "mixed_precision: bf16\n"), 1, "bf16")
+    assert got == LaunchConfig(processes=4, port=29511, gpu_ids="0,1,2,3")
+    assert read_accelerate_config(config("num_processes: 2\ngpu_ids: all\n"), 2, "no") == LaunchConfig(processes=2)
+    refused = {
+        "distributed_type: FSDP\nnum_processes: 2\n": r"`distributed_type: FSDP` is not supported",
+        "distributed_type: DEEPSPEED\n": r"`distributed_type: DEEPSPEED` is not supported",
+        "num_machines: 2\nnum_processes: 8\n": r"multi-machine training is not supported",
+        "mixed_precision: fp16\n": r"differs from `finetune.mixed_precision: no`",
+        "num_processes: 3\n": r"differs from `finetune.num_processes: 2`",
+        "- a list\n": r"expected a mapping",
+    }
+    for text, message in refused.items():
+        with pytest.raises(ValueError, match=rf"finetune.accelerate_config.*acc\.yaml.*{message}"):
+            read_accelerate_config(config(text), 2, "no")
+    with pytest.raises(FileNotFoundError, match=r"`finetune.accelerate_config` \(.*missing.yaml\): no such file"):
+        read_accelerate_config(tmp_path / "missing.yaml", 1, "no")
 
 
 def test_a_nan_loss_in_one_process_stops_every_process_at_once(project, tmp_path):
