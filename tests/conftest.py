@@ -29,6 +29,12 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """loraforge's state folder for one test module: each builtin model is built once per module."""
+    return tmp_path_factory.mktemp("state")
+
+
 @pytest.fixture(scope="session")
 def session_tmp() -> Path:
     return _session_tmp

@@ -28,12 +28,6 @@ MANIFEST_KEYS = ["id", "caption", "caption_source", "tokens", "trigger", "source
 
 
 @pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One resolved builtin model for the whole module."""
-    return tmp_path_factory.mktemp("state")
-
-
-@pytest.fixture(scope="module")
 def tokenizer(state_dir: Path) -> Any:
     return load_tokenizers(resolve_model(MODEL, state_dir))[0]
 

@@ -19,11 +19,6 @@ from tests.helpers import RecordingPublisher
 MODEL = ModelParams(base="builtin:tiny-sdxl", device="cpu")
 
 
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("state")
-
-
 def manifest(folder: Path, captions: list[str | None]) -> Path:
     """An ingest manifest with sidecar captions (None: no sidecar, camera file name)."""
     rows = [{"id": f"{i:016x}", "file": f"images/{i:016x}.png", "source": f"IMG_{i:04d}.png", "width": 32, "height": 32,

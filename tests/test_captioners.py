@@ -115,11 +115,6 @@ def blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_blip(tmp_path_factory.mktemp("blip"))
 
 
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("state")
-
-
 def solid(color: tuple[int, int, int], size: tuple[int, int] = (40, 40)) -> Image.Image:
     return Image.new("RGB", size, color)
 

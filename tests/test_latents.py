@@ -53,12 +53,6 @@ def one_torch_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Resolved builtin models shared by the module (building them is the slow part)."""
-    return tmp_path_factory.mktemp("state")
-
-
 def ingest(src: Path, work: Path, state_dir: Path) -> Path:
     out = work / "ingested"
     shutil.rmtree(out, ignore_errors=True)
@@ -68,12 +62,16 @@ def ingest(src: Path, work: Path, state_dir: Path) -> Path:
     return out
 
 
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
-    src = tmp_path / "src"
+def write_images(src: Path) -> Path:
+    """The four IMAGES as smooth random pictures in `src`."""
     for seed, (name, (size, _)) in enumerate(IMAGES.items()):
         picture(src / name, size, seed)
     return src
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return write_images(tmp_path / "src")
 
 
 def latents(images: Path, work: Path, state_dir: Path, model: ModelParams = SDXL, **params: Any) -> tuple[dict[str, Any], Path]:

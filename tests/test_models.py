@@ -36,12 +36,6 @@ COMMON_WORDS = (
 
 
 @pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One state folder per module: each builtin is materialised once."""
-    return tmp_path_factory.mktemp("state")
-
-
-@pytest.fixture(scope="module")
 def sd15(state_dir: Path) -> ModelInfo:
     return resolve_model(ModelParams(base="builtin:tiny-sd15"), state_dir)
 

@@ -31,12 +31,6 @@ def picture(path: Path, size: tuple[int, int], seed: int) -> None:
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
 
 
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One resolved builtin model for the whole module (building it is the slow part)."""
-    return tmp_path_factory.mktemp("state")
-
-
 @pytest.fixture
 def ingested(tmp_path: Path, state_dir: Path) -> Path:
     """The ingest stage's output for four generated images (see SIZES)."""

@@ -25,7 +25,7 @@ from loraforge.vaecheck import MAX_DB, decode_latent, side_by_side, window_mse, 
 from stages import evaluate
 from stages.latents import Params, run
 from tests.helpers import RecordingPublisher
-from tests.test_latents import IMAGES, ingest, picture
+from tests.test_latents import ingest, picture, write_images
 
 SD15 = ModelParams(base="builtin:tiny-sd15", device="cpu")
 
@@ -78,17 +78,9 @@ def test_the_sheet_is_original_reconstruction_and_error_enlarged() -> None:
 # The stage
 
 
-@pytest.fixture(scope="module")
-def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("state")
-
-
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:
-    src = tmp_path / "src"
-    for seed, (name, (size, _)) in enumerate(IMAGES.items()):
-        picture(src / name, size, seed)
-    return src
+    return write_images(tmp_path / "src")
 
 
 def latents(images: Path, work: Path, state_dir: Path, publish: Any = None, **params: Any) -> tuple[dict[str, Any], Path, Path]:
