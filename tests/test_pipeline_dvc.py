@@ -41,6 +41,9 @@ def test_first_repro_builds_a_kohya_lora_and_every_report(project):
     metrics = json.loads((project / "reports" / "eval" / "metrics.json").read_text())
     assert metrics["final"]["lora_effect"] > 0, "the LoRA must change the images at weight 1"
     assert report(project, "upscale")["computed"] >= 1, "the demo has images below min_side"
+    vae = report(project, "latents")["vae_check"]  # on in the demo's params.yaml
+    assert vae["images"] == vae["computed"] == report(project, "latents")["items"]
+    assert all((project / "reports" / w["sheet"]).is_file() for w in vae["worst"]) and len(vae["worst"]) == 4
 
 
 def test_second_repro_runs_nothing(project):
@@ -68,4 +71,24 @@ def test_adding_one_image_computes_exactly_one_latent(project):
     assert "latents" in ran_stages(result.stdout)
     latents = report(project, "latents")
     assert latents["computed"] == 1 and latents["reused"] == latents["items"] - 1
+    assert (latents["vae_check"]["computed"], latents["vae_check"]["reused"]) == (1, latents["items"] - 1)
     assert report(project, "ingest")["computed"] == 1
+
+
+def test_a_wd14_captioner_runs_under_dvc_and_a_threshold_change_reruns_no_model(tmp_path):
+    from tests.test_captioners import build_tagger
+
+    project = make_project(tmp_path / "p")
+    build_tagger(project / "taggers" / "tiny")
+    set_params(project, {"caption": {"captioner": "wd14", "captioner_path": "taggers/tiny", "merge": "append"}})
+    result = run(["dvc", "repro", "caption"], project)
+    assert ran_stages(result.stdout) == ["ingest", "upscale", "caption"]
+    first = report(project, "caption")
+    assert first["generated"] == first["machine_captioned"] == first["items"] > 0
+    assert any("+wd14" in source for source in first["by_source"])
+
+    set_params(project, {"caption": {"wd14_general_threshold": 0.99}})
+    result = run(["dvc", "repro", "caption"], project)
+    assert ran_stages(result.stdout) == ["caption"]
+    again = report(project, "caption")
+    assert again["generated"] == 0 and again["reused"] == first["items"]  # tags re-selected from cached scores
