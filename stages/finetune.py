@@ -57,7 +57,7 @@ class Params:
         batch_size: images per step (same bucket); the 001 guide: 1, with accumulation 3.
         gradient_accumulation: steps whose gradients are summed before one optimizer step.
         repeats: multiplies each image's folder repeats (`N_name` folders); the 001 guide: 2.
-        optimizer: AdamW, AdamW8bit (CUDA), Lion, Prodigy, DAdaptAdam, Adafactor, or `module.Class`.
+        optimizer: AdamW, AdamW8bit (bitsandbytes), Lion, Prodigy, DAdaptAdam, Adafactor, or `module.Class`.
         optimizer_args: extra constructor arguments, e.g. the 003 guide's Prodigy set
             `{decouple: true, weight_decay: 0.01, d_coef: 0.8, use_bias_correction: true,
             safeguard_warmup: true, betas: [0.9, 0.99]}`.

@@ -7,8 +7,10 @@ actually apply is d·lr, which `applied_lrs` reports (the 004 guide's DLR graph)
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import TYPE_CHECKING, Any
+import logging
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +24,8 @@ OPTIMIZERS: dict[str, tuple[str, str, str]] = {
     "DAdaptAdam": ("dadaptation", "DAdaptAdam", "dadaptation"),
     "Adafactor": ("transformers.optimization", "Adafactor", "transformers"),
 }
-GPU_ONLY = {"AdamW8bit"}
+# bitsandbytes warns at import that its CPU 4-bit matmul kernels are missing: unrelated to its optimizers.
+QUIET_LOGGERS = {"bitsandbytes": ("bitsandbytes.backends.cpu.ops",)}
 ADAPTIVE = {"Prodigy", "DAdaptAdam"}  # learn a step size d shared by all param groups
 # Adafactor with an external LR schedule: its own relative step size must be off.
 DEFAULT_ARGS: dict[str, dict[str, Any]] = {"Adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False}}
@@ -33,10 +36,8 @@ def optimizer_class(name: str, device_type: str) -> type:
 
     Args:
         name: a key of OPTIMIZERS, or `module.Class` of any importable optimizer.
-        device_type: `cuda` or `cpu`; 8-bit optimizers need CUDA.
+        device_type: `cuda` or `cpu` (bitsandbytes' 8-bit optimizers run on both).
     """
-    if name in GPU_ONLY and device_type != "cuda":
-        raise ValueError(f"`finetune.optimizer: {name}` runs on a CUDA GPU only (bitsandbytes' 8-bit states); use `AdamW` on {device_type}")
     if name in OPTIMIZERS:
         module_name, cls_name, package = OPTIMIZERS[name]
     elif "." in name:
@@ -45,13 +46,28 @@ def optimizer_class(name: str, device_type: str) -> type:
     else:
         raise ValueError(f"`finetune.optimizer` = {name!r}: not one of {', '.join(OPTIMIZERS)} and not a `module.Class` path")
     try:
-        module = importlib.import_module(module_name)
+        with quiet_loggers(QUIET_LOGGERS.get(package, ())):
+            module = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"`finetune.optimizer: {name}` needs the `{package}` package (pip install {package}): {e}") from e
     cls = getattr(module, cls_name, None)
     if not isinstance(cls, type):
         raise ValueError(f"`finetune.optimizer` = {name!r}: {module_name} has no class {cls_name}")
     return cls
+
+
+@contextlib.contextmanager
+def quiet_loggers(names: tuple[str, ...]) -> Iterator[None]:
+    """Raise the given loggers to ERROR for the duration (noisy import-time warnings)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def yaml_to_kwargs(args: dict[str, Any]) -> dict[str, Any]:
