@@ -171,6 +171,18 @@ def test_optimizer_errors_name_the_parameter():
     assert optimizers.make_optimizer("Lion", [{"params": p, "lr": 1.0}], {"betas": [0.9, 0.99]}, 0.0, "cpu").defaults["betas"] == (0.9, 0.99)
 
 
+def test_bitsandbytes_imports_quietly_under_loraforge():
+    import subprocess
+    import sys
+
+    bare = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True, check=True).stderr
+    if "gemm_4bit" not in bare:
+        pytest.skip("this bitsandbytes does not warn at import: nothing to silence")
+    code = "import loraforge, peft, bitsandbytes.optim"  # peft imports bitsandbytes when installed
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "gemm_4bit" not in err, err
+
+
 def test_adamw8bit_keeps_its_moments_in_8_bits_and_tracks_adamw():
     torch.manual_seed(0)
     weight = torch.randn(64, 128)  # bitsandbytes quantises tensors of 4096+ elements

@@ -7,10 +7,8 @@ actually apply is d·lr, which `applied_lrs` reports (the 004 guide's DLR graph)
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import logging
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -24,8 +22,6 @@ OPTIMIZERS: dict[str, tuple[str, str, str]] = {
     "DAdaptAdam": ("dadaptation", "DAdaptAdam", "dadaptation"),
     "Adafactor": ("transformers.optimization", "Adafactor", "transformers"),
 }
-# bitsandbytes warns at import that its CPU 4-bit matmul kernels are missing: unrelated to its optimizers.
-QUIET_LOGGERS = {"bitsandbytes": ("bitsandbytes.backends.cpu.ops",)}
 ADAPTIVE = {"Prodigy", "DAdaptAdam"}  # learn a step size d shared by all param groups
 # Adafactor with an external LR schedule: its own relative step size must be off.
 DEFAULT_ARGS: dict[str, dict[str, Any]] = {"Adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False}}
@@ -46,28 +42,13 @@ def optimizer_class(name: str, device_type: str) -> type:
     else:
         raise ValueError(f"`finetune.optimizer` = {name!r}: not one of {', '.join(OPTIMIZERS)} and not a `module.Class` path")
     try:
-        with quiet_loggers(QUIET_LOGGERS.get(package, ())):
-            module = importlib.import_module(module_name)
+        module = importlib.import_module(module_name)
     except ImportError as e:
         raise ValueError(f"`finetune.optimizer: {name}` needs the `{package}` package (pip install {package}): {e}") from e
     cls = getattr(module, cls_name, None)
     if not isinstance(cls, type):
         raise ValueError(f"`finetune.optimizer` = {name!r}: {module_name} has no class {cls_name}")
     return cls
-
-
-@contextlib.contextmanager
-def quiet_loggers(names: tuple[str, ...]) -> Iterator[None]:
-    """Raise the given loggers to ERROR for the duration (noisy import-time warnings)."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def yaml_to_kwargs(args: dict[str, Any]) -> dict[str, Any]:
