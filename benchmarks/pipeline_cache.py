@@ -27,11 +27,13 @@ def timed_repro(project: Path) -> tuple[float, list[str]]:
 
 
 def add_image(project: Path) -> None:
-    from PIL import Image, ImageOps
+    """A picture unlike the demo's (a flipped copy of a symmetric shape is a duplicate, which
+    ingest drops, so nothing downstream would change)."""
+    import numpy as np
+    from PIL import Image
 
-    source = sorted((project / "data" / "demo").glob("*.png"))[0]
-    with Image.open(source) as img:
-        ImageOps.flip(img.convert("RGB")).save(project / "data" / "demo" / "an upside down copy.png")
+    coarse = np.random.default_rng(7).integers(0, 256, (5, 5, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((160, 160), Image.Resampling.BICUBIC).save(project / "data" / "demo" / "soft colour blocks.png")
 
 
 def main() -> None:
