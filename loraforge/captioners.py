@@ -327,6 +327,15 @@ def wd14_preprocess(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(square, dtype=np.float32)[:, :, ::-1].copy()  # RGB -> BGR
 
 
+def normalize_tag(tag: str) -> str:
+    """A tag as compared: lower case, `_` as space, single spaces (`Long_Hair ` → `long hair`).
+
+    Args:
+        tag: one comma-separated tag.
+    """
+    return " ".join(tag.replace("_", " ").split()).lower()
+
+
 def tag_name(name: str, replace_underscores: bool) -> str:
     """The tag as written in a caption: underscores to spaces unless disabled or a kaomoji."""
     return name.replace("_", " ") if replace_underscores and name not in KAOMOJIS else name
@@ -343,25 +352,20 @@ def select_tags(scores: np.ndarray, tags: list[Tag], settings: Wd14Settings) -> 
     """
     if len(scores) != len(tags):
         raise ValueError(f"the tagger gives {len(scores)} scores but selected_tags.csv lists {len(tags)} tags")
-    undesired = {_normal(t) for t in settings.undesired_tags}
+    undesired = {normalize_tag(t) for t in settings.undesired_tags}
 
     def group(category: int, threshold: float) -> list[str]:
         picked = [(float(s), t.name) for s, t in zip(scores, tags) if t.category == category and s >= threshold]
         names = [tag_name(n, settings.replace_underscores) for _, n in sorted(picked, key=lambda p: (-p[0], p[1]))]
-        return [n for n in names if _normal(n) not in undesired]
+        return [n for n in names if normalize_tag(n) not in undesired]
 
     character, general = group(CHARACTER, settings.character_threshold), group(GENERAL, settings.general_threshold)
     ordered = character + general if settings.character_first else general + character
     ratings = [(float(s), t.name) for s, t in zip(scores, tags) if t.category == RATING]
     if settings.include_rating and ratings:
         rating = tag_name(max(ratings, key=lambda p: p[0])[1], settings.replace_underscores)
-        ordered = ([rating] if _normal(rating) not in undesired else []) + ordered
+        ordered = ([rating] if normalize_tag(rating) not in undesired else []) + ordered
     return ", ".join(ordered)
-
-
-def _normal(tag: str) -> str:
-    """A tag as compared: lower case, `_` as space, trimmed."""
-    return " ".join(tag.replace("_", " ").split()).lower()
 
 
 class Wd14Tagger:

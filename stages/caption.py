@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from loraforge.captioners import normalize_tag
 from loraforge.fingerprint import item_key
 from loraforge.images import read_jsonl, write_jsonl
 from loraforge.params import ModelParams, section
@@ -160,15 +161,6 @@ def has_trigger(caption: str, trigger: str) -> bool:
         trigger: the activation token(s).
     """
     return re.search(rf"(^|\W){re.escape(trigger)}($|\W)", caption) is not None
-
-
-def normalize_tag(tag: str) -> str:
-    """A tag as compared: lower case, `_` as space, single spaces (`Long_Hair ` → `long hair`).
-
-    Args:
-        tag: one comma-separated tag.
-    """
-    return re.sub(r"\s+", " ", tag.replace("_", " ")).strip().lower()
 
 
 def split_tags(caption: str) -> list[str]:

@@ -151,8 +151,8 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     if pending or unchecked:
         dtype = getattr(torch, params.vae_dtype)
         vae = load_vae(info, resolve_device(params.model.device), dtype)
-        encode_pending(vae, pending, params, inputs, env, dtype)
-        check_pending(vae, unchecked, inputs, env)
+        encode_pending(vae, pending, params, inputs, env, dtype, {it["key"] for it in unchecked})
+        check_pending(vae, [it for it in unchecked if not env.store.get("vae-check", it["check_key"], ".json")], inputs, env)
 
     out_rows, bucket_counts = [], defaultdict(int)
     for it in items:
@@ -186,8 +186,10 @@ def crop_for(item: dict[str, Any], folder: Any) -> tuple[Any, tuple[int, int], t
         return resize_cover_crop(img.convert("RGB"), *item["bucket"])
 
 
-def encode_pending(vae: Any, pending: list[dict[str, Any]], params: Params, inputs: "Paths", env: "StageEnv", dtype: Any) -> None:
-    """VAE-encode the items missing from the store, batched per bucket, into the store.
+def encode_pending(vae: Any, pending: list[dict[str, Any]], params: Params, inputs: "Paths", env: "StageEnv", dtype: Any,
+                   check: set[str]) -> None:
+    """VAE-encode the items missing from the store, batched per bucket, into the store; run the
+    VAE check on those in `check` while their crop is at hand.
 
     Args:
         vae: the training VAE.
@@ -196,6 +198,7 @@ def encode_pending(vae: Any, pending: list[dict[str, Any]], params: Params, inpu
         inputs: the stage inputs (`images`).
         env: the stage environment.
         dtype: the VAE's dtype.
+        check: latent keys of the items to VAE-check.
     """
     from safetensors.torch import save_file
 
@@ -213,11 +216,13 @@ def encode_pending(vae: Any, pending: list[dict[str, Any]], params: Params, inpu
                 crop, it["crop_top_left"], it["original_size"] = crop_for(it, inputs.images)
                 crops.append(crop)
             latents = encode_batch(vae, crops, [it["flip"] for it in chunk], dtype)  # (B, 4, h/8, w/8)
-            for it, latent in zip(chunk, latents):
+            for it, crop, latent in zip(chunk, crops, latents):
                 meta = {"bucket": f"{bucket[0]}x{bucket[1]}", "original_size": f"{it['original_size'][0]}x{it['original_size'][1]}",
                         "crop_top_left": f"{it['crop_top_left'][0]}x{it['crop_top_left'][1]}", "flip": str(it["flip"])}
                 env.store.put("latent", it["key"], ".safetensors",
                               lambda p, t=latent.contiguous(), m=meta: save_file({"latent": t}, str(p), metadata=m))
+                if it["key"] in check:
+                    store_check(vae, it, crop, latent, env)
             bar.update(len(chunk))
             env.publish.progress(bar.n / len(pending), "VAE encoding")
     bar.close()
@@ -244,9 +249,26 @@ def vae_check_items(items: list[dict[str, Any]], params: Params) -> list[dict[st
     return checked
 
 
+def store_check(vae: Any, item: dict[str, Any], crop: Any, latent: Any, env: "StageEnv") -> None:
+    """Decode `latent`, compare it with `crop`, and store the stats (`.json`) and the
+    worst-window sheet (`.png`) under the item's check key.
+
+    Args:
+        vae: the training VAE.
+        item: a work item from `vae_check_items`.
+        crop: the image the latent encodes.
+        latent: (4, h, w) unscaled posterior mean.
+        env: the stage environment.
+    """
+    import json
+
+    stats, sheet = vae_check_image(crop, decode_latent(vae, latent), item["window"])
+    env.store.put("vae-check", item["check_key"], ".png", lambda p: sheet.save(p, format="PNG"))
+    env.store.put_bytes("vae-check", item["check_key"], ".json", json.dumps(stats).encode())  # after the PNG: marks it complete
+
+
 def check_pending(vae: Any, unchecked: list[dict[str, Any]], inputs: "Paths", env: "StageEnv") -> None:
-    """Decode each unchecked item's cached latent, compare it with its crop, and store the stats
-    (`.json`) and the worst-window sheet (`.png`).
+    """The VAE check for items whose latent was cached before (encoding checks the rest).
 
     Args:
         vae: the training VAE.
@@ -254,8 +276,6 @@ def check_pending(vae: Any, unchecked: list[dict[str, Any]], inputs: "Paths", en
         inputs: the stage inputs (`images`).
         env: the stage environment.
     """
-    import json
-
     from safetensors.torch import load_file
 
     if not unchecked:
@@ -263,10 +283,7 @@ def check_pending(vae: Any, unchecked: list[dict[str, Any]], inputs: "Paths", en
     bar = env.bar(total=len(unchecked), desc="VAE check", unit="img")
     for n, it in enumerate(unchecked, 1):
         latent = load_file(str(env.store.get("latent", it["key"], ".safetensors")))["latent"]
-        crop = crop_for(it, inputs.images)[0]
-        stats, sheet = vae_check_image(crop, decode_latent(vae, latent), it["window"])
-        env.store.put("vae-check", it["check_key"], ".png", lambda p, im=sheet: im.save(p, format="PNG"))
-        env.store.put_bytes("vae-check", it["check_key"], ".json", json.dumps(stats).encode())  # after the PNG: marks it complete
+        store_check(vae, it, crop_for(it, inputs.images)[0], latent, env)
         bar.update(1)
         env.publish.progress(n / len(unchecked), "VAE reconstruction check")
     bar.close()

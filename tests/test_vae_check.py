@@ -168,3 +168,22 @@ def test_the_evaluation_page_shows_the_worst_sheets_with_their_psnr() -> None:
     assert "What the VAE loses" in html and 'src="../vae_check/01-abc.png"' in html
     assert "cat.png: 12.25 dB (worst window 8.5 dB)" in html and "21.5 dB over 5 images" in html
     assert evaluate.vae_section({"vae_check": {"worst": []}}) == "" and evaluate.vae_section({}) == ""
+
+
+def test_a_cold_run_reads_each_image_once_for_encoding_and_checking(dataset: Path, tmp_path: Path, state_dir: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages.latents as latents_stage
+
+    real, calls = latents_stage.crop_for, {"n": 0}
+
+    def counting(*args: Any) -> Any:
+        calls["n"] += 1
+        return real(*args)
+
+    work = tmp_path / "work"
+    images = ingest(dataset, work, state_dir)
+    monkeypatch.setattr(latents_stage, "crop_for", counting)
+    summary = latents(images, work, state_dir)[0]
+    assert summary["computed"] == summary["vae_check"]["computed"] == 4 and calls["n"] == 4  # the check reuses the crop
+    calls["n"] = 0
+    assert latents(images, work, state_dir, vae_check_window=48)[0]["vae_check"]["computed"] == 4 and calls["n"] == 4
