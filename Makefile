@@ -4,7 +4,7 @@
 
 VENV        ?= .venv
 PYTHON      ?= python3
-TORCH_PIN   ?= torch==2.13.0
+TORCH_PIN   ?= torch==2.14.1 torchvision==0.29.1
 STAMP       := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -17,8 +17,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet "$(TORCH_PIN)"
-	$(VENV)/bin/pip install --quiet -e ".[test]" "$(TORCH_PIN)"
+	$(VENV)/bin/pip install --quiet $(TORCH_PIN)
+	$(VENV)/bin/pip install --quiet -e ".[test]" $(TORCH_PIN)
 	touch $(STAMP)
 
 # Headless Chromium for the report tests (Debian packages; needs root). Without it those tests skip.

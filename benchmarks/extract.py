@@ -97,9 +97,13 @@ def speed(dim: int, device: str, conv: bool) -> dict[str, float]:
     """
     shapes = sdxl_target_shapes(conv)
     totals = {"full_s": 0.0, "lowrank_s": 0.0, "full_err2": 0.0, "lowrank_err2": 0.0, "norm2": 0.0}
-    print(f"{'shape':>24} {'layers':>6} {'full s':>8} {'lowrank s':>9} {'ratio':>6} {'full err':>9} {'lowrank err':>11}")
+    print(
+        f"{'shape':>24} {'layers':>6} {'full s':>8} {'lowrank s':>9} {'ratio':>6} {'full err':>9} {'lowrank err':>11}"
+    )
     L.extract_layer(torch.randn(64, 64, device=device), 8)  # warm LAPACK / cuSOLVER
-    for i, (shape, count) in enumerate(sorted(shapes.items(), key=lambda kv: -kv[0][0] * int(torch.tensor(kv[0][1:]).prod()))):
+    for i, (shape, count) in enumerate(
+        sorted(shapes.items(), key=lambda kv: -kv[0][0] * int(torch.tensor(kv[0][1:]).prod()))
+    ):
         delta = synthetic_delta(shape, i)
         norm2 = float(delta.double().pow(2).sum())
         torch.manual_seed(i)
@@ -110,14 +114,21 @@ def speed(dim: int, device: str, conv: bool) -> dict[str, float]:
         totals["full_err2"] += count * e_full
         totals["lowrank_err2"] += count * e_low
         totals["norm2"] += count * norm2
-        print(f"{str(shape):>24} {count:>6} {t_full:>8.3f} {t_low:>9.3f} {t_full / t_low:>6.1f} "
-              f"{(e_full / norm2) ** 0.5:>9.4f} {(e_low / norm2) ** 0.5:>11.4f}")
-    full_err, low_err = (totals["full_err2"] / totals["norm2"]) ** 0.5, (totals["lowrank_err2"] / totals["norm2"]) ** 0.5
+        print(
+            f"{str(shape):>24} {count:>6} {t_full:>8.3f} {t_low:>9.3f} {t_full / t_low:>6.1f} "
+            f"{(e_full / norm2) ** 0.5:>9.4f} {(e_low / norm2) ** 0.5:>11.4f}"
+        )
+    full_err, low_err = (
+        (totals["full_err2"] / totals["norm2"]) ** 0.5,
+        (totals["lowrank_err2"] / totals["norm2"]) ** 0.5,
+    )
     print(f"\nwhole SDXL UNet ({sum(shapes.values())} layers, dim {dim}, {device}):")
     print(f"  full     {totals['full_s']:8.1f} s   relative Frobenius error {full_err:.5f}")
     print(f"  lowrank  {totals['lowrank_s']:8.1f} s   relative Frobenius error {low_err:.5f}")
-    print(f"  time ratio full / lowrank: {totals['full_s'] / totals['lowrank_s']:.2f}x   "
-          f"error lowrank vs full: {100 * (low_err / full_err - 1):+.3f}%")
+    print(
+        f"  time ratio full / lowrank: {totals['full_s'] / totals['lowrank_s']:.2f}x   "
+        f"error lowrank vs full: {100 * (low_err / full_err - 1):+.3f}%"
+    )
     return {"ratio": totals["full_s"] / totals["lowrank_s"], "full_err": full_err, "lowrank_err": low_err}
 
 
@@ -139,7 +150,9 @@ def write_model(path: Path, megabytes: int, seed: int) -> int:
     state, total, i = {}, 0, 0
     while total < megabytes * 1e6:
         shape = shapes[i % len(shapes)]
-        state[f"down_blocks.2.attentions.0.transformer_blocks.{i}.attn1.to_q.weight"] = torch.randn(shape, generator=g).half()
+        state[f"down_blocks.2.attentions.0.transformer_blocks.{i}.attn1.to_q.weight"] = torch.randn(
+            shape, generator=g
+        ).half()
         total += shape[0] * shape[1] * 2
         i += 1
     save_file(state, path)
@@ -157,15 +170,21 @@ def memory(megabytes: int, dim: int) -> dict[str, float]:
         base, tuned = Path(tmp) / "base.safetensors", Path(tmp) / "tuned.safetensors"
         size = write_model(base, megabytes, 0)
         write_model(tuned, megabytes, 1)
-        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(base), str(tuned), str(dim)],
-                             capture_output=True, text=True, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", MEMORY_SCRIPT, str(base), str(tuned), str(dim)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if out.returncode != 0:
             raise SystemExit(f"memory run failed:\n{out.stderr}")
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = stats["growth"] / size
-    print(f"\nmemory: one model {size / 1e6:.0f} MB (float16); process peak RSS {stats['before'] / 1e6:.0f} MB before extracting, "
-          f"{(stats['before'] + stats['growth']) / 1e6:.0f} MB after; growth {stats['growth'] / 1e6:.0f} MB "
-          f"= {ratio:.3f}x one model (goal < 1.3; the LoRA itself is {stats['lora_bytes'] / 1e6:.1f} MB)")
+    print(
+        f"\nmemory: one model {size / 1e6:.0f} MB (float16); process peak RSS {stats['before'] / 1e6:.0f} MB before extracting, "
+        f"{(stats['before'] + stats['growth']) / 1e6:.0f} MB after; growth {stats['growth'] / 1e6:.0f} MB "
+        f"= {ratio:.3f}x one model (goal < 1.3; the LoRA itself is {stats['lora_bytes'] / 1e6:.1f} MB)"
+    )
     return {"model_mb": size / 1e6, "growth_mb": stats["growth"] / 1e6, "ratio": ratio}
 
 
@@ -173,7 +192,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--memory-mb", type=int, default=400, help="size of the synthetic model for the memory run; 0 skips it")
+    parser.add_argument(
+        "--memory-mb", type=int, default=400, help="size of the synthetic model for the memory run; 0 skips it"
+    )
     parser.add_argument("--no-conv", action="store_true", help="attention layers only (conv_dim 0)")
     parser.add_argument("--memory-only", action="store_true", help="skip the speed run")
     args = parser.parse_args()

@@ -33,15 +33,21 @@ def add_image(project: Path) -> None:
     from PIL import Image
 
     coarse = np.random.default_rng(7).integers(0, 256, (5, 5, 3), dtype=np.uint8)
-    Image.fromarray(coarse).resize((160, 160), Image.Resampling.BICUBIC).save(project / "data" / "demo" / "soft colour blocks.png")
+    Image.fromarray(coarse).resize((160, 160), Image.Resampling.BICUBIC).save(
+        project / "data" / "demo" / "soft colour blocks.png"
+    )
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         project = make_project(Path(tmp) / "bench", params={})
         rows = []
-        for name, change in [("cold", None), ("no change", None), ("one new image", add_image),
-                             ("trigger changed", lambda p: set_params(p, {"caption": {"trigger": "benchstyle"}}))]:
+        for name, change in [
+            ("cold", None),
+            ("no change", None),
+            ("one new image", add_image),
+            ("trigger changed", lambda p: set_params(p, {"caption": {"trigger": "benchstyle"}})),
+        ]:
             if change:
                 change(project)
             seconds, stages = timed_repro(project)

@@ -50,9 +50,18 @@ def loraforge_loop(project: Path, params: dict[str, Any]) -> tuple[int, float]:
     shutil.rmtree(out, ignore_errors=True)
     (out / "checkpoints").mkdir(parents=True)
     clock = Clock()
-    env = StageEnv(store=ItemStore(project / ".loraforge" / "store"), state_dir=project / ".loraforge", publish=clock, show_progress=False)
-    finetune.run(finetune.Params(**params), Paths(latents=project / "data" / "latents", captions=project / "data" / "captions"),
-                 Paths(checkpoints=out / "checkpoints", loss=out / "loss"), env)
+    env = StageEnv(
+        store=ItemStore(project / ".loraforge" / "store"),
+        state_dir=project / ".loraforge",
+        publish=clock,
+        show_progress=False,
+    )
+    finetune.run(
+        finetune.Params(**params),
+        Paths(latents=project / "data" / "latents", captions=project / "data" / "captions"),
+        Paths(checkpoints=out / "checkpoints", loss=out / "loss"),
+        env,
+    )
     return len(clock.times) - 1, clock.times[-1] - clock.times[0]
 
 
@@ -85,12 +94,16 @@ def reference_loop(project: Path, params: dict[str, Any]) -> tuple[int, float]:
                 else:
                     hidden, pooled = encode_sdxl(tokenizers, encoders, captions)
                     w, h = batch[0]["bucket"]
-                    ids = sdxl_time_ids([e["original_size"] for e in batch], [e["crop_top_left"] for e in batch], (h, w)).to(device)
+                    ids = sdxl_time_ids(
+                        [e["original_size"] for e in batch], [e["crop_top_left"] for e in batch], (h, w)
+                    ).to(device)
                     added = {"text_embeds": pooled, "time_ids": ids}
             noise = torch.randn_like(latents)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+                pred = unet(
+                    scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=hidden, added_cond_kwargs=added
+                ).sample
             loss = F.mse_loss(pred.float(), noise.float())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -110,8 +123,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     args = parser.parse_args()
     gpu = torch.cuda.is_available()
-    params = {"model": {"base": f"builtin:tiny-{args.arch}"}, "epochs": args.epochs, "batch_size": args.batch, "lr": 1e-4,
-              "seed": 42, "train_text_encoder": False, "save_dtype": "float32", "mixed_precision": "bf16" if gpu else "no"}
+    params = {
+        "model": {"base": f"builtin:tiny-{args.arch}"},
+        "epochs": args.epochs,
+        "batch_size": args.batch,
+        "lr": 1e-4,
+        "seed": 42,
+        "train_text_encoder": False,
+        "save_dtype": "float32",
+        "mixed_precision": "bf16" if gpu else "no",
+    }
     with tempfile.TemporaryDirectory() as tmp:
         project = make_project(Path(tmp) / "bench", params={}, git=False)
         set_params(project, {"model": {"base": params["model"]["base"]}})
@@ -119,10 +140,17 @@ def main() -> None:
 
         for stage in ("ingest", "upscale", "caption", "latents"):
             run_stage(project, stage)
-        loraforge_loop(project, {**params, "epochs": 1})  # warm-up: fills the text-encoder cache, as a second run would find it
-        rows = [("reference (diffusers example loop)", *reference_loop(project, params)), ("loraforge finetune", *loraforge_loop(project, params))]
+        loraforge_loop(
+            project, {**params, "epochs": 1}
+        )  # warm-up: fills the text-encoder cache, as a second run would find it
+        rows = [
+            ("reference (diffusers example loop)", *reference_loop(project, params)),
+            ("loraforge finetune", *loraforge_loop(project, params)),
+        ]
     device = torch.cuda.get_device_name() if gpu else "CPU"
-    print(f"{args.arch} tiny model, batch {args.batch}, {args.epochs} epochs, {device}, torch threads {torch.get_num_threads()}")
+    print(
+        f"{args.arch} tiny model, batch {args.batch}, {args.epochs} epochs, {device}, torch threads {torch.get_num_threads()}"
+    )
     print(f"{'loop':<36} {'steps':>6} {'seconds':>8} {'samples/s':>10}")
     rates = []
     for name, steps, seconds in rows:

@@ -45,18 +45,42 @@ WD14_FILES = ("model.onnx", "selected_tags.csv")
 BLIP_PATTERNS = ("*.json", "*.txt", "*.safetensors")  # configs, tokenizer vocab, weights; never pickles
 RATING, GENERAL, CHARACTER = 9, 0, 4  # selected_tags.csv categories
 # Tags whose underscore is part of the face (SmilingWolf's taggers keep these as they are).
-KAOMOJIS = frozenset({
-    "0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9", ">_o",
-    "@_@", "^_^", "o_o", "u_u", "x_x", "|_|", "||_||",
-})
+KAOMOJIS = frozenset(
+    {
+        "0_0",
+        "(o)_(o)",
+        "+_+",
+        "+_-",
+        "._.",
+        "<o>_<o>",
+        "<|>_<|>",
+        "=_=",
+        ">_<",
+        "3_3",
+        "6_9",
+        ">_o",
+        "@_@",
+        "^_^",
+        "o_o",
+        "u_u",
+        "x_x",
+        "|_|",
+        "||_||",
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # Finding the model files
 
 
-def locate_model(kind: CaptionerKind, value: str | None, root: Path, revision: str | None = None,
-                 param: str = "caption.captioner_path") -> Path:
+def locate_model(
+    kind: CaptionerKind,
+    value: str | None,
+    root: Path,
+    revision: str | None = None,
+    param: str = "caption.captioner_path",
+) -> Path:
     """The local folder holding the captioner's files: `value` as a folder, else a hub download.
 
     Args:
@@ -75,11 +99,15 @@ def locate_model(kind: CaptionerKind, value: str | None, root: Path, revision: s
             raise ValueError(f"`{param}` = {value!r}: {local} is a file; give the folder that holds the {kind} model")
         return local
     if value.startswith((".", "/", "~")) or "\\" in value or not HUB_ID.match(value):
-        raise FileNotFoundError(f"`{param}` = {value!r}: no such folder {local} (and not a Hugging Face id like `owner/name`)")
+        raise FileNotFoundError(
+            f"`{param}` = {value!r}: no such folder {local} (and not a Hugging Face id like `owner/name`)"
+        )
     try:
         return download_model(kind, value, revision)
     except Exception as e:  # offline, no such repo, no such file: one message naming the param
-        raise FileNotFoundError(f"`{param}` = {value!r}: no folder {local}, and the Hugging Face hub could not provide it: {e}") from e
+        raise FileNotFoundError(
+            f"`{param}` = {value!r}: no folder {local}, and the Hugging Face hub could not provide it: {e}"
+        ) from e
 
 
 def download_model(kind: CaptionerKind, repo_id: str, revision: str | None) -> Path:
@@ -109,10 +137,14 @@ def model_files(kind: CaptionerKind, folder: Path, param: str = "caption.caption
     if kind == "wd14":
         for name in WD14_FILES:
             if not (folder / name).is_file():
-                raise FileNotFoundError(f"`{param}`: no {name} at {folder / name} (a WD14 tagger folder holds {' and '.join(WD14_FILES)})")
+                raise FileNotFoundError(
+                    f"`{param}`: no {name} at {folder / name} (a WD14 tagger folder holds {' and '.join(WD14_FILES)})"
+                )
         return [folder / name for name in WD14_FILES]
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"`{param}`: no config.json at {folder / 'config.json'} (a BLIP folder as written by save_pretrained)")
+        raise FileNotFoundError(
+            f"`{param}`: no config.json at {folder / 'config.json'} (a BLIP folder as written by save_pretrained)"
+        )
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"`{param}`: no .safetensors weights in {folder} (pickle weights are not loaded)")
     return sorted({p for pattern in BLIP_PATTERNS for p in folder.glob(pattern) if p.is_file()})
@@ -231,7 +263,9 @@ class BlipCaptioner:
         import torch
 
         text = [self.settings.prompt] * len(images) if self.settings.prompt else None
-        inputs = self._processor(images=[im.convert("RGB") for im in images], text=text, return_tensors="pt").to(self._model.device)
+        inputs = self._processor(images=[im.convert("RGB") for im in images], text=text, return_tensors="pt").to(
+            self._model.device
+        )
         # BLIP replaces the first prompt token by BOS and drops the last ([SEP]): the decoder
         # starts from (B, prompt_len - 1) ids, or from BOS alone without a prompt.
         start = inputs["input_ids"].shape[1] - 1 if text else 1
@@ -420,7 +454,9 @@ class Wd14Tagger:
             parts.append(self._session.run([out], {inp: batch})[0].astype(np.float32))
         result = np.concatenate(parts)
         if result.shape[1] != len(self.tags):
-            raise ValueError(f"{self.folder / 'model.onnx'} gives {result.shape[1]} scores but selected_tags.csv lists {len(self.tags)} tags")
+            raise ValueError(
+                f"{self.folder / 'model.onnx'} gives {result.shape[1]} scores but selected_tags.csv lists {len(self.tags)} tags"
+            )
         return result
 
     def run(self, images: list[Image.Image]) -> list[bytes]:

@@ -1,14 +1,14 @@
 """The `loraforge` command line.
 
-    loraforge stage NAME        run one stage (what dvc.yaml's cmd calls)
-    loraforge run [--from S]    run the whole pipeline as a Prefect flow; prints computed/cached per stage
-    loraforge sync-dvc [--check]  write dvc.yaml from pipeline.yaml (or fail when it is stale)
-    loraforge check             validate params.yaml against every stage's schema
-    loraforge ui [--port N]     start the Prefect server (and UI) on 127.0.0.1
-    loraforge plan              the guides' steps arithmetic for the ingested dataset (reports/plan.json)
-    loraforge compare EXP...    side-by-side page of DVC experiments or run folders (reports/compare/)
-    loraforge extract --base A --tuned B --out X   a LoRA from two models, outside the pipeline
-    loraforge resize IN --rank N --out Y           resize any kohya LoRA, outside the pipeline
+loraforge stage NAME        run one stage (what dvc.yaml's cmd calls)
+loraforge run [--from S]    run the whole pipeline as a Prefect flow; prints computed/cached per stage
+loraforge sync-dvc [--check]  write dvc.yaml from pipeline.yaml (or fail when it is stale)
+loraforge check             validate params.yaml against every stage's schema
+loraforge ui [--port N]     start the Prefect server (and UI) on 127.0.0.1
+loraforge plan              the guides' steps arithmetic for the ingested dataset (reports/plan.json)
+loraforge compare EXP...    side-by-side page of DVC experiments or run folders (reports/compare/)
+loraforge extract --base A --tuned B --out X   a LoRA from two models, outside the pipeline
+loraforge resize IN --rank N --out Y           resize any kohya LoRA, outside the pipeline
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     manifest = run_stage(find_root(), args.name)
     report = manifest["report"]
-    print(f"{args.name}: {report['items']} items, {report['computed']} computed, {report['reused']} reused, {report['seconds']:.1f}s")
+    print(
+        f"{args.name}: {report['items']} items, {report['computed']} computed, {report['reused']} reused, {report['seconds']:.1f}s"
+    )
     return 0
 
 
@@ -82,7 +84,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraforge", description="Stable Diffusion LoRA training as one reproducible pipeline.")
+    parser = argparse.ArgumentParser(
+        prog="loraforge", description="Stable Diffusion LoRA training as one reproducible pipeline."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stage", help="run one stage (dvc.yaml calls this)")

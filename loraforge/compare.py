@@ -81,7 +81,10 @@ def load_run(folder: Path, label: str) -> Run:
         raise FileNotFoundError(f"`{label}`: no {metrics_file} (run the evaluate stage first)")
     params_file = folder / "params.yaml"
     return Run(
-        label=label, folder=folder, metrics=_read_json(metrics_file), best=_read_json(folder / "reports" / "eval" / "best.json"),
+        label=label,
+        folder=folder,
+        metrics=_read_json(metrics_file),
+        best=_read_json(folder / "reports" / "eval" / "best.json"),
         params=yaml.safe_load(params_file.read_text()) or {} if params_file.is_file() else {},
         steps=_read_rows(folder / "reports" / "finetune" / "steps.tsv"),
         epochs=_read_rows(folder / "reports" / "finetune" / "epochs.tsv"),
@@ -133,14 +136,18 @@ def resolve_rev(root: Path, name: str) -> str:
     try:
         refs = experiment_refs(root)
     except ValueError:
-        raise ValueError(f"`{name}` is not a folder, and {root} is not a git repository (DVC experiments need one)") from None
+        raise ValueError(
+            f"`{name}` is not a folder, and {root} is not a git repository (DVC experiments need one)"
+        ) from None
     if name in refs:
         return refs[name]
     try:
         return git(root, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}")
     except ValueError:
         known = ", ".join(sorted(refs)) or "none"
-        raise ValueError(f"`{name}` is not a folder, a DVC experiment (known: {known}) or a git revision in {root}") from None
+        raise ValueError(
+            f"`{name}` is not a folder, a DVC experiment (known: {known}) or a git revision in {root}"
+        ) from None
 
 
 def fetch_revision(root: Path, rev: str, dest: Path) -> Path:
@@ -227,8 +234,16 @@ def metric_rows(runs: list[Run]) -> tuple[list[str], list[list[Any]]]:
     Args:
         runs: the runs.
     """
-    flat = [flatten({"best_epoch": r.metrics.get("best_epoch"), "best": r.metrics.get("best", {}),
-                     "epochs": r.metrics.get("epochs", {})}) for r in runs]
+    flat = [
+        flatten(
+            {
+                "best_epoch": r.metrics.get("best_epoch"),
+                "best": r.metrics.get("best", {}),
+                "epochs": r.metrics.get("epochs", {}),
+            }
+        )
+        for r in runs
+    ]
     keys = [k for k in dict.fromkeys(k for f in flat for k in f)]
     return ["metric", *[r.label for r in runs]], [[k, *[f.get(k) for f in flat]] for k in keys]
 
@@ -254,8 +269,13 @@ def render(runs: list[Run], out: Path) -> str:
     """
     params = [flatten(r.params) for r in runs]
     diff = differing(params)
-    overview = table(["experiment", *diff, "recommended", "similarity"],
-                     [[r.label, *[p.get(k) for k in diff], r.best.get("epoch"), r.metrics.get("similarity")] for r, p in zip(runs, params)])
+    overview = table(
+        ["experiment", *diff, "recommended", "similarity"],
+        [
+            [r.label, *[p.get(k) for k in diff], r.best.get("epoch"), r.metrics.get("similarity")]
+            for r, p in zip(runs, params)
+        ],
+    )
     grids = []
     for i in range(max((len(r.grids) for r in runs), default=0)):
         figs = []
@@ -265,16 +285,26 @@ def render(runs: list[Run], out: Path) -> str:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(r.grids[i], target)
                 figs.append(figure(target.relative_to(out).as_posix(), r.label))
-        grids.append(f"<h3>Prompt {i + 1}</h3><div class=\"row\">{''.join(figs)}</div>")
-    charts = "".join([line_chart(curves(runs, "epochs", "loss"), "Train loss per epoch", "epoch", "loss"),
-                      line_chart(curves(runs, "steps", "loss"), "Train loss per step", "step", "loss"),
-                      line_chart(curves(runs, "steps", "lr"), "Learning rate per step", "step", "lr")])
-    reasons = "".join(f"<h3>{esc(r.label)}: {esc(r.best.get('epoch', '—'))}</h3><ul>"
-                      + "".join(f"<li>{esc(x)}</li>" for x in r.best.get("reasons", [])) + "</ul>" for r in runs)
+        grids.append(f'<h3>Prompt {i + 1}</h3><div class="row">{"".join(figs)}</div>')
+    charts = "".join(
+        [
+            line_chart(curves(runs, "epochs", "loss"), "Train loss per epoch", "epoch", "loss"),
+            line_chart(curves(runs, "steps", "loss"), "Train loss per step", "step", "loss"),
+            line_chart(curves(runs, "steps", "lr"), "Learning rate per step", "step", "lr"),
+        ]
+    )
+    reasons = "".join(
+        f"<h3>{esc(r.label)}: {esc(r.best.get('epoch', '—'))}</h3><ul>"
+        + "".join(f"<li>{esc(x)}</li>" for x in r.best.get("reasons", []))
+        + "</ul>"
+        for r in runs
+    )
     header, rows = metric_rows(runs)
-    body = (f"<h2>Experiments</h2>{overview}<h2>Fixed-seed grids (rows: epochs, columns: seeds)</h2>{''.join(grids)}"
-            f'<h2>Curves</h2><div class="row">{charts}</div><h2>Recommendations</h2>{reasons}'
-            f"<h2>Metrics side by side</h2>{table(header, rows)}")
+    body = (
+        f"<h2>Experiments</h2>{overview}<h2>Fixed-seed grids (rows: epochs, columns: seeds)</h2>{''.join(grids)}"
+        f'<h2>Curves</h2><div class="row">{charts}</div><h2>Recommendations</h2>{reasons}'
+        f"<h2>Metrics side by side</h2>{table(header, rows)}"
+    )
     return page("loraforge comparison: " + ", ".join(r.label for r in runs), body)
 
 
@@ -324,7 +354,9 @@ def add_compare_command(subparsers: Any) -> None:
     Args:
         subparsers: the CLI's `add_subparsers()` object.
     """
-    p = subparsers.add_parser("compare", help="one page comparing experiments: fixed-seed grids, curves, metrics side by side")
+    p = subparsers.add_parser(
+        "compare", help="one page comparing experiments: fixed-seed grids, curves, metrics side by side"
+    )
     p.add_argument("experiments", nargs="+", metavar="EXP", help="DVC experiment name, git revision, or run folder")
     p.add_argument("--out", help="output folder (default: reports/compare)")
     p.add_argument("--root", help="the DVC project (default: the folder holding pipeline.yaml)")

@@ -37,7 +37,9 @@ def encode_sdxl(tokenizers: list[Any], encoders: list[Any], captions: list[str])
     return torch.cat(hidden, dim=-1), pooled
 
 
-def sdxl_time_ids(original_sizes: list[list[int]], crops_top_left: list[list[int]], target_size: tuple[int, int]) -> torch.Tensor:
+def sdxl_time_ids(
+    original_sizes: list[list[int]], crops_top_left: list[list[int]], target_size: tuple[int, int]
+) -> torch.Tensor:
     """(B, 6) micro-conditioning: original (h, w), crop (top, left), target (h, w) in pixels."""
     rows = [[*orig, *crop, *target_size] for orig, crop in zip(original_sizes, crops_top_left)]
     return torch.tensor(rows, dtype=torch.float32)

@@ -118,11 +118,15 @@ def rises(at_weight: dict[str, float], at_zero: dict[str, float]) -> dict[str, f
         at_weight: mean signs of the images at the weight in question.
         at_zero: mean signs of the same prompts and seeds at weight 0 (the base model).
     """
+
     def relative(key: str) -> float:
         return at_weight[key] / max(at_zero[key], 1e-6) - 1.0
 
-    return {"saturation_rise": relative("colourfulness"), "high_freq_rise": relative("high_freq"),
-            "clipped_rise": at_weight["clipped"] - at_zero["clipped"]}
+    return {
+        "saturation_rise": relative("colourfulness"),
+        "high_freq_rise": relative("high_freq"),
+        "clipped_rise": at_weight["clipped"] - at_zero["clipped"],
+    }
 
 
 def mean_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -195,7 +199,11 @@ def local_minima(losses: dict[int, float]) -> list[int]:
         losses: loss per epoch number.
     """
     epochs = sorted(losses)
-    return [e for prev, e, nxt in zip(epochs, epochs[1:], epochs[2:]) if losses[e] < losses[prev] and losses[e] <= losses[nxt]]
+    return [
+        e
+        for prev, e, nxt in zip(epochs, epochs[1:], epochs[2:])
+        if losses[e] < losses[prev] and losses[e] <= losses[nxt]
+    ]
 
 
 # ---------------------------------------------------------------- the recommendation rule
@@ -249,9 +257,14 @@ def judge(row: dict[str, Any], limits: Limits, minima: list[int]) -> Verdict:
     """
     mem, base = row.get("memorisation"), row.get("memorisation_base")
     memorises = mem is not None and base is not None and mem < limits.memorisation_ratio * base
-    overfit = [f"{k} {row[k]:.3g} > {getattr(limits, k):g}" for k in ("saturation_rise", "high_freq_rise", "clipped_rise")
-               if row.get(k) is not None and row[k] > getattr(limits, k)]
-    return Verdict(epoch=int(row["epoch"]), memorises=memorises, overfit=overfit, loss_minimum=int(row["epoch"]) in minima)
+    overfit = [
+        f"{k} {row[k]:.3g} > {getattr(limits, k):g}"
+        for k in ("saturation_rise", "high_freq_rise", "clipped_rise")
+        if row.get(k) is not None and row[k] > getattr(limits, k)
+    ]
+    return Verdict(
+        epoch=int(row["epoch"]), memorises=memorises, overfit=overfit, loss_minimum=int(row["epoch"]) in minima
+    )
 
 
 def recommend(rows: list[dict[str, Any]], limits: Limits) -> dict[str, Any]:
@@ -278,9 +291,14 @@ def recommend(rows: list[dict[str, Any]], limits: Limits) -> dict[str, Any]:
     if fallback:
         chosen = verdicts[0]
     reasons = explain(chosen, verdicts, first_memorising, limits, rows, fallback)
-    return {"epoch": chosen.epoch, "reasons": reasons, "fallback": fallback,
-            "memorising_from": first_memorising, "overfit": {v.epoch: v.overfit for v in verdicts if v.overfit},
-            "loss_minima": [v.epoch for v in verdicts if v.loss_minimum]}
+    return {
+        "epoch": chosen.epoch,
+        "reasons": reasons,
+        "fallback": fallback,
+        "memorising_from": first_memorising,
+        "overfit": {v.epoch: v.overfit for v in verdicts if v.overfit},
+        "loss_minima": [v.epoch for v in verdicts if v.loss_minimum],
+    }
 
 
 def choose(candidates: list[Verdict]) -> Verdict | None:
@@ -294,8 +312,14 @@ def choose(candidates: list[Verdict]) -> Verdict | None:
     return pool[-1] if pool else None
 
 
-def explain(chosen: Verdict, verdicts: list[Verdict], first_memorising: int | None, limits: Limits,
-            rows: list[dict[str, Any]], fallback: bool) -> list[str]:
+def explain(
+    chosen: Verdict,
+    verdicts: list[Verdict],
+    first_memorising: int | None,
+    limits: Limits,
+    rows: list[dict[str, Any]],
+    fallback: bool,
+) -> list[str]:
     """Human-readable reasons for the choice (they go into best.json and the report).
 
     Args:
@@ -308,15 +332,21 @@ def explain(chosen: Verdict, verdicts: list[Verdict], first_memorising: int | No
     """
     row = next(r for r in rows if int(r["epoch"]) == chosen.epoch)
     if fallback:
-        return [f"every epoch shows overtraining signs; shipping the earliest, epoch {chosen.epoch}: "
-                "train fewer epochs or with a lower finetune.lr"]
+        return [
+            f"every epoch shows overtraining signs; shipping the earliest, epoch {chosen.epoch}: "
+            "train fewer epochs or with a lower finetune.lr"
+        ]
     reasons = []
     if first_memorising is not None:
-        reasons.append(f"epoch {chosen.epoch}: before epoch {first_memorising}, where the caption images' distance to the "
-                       f"nearest training image drops below {limits.memorisation_ratio:g} × the base model's")
+        reasons.append(
+            f"epoch {chosen.epoch}: before epoch {first_memorising}, where the caption images' distance to the "
+            f"nearest training image drops below {limits.memorisation_ratio:g} × the base model's"
+        )
     elif row.get("memorisation") is not None:
-        reasons.append(f"epoch {chosen.epoch}: no epoch memorises (caption images stay ≥ {limits.memorisation_ratio:g} × "
-                       "the base model's distance from the nearest training image)")
+        reasons.append(
+            f"epoch {chosen.epoch}: no epoch memorises (caption images stay ≥ {limits.memorisation_ratio:g} × "
+            "the base model's distance from the nearest training image)"
+        )
     else:
         reasons.append(f"epoch {chosen.epoch}: memorisation not measured (no training images declared)")
     measured = [k for k in ("saturation_rise", "high_freq_rise", "clipped_rise") if row.get(k) is not None]
@@ -328,6 +358,9 @@ def explain(chosen: Verdict, verdicts: list[Verdict], first_memorising: int | No
     skipped = [v.epoch for v in verdicts if v.overfit and (first_memorising is None or v.epoch < first_memorising)]
     if skipped:
         reasons.append(f"skipped for overfit signs: epochs {', '.join(map(str, skipped))}")
-    reasons.append(f"a local minimum of the train loss (epoch loss {row['loss']:.4g})" if chosen.loss_minimum
-                   else "the latest epoch that passed (no passing epoch is a local minimum of the train loss)")
+    reasons.append(
+        f"a local minimum of the train loss (epoch loss {row['loss']:.4g})"
+        if chosen.loss_minimum
+        else "the latest epoch that passed (no passing epoch is a local minimum of the train loss)"
+    )
     return reasons

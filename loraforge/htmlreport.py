@@ -73,8 +73,14 @@ def _scale(values: list[float], lo_px: float, hi_px: float) -> Any:
     return lambda v: lo_px + (v - lo) / span * (hi_px - lo_px)
 
 
-def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str,
-               width: int = 560, height: int = 260) -> str:
+def line_chart(
+    series: dict[str, list[tuple[float, float]]],
+    title: str,
+    x_label: str,
+    y_label: str,
+    width: int = 560,
+    height: int = 260,
+) -> str:
     """An inline SVG chart with one polyline per series and a legend.
 
     Args:
@@ -97,12 +103,16 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
         coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{coords}"/>')
         legend.append(f'<span style="color:{colour}">■ {esc(name)}</span>')
-    axes = (f'<text x="50" y="{height - 5}" font-size="11">{esc(x_label)} {min(xs):g} – {max(xs):g}</text>'
-            f'<text x="2" y="12" font-size="11">{esc(y_label)} {min(ys):.4g} – {max(ys):.4g}</text>'
-            f'<rect x="50" y="10" width="{width - 60}" height="{height - 40}" fill="none" stroke="#999"/>')
-    return (f'<figure><figcaption>{esc(title)}</figcaption><svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
-            f'height="{height}" role="img" aria-label="{esc(title)}">{axes}{"".join(lines)}</svg>'
-            f'<div>{" ".join(legend)}</div></figure>')
+    axes = (
+        f'<text x="50" y="{height - 5}" font-size="11">{esc(x_label)} {min(xs):g} – {max(xs):g}</text>'
+        f'<text x="2" y="12" font-size="11">{esc(y_label)} {min(ys):.4g} – {max(ys):.4g}</text>'
+        f'<rect x="50" y="10" width="{width - 60}" height="{height - 40}" fill="none" stroke="#999"/>'
+    )
+    return (
+        f'<figure><figcaption>{esc(title)}</figcaption><svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'height="{height}" role="img" aria-label="{esc(title)}">{axes}{"".join(lines)}</svg>'
+        f"<div>{' '.join(legend)}</div></figure>"
+    )
 
 
 def page(title: str, body: str) -> str:
@@ -112,8 +122,10 @@ def page(title: str, body: str) -> str:
         title: the <title> and <h1>.
         body: inner HTML after the heading.
     """
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f"<style>{STYLE}</style></head><body>\n<h1>{esc(title)}</h1>\n{body}\n</body></html>\n")
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f"<style>{STYLE}</style></head><body>\n<h1>{esc(title)}</h1>\n{body}\n</body></html>\n"
+    )
 
 
 def read_tsv(text: str) -> list[dict[str, float]]:
@@ -139,6 +151,11 @@ def write_tsv_text(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         header += [k for k in row if k not in header]
     out = ["\t".join(header)]
-    out += ["\t".join("" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k]))
-                      for k in header) for row in rows]
+    out += [
+        "\t".join(
+            "" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else str(row[k]))
+            for k in header
+        )
+        for row in rows
+    ]
     return "\n".join(out) + "\n"

@@ -38,9 +38,17 @@ UnetNaming = Literal["diffusers", "sgm"]
 # Which naming kohya uses for each architecture's UNet.
 KOHYA_UNET_NAMING: dict[str, UnetNaming] = {"sd15": "diffusers", "sdxl": "sgm"}
 
-_RESNET_INNER = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
-                 "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
-_BLOCK = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.*))?$")
+_RESNET_INNER = {
+    "conv1": "in_layers.2",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+    "norm1": "in_layers.0",
+    "norm2": "out_layers.0",
+}
+_BLOCK = re.compile(
+    r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.*))?$"
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,9 @@ def layout_from_config(config: Mapping[str, Any]) -> UnetLayout:
         raise ValueError(f"UNet config `layers_per_block` must be one integer ≥ 1 for sgm names, got {lpb!r}")
     down, up = config.get("down_block_types"), config.get("up_block_types")
     if not down or not up or len(down) != len(up):
-        raise ValueError(f"UNet config `down_block_types` {down!r} and `up_block_types` {up!r} must be non-empty and as long")
+        raise ValueError(
+            f"UNet config `down_block_types` {down!r} and `up_block_types` {up!r} must be non-empty and as long"
+        )
     return UnetLayout(lpb, tuple("CrossAttn" in t for t in down), tuple("CrossAttn" in t for t in up))
 
 
@@ -98,9 +108,13 @@ def layout_from_keys(keys: Iterable[str]) -> UnetLayout:
         raise ValueError("`keys` hold no `down_blocks.N.resnets.M` weights: not a diffusers UNet state dict")
     counts = {len(v) for v in resnets.values()}
     if len(counts) != 1:
-        raise ValueError(f"`keys`: down blocks have different ResNet counts {sorted(counts)}; sgm names need one `layers_per_block`")
+        raise ValueError(
+            f"`keys`: down blocks have different ResNet counts {sorted(counts)}; sgm names need one `layers_per_block`"
+        )
     n_down = max(resnets) + 1
-    return UnetLayout(counts.pop(), tuple(i in down_att for i in range(n_down)), tuple(i in up_att for i in range(n_up + 1)))
+    return UnetLayout(
+        counts.pop(), tuple(i in down_att for i in range(n_down)), tuple(i in up_att for i in range(n_up + 1))
+    )
 
 
 def load_real_config(arch: Literal["sd15", "sdxl"]) -> dict[str, Any]:
@@ -118,7 +132,11 @@ def _sgm_block(kind: str, block: str, index: int, layout: UnetLayout) -> str:
     """The sgm prefix of one diffusers block part (`down_blocks.1` + `attentions` + 0 → `input_blocks.4.1`)."""
     lpb = layout.layers_per_block
     if block == "mid_block":
-        return {("resnets", 0): "middle_block.0", ("attentions", 0): "middle_block.1", ("resnets", 1): "middle_block.2"}[(kind, index)]
+        return {
+            ("resnets", 0): "middle_block.0",
+            ("attentions", 0): "middle_block.1",
+            ("resnets", 1): "middle_block.2",
+        }[(kind, index)]
     i = int(block.split(".")[1])
     if block.startswith("down_blocks"):
         if kind == "downsamplers":
@@ -142,9 +160,15 @@ def sgm_module_name(module: str, layout: UnetLayout) -> str:
     """
     m = _BLOCK.match(module)
     if m is None:
-        top = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
-               "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-               "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0"}
+        top = {
+            "conv_in": "input_blocks.0.0",
+            "conv_out": "out.2",
+            "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2",
+            "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2",
+            "conv_norm_out": "out.0",
+        }
         if module in top:
             return top[module]
         raise ValueError(f"`module` {module!r} is not a UNet module with an sgm name")

@@ -738,7 +738,9 @@ MODELSPEC_IMPL = {"sd15": "diffusers", "sdxl": "https://github.com/Stability-AI/
 MODELSPEC_RESOLUTION = {"sd15": "512x512", "sdxl": "1024x1024"}
 
 
-def modelspec_metadata(arch: Literal["sd15", "sdxl"], title: str, date: str | None = None, **extra: str) -> dict[str, str]:
+def modelspec_metadata(
+    arch: Literal["sd15", "sdxl"], title: str, date: str | None = None, **extra: str
+) -> dict[str, str]:
     """Stability's ModelSpec 1.0 keys (`modelspec.*`), as kohya's `sai_model_spec.py` writes them for LoRAs.
 
     Args:

@@ -29,19 +29,32 @@ def add_extract_command(subparsers: Any) -> argparse.ArgumentParser:
     Args:
         subparsers: what `ArgumentParser.add_subparsers()` returned.
     """
-    p = subparsers.add_parser("extract", help="extract a kohya-format LoRA from two checkpoints (tuned − base)",
-                              description="LoRA = truncated SVD of (tuned − base), streamed one layer at a time.")
+    p = subparsers.add_parser(
+        "extract",
+        help="extract a kohya-format LoRA from two checkpoints (tuned − base)",
+        description="LoRA = truncated SVD of (tuned − base), streamed one layer at a time.",
+    )
     p.add_argument("--base", type=Path, required=True, help="base model: diffusers folder or UNet .safetensors")
     p.add_argument("--tuned", type=Path, required=True, help="finetuned model: diffusers folder or UNet .safetensors")
     p.add_argument("--out", type=Path, required=True, help="the LoRA file to write (.safetensors)")
     p.add_argument("--dim", type=int, default=128, help="rank of Linear / 1×1 layers (default 128)")
     p.add_argument("--conv-dim", type=int, default=0, help="rank of 3×3 convs; 0 leaves them out (default)")
-    p.add_argument("--clamp-quantile", type=float, default=1.0, help="clamp factors at this quantile of |values|; 1 = off")
-    p.add_argument("--min-diff", type=float, default=1e-6, help="leave out a text encoder whose largest change is not above this")
-    p.add_argument("--svd", choices=SVD_METHODS, default="full",
-                   help="full (exact, default) or lowrank (randomised: ≥5× faster at dim 128 on SDXL, error within 0.2%%)")
+    p.add_argument(
+        "--clamp-quantile", type=float, default=1.0, help="clamp factors at this quantile of |values|; 1 = off"
+    )
+    p.add_argument(
+        "--min-diff", type=float, default=1e-6, help="leave out a text encoder whose largest change is not above this"
+    )
+    p.add_argument(
+        "--svd",
+        choices=SVD_METHODS,
+        default="full",
+        help="full (exact, default) or lowrank (randomised: ≥5× faster at dim 128 on SDXL, error within 0.2%%)",
+    )
     p.add_argument("--save-dtype", choices=DTYPES, default="float16")
-    p.add_argument("--arch", choices=("auto", "sd15", "sdxl"), default="auto", help="naming convention (auto: from the weights)")
+    p.add_argument(
+        "--arch", choices=("auto", "sd15", "sdxl"), default="auto", help="naming convention (auto: from the weights)"
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the SVDs run")
     p.set_defaults(func=cmd_extract)
     return p
@@ -59,7 +72,9 @@ def add_resize_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--method", choices=RESIZE_METHODS, default="fixed")
     p.add_argument("--param", type=float, default=None, help="sv_ratio: ≥ 1; sv_fro / sv_cumulative: in (0, 1]")
     p.add_argument("--out", type=Path, required=True, help="the LoRA file to write (.safetensors)")
-    p.add_argument("--save-dtype", choices=("keep", *DTYPES), default="keep", help="dtype of the factors (default: as the input)")
+    p.add_argument(
+        "--save-dtype", choices=("keep", *DTYPES), default="keep", help="dtype of the factors (default: as the input)"
+    )
     p.add_argument("--report", type=Path, default=None, help="also write the per-layer table as JSON here")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the SVDs run")
     p.set_defaults(func=cmd_resize)
@@ -77,7 +92,15 @@ def _device(setting: str) -> str:
 def cmd_extract(args: argparse.Namespace) -> int:
     """Run `loraforge extract` (see `add_extract_command`)."""
     from loraforge.lora import save_lora
-    from loraforge.lora_io import ExtractSettings, detect_arch, extract_component, extraction_metadata, git_revision, open_source, open_weights
+    from loraforge.lora_io import (
+        ExtractSettings,
+        detect_arch,
+        extract_component,
+        extraction_metadata,
+        git_revision,
+        open_source,
+        open_weights,
+    )
 
     if args.dim < 1:
         raise SystemExit(f"loraforge extract: `--dim` must be ≥ 1, got {args.dim}")
@@ -98,15 +121,32 @@ def cmd_extract(args: argparse.Namespace) -> int:
     for component in components:
         if component == "text_encoder_2" and arch == "sd15":
             raise SystemExit(f"loraforge extract: `--arch sd15` but {args.tuned} has text_encoder_2")
-        part, notes[component] = extract_component(arch, component, base.files[component], tuned.files[component], settings,
-                                                   device, unet_config=base.unet_config or tuned.unet_config, min_diff_name="--min-diff")
+        part, notes[component] = extract_component(
+            arch,
+            component,
+            base.files[component],
+            tuned.files[component],
+            settings,
+            device,
+            unet_config=base.unet_config or tuned.unet_config,
+            min_diff_name="--min-diff",
+        )
         tensors.update(part)
-    metadata = extraction_metadata(arch, args.out.stem, settings, notes, str(args.base), ss_tuned_model_name=str(args.tuned),
-                                   ss_loraforge_revision=git_revision(Path(__file__).resolve().parent))
+    metadata = extraction_metadata(
+        arch,
+        args.out.stem,
+        settings,
+        notes,
+        str(args.base),
+        ss_tuned_model_name=str(args.tuned),
+        ss_loraforge_revision=git_revision(Path(__file__).resolve().parent),
+    )
     save_lora(args.out, tensors, metadata)
     layers = sum(1 for k in tensors if k.endswith(".alpha"))
-    print(f"wrote {args.out}: {arch}, {layers} layers at dim {args.dim}, components: "
-          + ", ".join(f"{c} ({'in' if n['included'] else 'left out'})" for c, n in notes.items()))
+    print(
+        f"wrote {args.out}: {arch}, {layers} layers at dim {args.dim}, components: "
+        + ", ".join(f"{c} ({'in' if n['included'] else 'left out'})" for c, n in notes.items())
+    )
     return 0
 
 
@@ -123,7 +163,9 @@ def cmd_resize(args: argparse.Namespace) -> int:
         raise SystemExit(f"loraforge resize: {args.lora} does not exist")
     tensors, metadata = load_lora(args.lora)
     try:
-        resized, stats = resize_lora(tensors, rank=args.rank, method=args.method, param=args.param, device=_device(args.device))
+        resized, stats = resize_lora(
+            tensors, rank=args.rank, method=args.method, param=args.param, device=_device(args.device)
+        )
     except ValueError as e:
         raise SystemExit(f"loraforge resize: {args.lora}: {str(e).replace('`param`', '`--param`')}") from None
     if args.save_dtype != "keep":
@@ -135,6 +177,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
         args.report.write_text(json.dumps(rows, indent=1) + "\n")
     ranks = [r["rank"] for r in rows]
     kept = [r["fro_retained_pct"] for r in rows]
-    print(f"wrote {args.out}: {len(rows)} layers, ranks {min(ranks)}-{max(ranks)}, "
-          f"Frobenius kept mean {sum(kept) / len(kept):.2f}% min {min(kept):.2f}%")
+    print(
+        f"wrote {args.out}: {len(rows)} layers, ranks {min(ranks)}-{max(ranks)}, "
+        f"Frobenius kept mean {sum(kept) / len(kept):.2f}% min {min(kept):.2f}%"
+    )
     return 0

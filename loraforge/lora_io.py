@@ -30,9 +30,18 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 # safetensors dtype names → torch dtypes (the format stores little-endian data).
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -181,8 +190,10 @@ def open_source(path: Path, name: str = "source") -> ModelSource:
         with open_weights([path]) as reader:
             keys = reader.keys
         if any(k.startswith("model.diffusion_model.") for k in keys):
-            raise ValueError(f"`{name}` {path}: an original (ldm) single-file checkpoint; convert it to a diffusers "
-                             "folder first (diffusers' `from_single_file(...).save_pretrained(...)`)")
+            raise ValueError(
+                f"`{name}` {path}: an original (ldm) single-file checkpoint; convert it to a diffusers "
+                "folder first (diffusers' `from_single_file(...).save_pretrained(...)`)"
+            )
         if not any(k.startswith("down_blocks.") for k in keys):
             raise ValueError(f"`{name}` {path}: not a diffusers-named UNet state dict (no `down_blocks.*` keys)")
         return ModelSource(path, {"unet": [path]})
@@ -195,7 +206,9 @@ def open_source(path: Path, name: str = "source") -> ModelSource:
     else:
         config_file = path / "unet" / "config.json"
     if "unet" not in files:
-        raise ValueError(f"`{name}` {path}: no unet/*.safetensors (a diffusers folder or a UNet .safetensors is expected)")
+        raise ValueError(
+            f"`{name}` {path}: no unet/*.safetensors (a diffusers folder or a UNet .safetensors is expected)"
+        )
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
     return ModelSource(path, files, config)
 
@@ -270,12 +283,23 @@ def extract_component(
             diff = L.max_abs_delta(base, tuned, [f"{m}.weight" for m in targets])
             note["max_diff"] = diff
             if not L.text_encoder_changed(diff, settings.min_diff):
-                log(f"extract: {component} left out: its largest change {diff:.3g} is not above `{min_diff_name}` {settings.min_diff:g}")
+                log(
+                    f"extract: {component} left out: its largest change {diff:.3g} is not above `{min_diff_name}` {settings.min_diff:g}"
+                )
                 return {}, {**note, "included": False, "modules": 0}
             log(f"extract: {component} included: largest change {diff:.3g} > `{min_diff_name}` {settings.min_diff:g}")
-        tensors = L.extract_lora(base, tuned, targets, dim=settings.dim, conv_dim=settings.conv_dim,
-                                 clamp_quantile=settings.clamp_quantile, dtype=getattr(torch, settings.save_dtype),
-                                 device=device, on_layer=on_layer, svd=settings.svd)
+        tensors = L.extract_lora(
+            base,
+            tuned,
+            targets,
+            dim=settings.dim,
+            conv_dim=settings.conv_dim,
+            clamp_quantile=settings.clamp_quantile,
+            dtype=getattr(torch, settings.save_dtype),
+            device=device,
+            on_layer=on_layer,
+            svd=settings.svd,
+        )
     return tensors, note
 
 
@@ -285,8 +309,11 @@ def git_revision(folder: Path) -> str:
     Args:
         folder: any folder inside the repository.
     """
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=folder, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
 
     try:
         head = git("rev-parse", "HEAD")
@@ -305,7 +332,9 @@ def git_commit_date(folder: Path) -> str | None:
         folder: any folder inside the repository.
     """
     try:
-        out = subprocess.run(["git", "log", "-1", "--format=%cI"], cwd=folder, capture_output=True, text=True, check=True, timeout=30)
+        out = subprocess.run(
+            ["git", "log", "-1", "--format=%cI"], cwd=folder, capture_output=True, text=True, check=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -332,14 +361,21 @@ def extraction_metadata(
         training: further `ss_*` entries (epoch, steps, dataset hash, git revision...).
     """
     encoders = {c: n for c, n in notes.items() if c != "unet"}
-    comment = (f"extracted by loraforge at dim {settings.dim} (conv {settings.conv_dim}), svd {settings.svd}, "
-               f"clamp {settings.clamp_quantile}, min_diff {settings.min_diff:g}")
+    comment = (
+        f"extracted by loraforge at dim {settings.dim} (conv {settings.conv_dim}), svd {settings.svd}, "
+        f"clamp {settings.clamp_quantile}, min_diff {settings.min_diff:g}"
+    )
     meta = L.lora_metadata(
-        arch, dim=settings.dim, alpha=float(settings.dim),
+        arch,
+        dim=settings.dim,
+        alpha=float(settings.dim),
         ss_network_args={"conv_dim": settings.conv_dim, "conv_alpha": settings.conv_dim} if settings.conv_dim else {},
         ss_sd_model_name=base_name,
         ss_text_encoders={c: n["included"] for c, n in encoders.items()},
-        ss_min_diff={c: {"included": n["included"], "max_diff": n.get("max_diff"), "min_diff": settings.min_diff} for c, n in encoders.items()},
+        ss_min_diff={
+            c: {"included": n["included"], "max_diff": n.get("max_diff"), "min_diff": settings.min_diff}
+            for c, n in encoders.items()
+        },
         ss_training_comment=comment,
         **training,
     )
@@ -349,7 +385,12 @@ def extraction_metadata(
 
 
 def resize_metadata(
-    metadata: dict[str, str], rank: int, method: str, param: float | None, stats: dict[str, dict[str, float]], title: str
+    metadata: dict[str, str],
+    rank: int,
+    method: str,
+    param: float | None,
+    stats: dict[str, dict[str, float]],
+    title: str,
 ) -> dict[str, str]:
     """The header of a resized LoRA: the input's, with dim/alpha, comment and modelspec updated.
 
@@ -367,14 +408,20 @@ def resize_metadata(
     ranks = [int(s["rank"]) for s in stats.values()]
     fro = [s["fro_retained"] for s in stats.values()]
     what = f"{method} rank {rank}" + (f" (param {param:g})" if param is not None else "")
-    comment = (f"resized by loraforge: {what} from {metadata.get('ss_network_dim', '?')}; "
-               f"ranks {min(ranks, default=0)}-{max(ranks, default=0)}, mean Frobenius kept {100 * sum(fro) / max(len(fro), 1):.2f}%")
+    comment = (
+        f"resized by loraforge: {what} from {metadata.get('ss_network_dim', '?')}; "
+        f"ranks {min(ranks, default=0)}-{max(ranks, default=0)}, mean Frobenius kept {100 * sum(fro) / max(len(fro), 1):.2f}%"
+    )
     previous = metadata.get("ss_training_comment", "")
     dim = str(rank) if method == "fixed" else "Dynamic"
     alpha = str(float(rank)) if method == "fixed" else "Dynamic"
-    new = {**metadata, "ss_network_dim": dim, "ss_network_alpha": alpha,
-           "ss_training_comment": f"{previous}; {comment}" if previous else comment,
-           "ss_resize": json.dumps({"method": method, "rank": rank, "param": param, "alpha": float(rank)})}
+    new = {
+        **metadata,
+        "ss_network_dim": dim,
+        "ss_network_alpha": alpha,
+        "ss_training_comment": f"{previous}; {comment}" if previous else comment,
+        "ss_resize": json.dumps({"method": method, "rank": rank, "param": param, "alpha": float(rank)}),
+    }
     new["modelspec.title"] = title
     if "modelspec.description" in new:
         new["modelspec.description"] = new["ss_training_comment"]
@@ -387,6 +434,13 @@ def layer_table(stats: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     Args:
         stats: per-layer stats from `loraforge.lora.resize_lora`.
     """
-    return [{"layer": name, "rank": int(s["rank"]), "old_rank": int(s["old_rank"]),
-             "fro_retained_pct": round(100 * s["fro_retained"], 4), "sv_ratio_max_min": s["sv_ratio_max_min"]}
-            for name, s in stats.items()]
+    return [
+        {
+            "layer": name,
+            "rank": int(s["rank"]),
+            "old_rank": int(s["old_rank"]),
+            "fro_retained_pct": round(100 * s["fro_retained"], 4),
+            "sv_ratio_max_min": s["sv_ratio_max_min"],
+        }
+        for name, s in stats.items()
+    ]

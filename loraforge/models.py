@@ -135,7 +135,9 @@ def _local_or_hub(base: str, params: ModelParams, root: Path) -> Path:
             )
         return local
     if base.startswith((".", "/", "~")) or "\\" in base or not HUB_ID.match(base):
-        raise ValueError(f"`model.base` = {base!r}: no such folder {local} (and not a Hugging Face id like `owner/name`)")
+        raise ValueError(
+            f"`model.base` = {base!r}: no such folder {local} (and not a Hugging Face id like `owner/name`)"
+        )
     return download_from_hub(base, params.revision, params.allow_pickle)
 
 
@@ -150,7 +152,11 @@ def hub_patterns(components: tuple[str, ...], pickle: bool) -> list[str]:
         pickle: fetch `.bin` weights instead of safetensors.
     """
     # diffusers names its weights diffusion_pytorch_model.*, transformers model.* / pytorch_model.*
-    ext, stems = ("bin", ("diffusion_pytorch_model", "pytorch_model")) if pickle else ("safetensors", ("diffusion_pytorch_model", "model"))
+    ext, stems = (
+        ("bin", ("diffusion_pytorch_model", "pytorch_model"))
+        if pickle
+        else ("safetensors", ("diffusion_pytorch_model", "model"))
+    )
     patterns = [] if pickle else ["model_index.json"]
     for c in components:
         if not pickle:
@@ -179,7 +185,9 @@ def download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) ->
 
     path = fetch(hub_patterns(HUB_COMPONENTS, pickle=False))
     if allow_pickle:
-        missing = tuple(c for c in WEIGHTED_COMPONENTS if (path / c).is_dir() and not _standard_weights(path / c, ".safetensors"))
+        missing = tuple(
+            c for c in WEIGHTED_COMPONENTS if (path / c).is_dir() and not _standard_weights(path / c, ".safetensors")
+        )
         if missing:
             path = fetch(hub_patterns(missing, pickle=True))
     return path
@@ -232,7 +240,9 @@ def inspect_model(path: Path, source: str, allow_pickle: bool = False) -> ModelI
     """
     path = Path(path)
     arch = detect_arch(read_model_index(path), path)
-    info = ModelInfo(path=path, arch=arch, native_resolution=0, vae_scale_factor=0, source=source, allow_pickle=allow_pickle)
+    info = ModelInfo(
+        path=path, arch=arch, native_resolution=0, vae_scale_factor=0, source=source, allow_pickle=allow_pickle
+    )
     for component in arch_components(arch):
         if not weight_files(info, component):
             raise ValueError(f"{path / component}: no weight files (`model.base` = {source!r})")
@@ -386,7 +396,9 @@ def resolve_device(setting: str) -> torch.device:
     if setting == "cuda":
         if not torch.cuda.is_available():
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise ValueError(f"`model.device` is `cuda` but no CUDA GPU is available (torch {torch.__version__}, {build}); use `cpu` or `auto`")
+            raise ValueError(
+                f"`model.device` is `cuda` but no CUDA GPU is available (torch {torch.__version__}, {build}); use `cpu` or `auto`"
+            )
         return torch.device("cuda")
     raise ValueError(f"`model.device` must be one of auto, cpu, cuda; got {setting!r}")
 
@@ -452,7 +464,9 @@ def load_unet(info: ModelInfo, device: torch.device, dtype: torch.dtype | None =
     """
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(info.path / "unet", **_load_kwargs(info, "unet", dtype)).to(device).eval()
+    return (
+        UNet2DConditionModel.from_pretrained(info.path / "unet", **_load_kwargs(info, "unet", dtype)).to(device).eval()
+    )
 
 
 def load_tokenizers(info: ModelInfo) -> list[CLIPTokenizer]:
@@ -467,7 +481,9 @@ def load_tokenizers(info: ModelInfo) -> list[CLIPTokenizer]:
     return [CLIPTokenizer.from_pretrained(info.path / name, local_files_only=True) for name in names]
 
 
-def load_text_encoders(info: ModelInfo, device: torch.device, dtype: torch.dtype | None = None) -> list[tuple[Any, Any]]:
+def load_text_encoders(
+    info: ModelInfo, device: torch.device, dtype: torch.dtype | None = None
+) -> list[tuple[Any, Any]]:
     """(tokenizer, text encoder) pairs in eval mode: one for sd15 (CLIPTextModel), two for sdxl
     (CLIPTextModel, then CLIPTextModelWithProjection, whose pooled output SDXL also uses).
 
@@ -481,7 +497,10 @@ def load_text_encoders(info: ModelInfo, device: torch.device, dtype: torch.dtype
     classes = [("text_encoder", CLIPTextModel)]
     if info.arch == "sdxl":
         classes.append(("text_encoder_2", CLIPTextModelWithProjection))
-    encoders = [cls.from_pretrained(info.path / name, **_load_kwargs(info, name, dtype)).to(device).eval() for name, cls in classes]
+    encoders = [
+        cls.from_pretrained(info.path / name, **_load_kwargs(info, name, dtype)).to(device).eval()
+        for name, cls in classes
+    ]
     return list(zip(load_tokenizers(info), encoders))
 
 
@@ -528,10 +547,15 @@ def load_pipeline(info: ModelInfo, device: torch.device, dtype: torch.dtype | No
     if info.arch == "sdxl":
         force_zeros = read_model_index(info.path).get("force_zeros_for_empty_prompt", True)
         pipe = StableDiffusionXLPipeline(
-            **common, tokenizer_2=pairs[1][0], text_encoder_2=pairs[1][1],
-            force_zeros_for_empty_prompt=force_zeros, add_watermarker=False,
+            **common,
+            tokenizer_2=pairs[1][0],
+            text_encoder_2=pairs[1][1],
+            force_zeros_for_empty_prompt=force_zeros,
+            add_watermarker=False,
         )
     else:
-        pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline(
+            **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -23,14 +23,25 @@ SPF_AT_BASE_LR = 200  # 002: "For 1e-5, this is 200 steps"
 SPF_AT_BASE_LR_TE = 100  # 002: "if you use Text Encoder, then 100"
 # 002: "List of F" (training strength), 0.2 (low_end) to 5 (high_end), 1 = medium.
 STRENGTH = {
-    "low_end": 0.20, "ultra_soft": 0.25, "very_soft": 0.33, "soft": 0.50, "medium": 1.00,
-    "hard": 2.00, "very_hard": 3.00, "ultra_hard": 4.00, "high_end": 5.00,
+    "low_end": 0.20,
+    "ultra_soft": 0.25,
+    "very_soft": 0.33,
+    "soft": 0.50,
+    "medium": 1.00,
+    "hard": 2.00,
+    "very_hard": 3.00,
+    "ultra_hard": 4.00,
+    "high_end": 5.00,
 }
 # 002: "lr_scheduler step multipliers": constant 1, linear/cosine/cosine_with_restarts 2,
 # polynomial ~2. constant_with_warmup is not listed: its LR is constant after warmup, so 1.
 SCHEDULER_MULTIPLIER = {
-    "constant": 1.0, "constant_with_warmup": 1.0, "linear": 2.0, "cosine": 2.0,
-    "cosine_with_restarts": 2.0, "polynomial": 2.0,
+    "constant": 1.0,
+    "constant_with_warmup": 1.0,
+    "linear": 2.0,
+    "cosine": 2.0,
+    "cosine_with_restarts": 2.0,
+    "polynomial": 2.0,
 }
 
 
@@ -282,8 +293,17 @@ def build_plan(
             "lr_for_frames": lr_for_frames(fn, strength),
             "epochs_for_max_train_steps": max(1, round(constant / max(1, math.ceil(samples / batch)))),
         },
-        "settings": {"repeats": repeats, "batch": batch, "ga": ga, "epochs": epochs, "lr": lr, "text_encoder": text_encoder,
-                     "scheduler": scheduler, "resolution": resolution, "base_resolution": base_resolution},
+        "settings": {
+            "repeats": repeats,
+            "batch": batch,
+            "ga": ga,
+            "epochs": epochs,
+            "lr": lr,
+            "text_encoder": text_encoder,
+            "scheduler": scheduler,
+            "resolution": resolution,
+            "base_resolution": base_resolution,
+        },
     }
     if target_steps is not None:
         plan["steps_000"]["target_steps"] = target_steps
@@ -309,6 +329,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     Args:
         rows: from `plan_table`.
     """
+
     def show(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
@@ -325,7 +346,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- `loraforge plan`
 
 
-def plan_for_project(root: Path, manifest: Path | None = None, strength: float = 1.0, target_steps: int | None = None) -> dict[str, Any]:
+def plan_for_project(
+    root: Path, manifest: Path | None = None, strength: float = 1.0, target_steps: int | None = None
+) -> dict[str, Any]:
     """The plan for a project: its ingested manifest and its validated `finetune` / `latents` params.
 
     Args:
@@ -348,10 +371,18 @@ def plan_for_project(root: Path, manifest: Path | None = None, strength: float =
         raise ValueError(f"{manifest} not found: run `loraforge stage ingest` (or `dvc repro ingest`) first")
     native = resolve_model(ft.model, root / STATE_DIR).native_resolution
     return build_plan(
-        read_jsonl(manifest), repeats=ft.repeats, batch=ft.batch_size, ga=ft.gradient_accumulation, epochs=ft.epochs,
-        lr=ft.lr, text_encoder=ft.train_text_encoder, scheduler=ft.lr_scheduler,
-        resolution=getattr(lat, "resolution", None) or native, base_resolution=native,
-        strength=strength, target_steps=target_steps,
+        read_jsonl(manifest),
+        repeats=ft.repeats,
+        batch=ft.batch_size,
+        ga=ft.gradient_accumulation,
+        epochs=ft.epochs,
+        lr=ft.lr,
+        text_encoder=ft.train_text_encoder,
+        scheduler=ft.lr_scheduler,
+        resolution=getattr(lat, "resolution", None) or native,
+        base_resolution=native,
+        strength=strength,
+        target_steps=target_steps,
     )
 
 
@@ -376,7 +407,9 @@ def _run_plan_command(args: argparse.Namespace) -> int:
 
     root = Path(args.root).resolve()
     try:
-        plan = plan_for_project(root, Path(args.manifest) if args.manifest else None, parse_strength(args.strength), args.target_steps)
+        plan = plan_for_project(
+            root, Path(args.manifest) if args.manifest else None, parse_strength(args.strength), args.target_steps
+        )
     except ValueError as e:  # ParamsError included: the message names the key or file
         print(f"loraforge plan: {e}", file=sys.stderr)
         return 2
@@ -394,9 +427,13 @@ def add_plan_command(subparsers: Any) -> None:
     Args:
         subparsers: the object `ArgumentParser.add_subparsers()` returned.
     """
-    p = subparsers.add_parser("plan", help="print the training plan (steps arithmetic of the 000/002 guides); write reports/plan.json")
+    p = subparsers.add_parser(
+        "plan", help="print the training plan (steps arithmetic of the 000/002 guides); write reports/plan.json"
+    )
     p.add_argument("--root", default=".", help="project root (default: the current folder)")
     p.add_argument("--manifest", default=None, help="ingest manifest (default: data/ingested/manifest.jsonl)")
-    p.add_argument("--strength", default="medium", help=f"F: one of {', '.join(STRENGTH)} or a number (default: medium)")
+    p.add_argument(
+        "--strength", default="medium", help=f"F: one of {', '.join(STRENGTH)} or a number (default: medium)"
+    )
     p.add_argument("--target-steps", type=int, default=None, help="also give the repeats that reach this many steps")
     p.set_defaults(func=_run_plan_command)

@@ -92,7 +92,9 @@ def resolve_inputs(root: Path, stage: StageSpec, raw_params: dict[str, Any]) -> 
             for part in ref.split("."):
                 node = node.get(part) if isinstance(node, dict) else None
             if not isinstance(node, str):
-                raise ValueError(f"pipeline.yaml: stage `{stage.name}` input `{name}` needs params.yaml `{ref}` set to a path")
+                raise ValueError(
+                    f"pipeline.yaml: stage `{stage.name}` input `{name}` needs params.yaml `{ref}` set to a path"
+                )
             value = node
         resolved[name] = (root / value).resolve()
     return resolved
@@ -123,7 +125,9 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     path.write_text(json.dumps(canonical(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def run_stage(root: Path, name: str, publish: Publisher | None = None, pipeline: Pipeline | None = None) -> dict[str, Any]:
+def run_stage(
+    root: Path, name: str, publish: Publisher | None = None, pipeline: Pipeline | None = None
+) -> dict[str, Any]:
     """Validate params, run stage `name`, write `reports/<name>.json`; return its manifest.
 
     The manifest is small (paths and content hashes of the outputs plus the report): it is what
@@ -137,7 +141,9 @@ def run_stage(root: Path, name: str, publish: Publisher | None = None, pipeline:
     params = load_stage_params(root, pipeline, name)  # fails before any work
     inputs = resolve_inputs(root, stage, read_params_file(root))
     outputs = prepare_outputs(root, stage)
-    env = StageEnv(store=ItemStore(root / STATE_DIR / "store"), state_dir=root / STATE_DIR, publish=publish or NullPublisher())
+    env = StageEnv(
+        store=ItemStore(root / STATE_DIR / "store"), state_dir=root / STATE_DIR, publish=publish or NullPublisher()
+    )
     module = importlib.import_module(stage.module_name)
 
     started = time.perf_counter()

@@ -120,7 +120,9 @@ def _stage(name: str, raw: Any) -> StageSpec:
     allowed = {"module", "uses", "inputs", "outputs", "params", "gpu", "description"}
     unknown = set(raw) - allowed
     if unknown:
-        raise SpecError(f"{PIPELINE_FILE}: stage `{name}` has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise SpecError(
+            f"{PIPELINE_FILE}: stage `{name}` has unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}"
+        )
     for required in ("module", "outputs", "params"):
         if required not in raw:
             raise SpecError(f"{PIPELINE_FILE}: stage `{name}` lacks `{required}`")

@@ -33,7 +33,9 @@ def window_mse(error: np.ndarray, size: int) -> np.ndarray:
     return sums / (size * size)
 
 
-def worst_window(original: Image.Image, reconstruction: Image.Image, size: int) -> tuple[tuple[int, int, int, int], float]:
+def worst_window(
+    original: Image.Image, reconstruction: Image.Image, size: int
+) -> tuple[tuple[int, int, int, int], float]:
     """The window with the largest reconstruction error: its box (left, top, right, bottom) and PSNR.
 
     Args:
@@ -101,6 +103,9 @@ def check(original: Image.Image, reconstruction: Image.Image, window: int) -> tu
         window: worst-window side in pixels.
     """
     box, window_db = worst_window(original, reconstruction, window)
-    stats = {"psnr_db": round(min(MAX_DB, psnr(original, reconstruction)), 2), "worst_window": list(box),
-             "worst_window_psnr_db": round(window_db, 2)}
+    stats = {
+        "psnr_db": round(min(MAX_DB, psnr(original, reconstruction)), 2),
+        "worst_window": list(box),
+        "worst_window_psnr_db": round(window_db, 2),
+    }
     return stats, side_by_side(original, reconstruction, box)

@@ -202,31 +202,50 @@ def demo_images() -> list[DemoImage]:
     """The demo set, in a fixed order."""
     return [
         DemoImage("a red circle on a yellow background.png", (96, 96), PALETTE["yellow"], circle("red")),
-        DemoImage("a blue triangle over green stripes.jpg", (200, 150), CREAM, both(stripes("green"), polygon("blue", 3))),
-        DemoImage("img_001.png", (128, 128), PALETTE["blue"], circle("white", 0.28), "a {trigger} circle on a blue field"),
+        DemoImage(
+            "a blue triangle over green stripes.jpg", (200, 150), CREAM, both(stripes("green"), polygon("blue", 3))
+        ),
+        DemoImage(
+            "img_001.png", (128, 128), PALETTE["blue"], circle("white", 0.28), "a {trigger} circle on a blue field"
+        ),
         DemoImage("img_002.jpg", (320, 180), CREAM, squares("orange"), "a {trigger} pattern of orange squares"),
         DemoImage(
-            "img_003.png", (112, 144), CREAM,
+            "img_003.png",
+            (112, 144),
+            CREAM,
             both(circle("pink", 0.3, (0.4, 0.42)), circle("teal", 0.3, (0.6, 0.58))),
             "two overlapping circles, pink and teal",
         ),
         DemoImage(
-            "img_004.jpg", (160, 240), CREAM, both(checker("yellow"), polygon("purple", 4, 0.3)),
-            "a {trigger} checkerboard with a purple diamond", exif_rotate=True,
+            "img_004.jpg",
+            (160, 240),
+            CREAM,
+            both(checker("yellow"), polygon("purple", 4, 0.3)),
+            "a {trigger} checkerboard with a purple diamond",
+            exif_rotate=True,
         ),
         DemoImage("concentric rings in teal and cream.png", (144, 144), CREAM, rings(("teal", "white"))),
-        DemoImage("a green hexagon on a dark blue background.jpg", (100, 180), PALETTE["dark blue"], polygon("green", 6, 0.38)),
         DemoImage(
-            "sunset gradient with a white sun.png", (160, 240), CREAM,
+            "a green hexagon on a dark blue background.jpg", (100, 180), PALETTE["dark blue"], polygon("green", 6, 0.38)
+        ),
+        DemoImage(
+            "sunset gradient with a white sun.png",
+            (160, 240),
+            CREAM,
             both(gradient(PALETTE["orange"], PALETTE["purple"]), circle("white", 0.25, (0.5, 0.62))),
         ),
         DemoImage("a yellow star cut out.png", (120, 120), (0, 0, 0), polygon("yellow", 5, 0.45, star=True), rgba=True),
         DemoImage(
-            "3_shapes/shape_01.png", (128, 192), PALETTE["pink"], polygon("yellow", 5, 0.4, star=True),
+            "3_shapes/shape_01.png",
+            (128, 192),
+            PALETTE["pink"],
+            polygon("yellow", 5, 0.4, star=True),
             "a {trigger} star on a pink background",
         ),
         DemoImage(
-            "3_shapes/a purple square and a small orange dot.jpg", (180, 120), CREAM,
+            "3_shapes/a purple square and a small orange dot.jpg",
+            (180, 120),
+            CREAM,
             both(polygon("purple", 4, 0.4, turn=math.pi / 4), circle("orange", 0.08, (0.8, 0.25))),
         ),
         DemoImage("3_shapes/00042.png", (96, 128), PALETTE["teal"], both(stripes("white", 0.1), circle("red", 0.25))),
@@ -295,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(f"| `{item.name}` | {item.size[0]} x {item.size[1]} | {caption} |")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     readme.write_text(
-        README.format(marker=MARKER, count=len(rows), total_kb=round(total / 1024), rows="\n".join(rows)), encoding="utf-8"
+        README.format(marker=MARKER, count=len(rows), total_kb=round(total / 1024), rows="\n".join(rows)),
+        encoding="utf-8",
     )
     print(f"wrote {len(rows)} images to {out} ({total / 1024:.0f} KB)")
 

@@ -196,7 +196,10 @@ def tag_frequency(captions: list[str]) -> list[dict[str, Any]]:
     for caption in captions:
         counts.update({normalize_tag(t) for t in split_tags(caption)})  # once per image
     n = max(1, len(captions))
-    return [{"tag": t, "count": c, "share": round(c / n, 4)} for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    return [
+        {"tag": t, "count": c, "share": round(c / n, 4)}
+        for t, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    ]
 
 
 def check_trigger(rows: list[dict[str, Any]], trigger: str) -> None:
@@ -251,7 +254,9 @@ def wants_machine_caption(choice: tuple[str, str] | None, params: Params) -> boo
     return params.merge != "keep" or choice is None or choice[1] == "template"
 
 
-def merge_caption(choice: tuple[str, str] | None, generated: str, merge: Merge, captioner: str) -> tuple[str, str] | None:
+def merge_caption(
+    choice: tuple[str, str] | None, generated: str, merge: Merge, captioner: str
+) -> tuple[str, str] | None:
     """The caption and its source after merging the captioner's output into `choice`.
 
     An empty `generated` (no tag above threshold) leaves `choice` as it is. `keep` uses
@@ -283,24 +288,44 @@ def make_captioner(params: Params, state_dir: Path) -> tuple[BlipCaptioner | Wd1
         params: the `caption` section (`captioner` is `blip` or `wd14`).
         state_dir: loraforge's private folder; its parent is the project root for relative paths.
     """
-    from loraforge.captioners import (BlipCaptioner, BlipSettings, Wd14Settings, Wd14Tagger, files_hash, locate_model,
-                                      model_files)
+    from loraforge.captioners import (
+        BlipCaptioner,
+        BlipSettings,
+        Wd14Settings,
+        Wd14Tagger,
+        files_hash,
+        locate_model,
+        model_files,
+    )
 
     kind = params.captioner
     folder = locate_model(kind, params.captioner_path, Path(state_dir).parent, params.captioner_revision)
     identity = files_hash(model_files(kind, folder), folder, state_dir)
     if kind == "blip":
-        settings = BlipSettings(decoding=params.blip_decoding, num_beams=params.blip_num_beams, top_p=params.blip_top_p,
-                                min_length=params.blip_min_length, max_length=params.blip_max_length,
-                                prompt=params.blip_prompt, seed=params.blip_seed)
+        settings = BlipSettings(
+            decoding=params.blip_decoding,
+            num_beams=params.blip_num_beams,
+            top_p=params.blip_top_p,
+            min_length=params.blip_min_length,
+            max_length=params.blip_max_length,
+            prompt=params.blip_prompt,
+            seed=params.blip_seed,
+        )
         return BlipCaptioner(folder, settings, params.model.device), identity
-    settings = Wd14Settings(general_threshold=params.wd14_general_threshold, character_threshold=params.wd14_character_threshold,
-                            include_rating=params.wd14_include_rating, undesired_tags=params.wd14_undesired_tags,
-                            character_first=params.wd14_character_first, replace_underscores=params.wd14_replace_underscores)
+    settings = Wd14Settings(
+        general_threshold=params.wd14_general_threshold,
+        character_threshold=params.wd14_character_threshold,
+        include_rating=params.wd14_include_rating,
+        undesired_tags=params.wd14_undesired_tags,
+        character_first=params.wd14_character_first,
+        replace_underscores=params.wd14_replace_underscores,
+    )
     return Wd14Tagger(folder, settings, params.model.device), identity
 
 
-def machine_captions(rows: list[dict[str, Any]], params: Params, images: Path, env: "StageEnv") -> tuple[dict[str, str], int]:
+def machine_captions(
+    rows: list[dict[str, Any]], params: Params, images: Path, env: "StageEnv"
+) -> tuple[dict[str, str], int]:
     """The captioner's caption per image id, and how many images the model ran on.
 
     Raw outputs are cached in the item store (kind `autocaption-<captioner>`) by image pixels,
@@ -316,7 +341,10 @@ def machine_captions(rows: list[dict[str, Any]], params: Params, images: Path, e
 
     captioner, identity = make_captioner(params, env.state_dir)
     kind = f"autocaption-{params.captioner}"
-    keys = {r["id"]: item_key(kind, FORMAT_VERSION, image=r["pixel_hash"], model=identity, **captioner.identity()) for r in rows}
+    keys = {
+        r["id"]: item_key(kind, FORMAT_VERSION, image=r["pixel_hash"], model=identity, **captioner.identity())
+        for r in rows
+    }
     pending = [r for r in rows if env.store.get(kind, keys[r["id"]], captioner.suffix) is None]
     bar = env.bar(total=len(pending), desc=f"caption ({params.captioner})", unit="img")
     for start in range(0, len(pending), params.captioner_batch_size):
@@ -345,7 +373,9 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
 
     pruned_trigger = normalize_tag(params.trigger) in {normalize_tag(t) for t in params.remove_tags}
     if pruned_trigger:
-        raise ValueError(f"`caption.remove_tags` lists the trigger {params.trigger!r}: it would be pruned from every caption")
+        raise ValueError(
+            f"`caption.remove_tags` lists the trigger {params.trigger!r}: it would be pruned from every caption"
+        )
     tokenizer = load_tokenizers(resolve_model(params.model, env.state_dir))[0]
     rows = read_jsonl(inputs.images / "manifest.jsonl")
     choices = {r["id"]: base_caption(r, params) for r in rows}
@@ -359,16 +389,29 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         tokens = count_tokens(tokenizer, caption)
         if tokens > params.max_tokens:
             overflow.append({"id": row["id"], "source": row["source"], "tokens": tokens})
-            print(f"caption: warning: {row['source']} has {tokens} tokens > {params.max_tokens}; CLIP truncates the rest")
+            print(
+                f"caption: warning: {row['source']} has {tokens} tokens > {params.max_tokens}; CLIP truncates the rest"
+            )
         (outputs.captions / f"{row['id']}.txt").write_text(caption + "\n", encoding="utf-8")
         by_source[source] = by_source.get(source, 0) + 1
-        out_rows.append({"id": row["id"], "caption": caption, "caption_source": source, "tokens": tokens, "trigger": params.trigger, "source": row["source"]})
+        out_rows.append(
+            {
+                "id": row["id"],
+                "caption": caption,
+                "caption_source": source,
+                "tokens": tokens,
+                "trigger": params.trigger,
+                "source": row["source"],
+            }
+        )
     if params.require_trigger:
         check_trigger(out_rows, params.trigger)
     write_jsonl(outputs.captions / "manifest.jsonl", out_rows)
     tags = tag_frequency([r["caption"] for r in out_rows])
     env.publish.table("tag-frequency", tags, f"Tags across {len(out_rows)} captions (count, share of images)")
-    env.publish.table("captions", [{k: r[k] for k in ("source", "caption", "caption_source", "tokens")} for r in out_rows], "Captions")
+    env.publish.table(
+        "captions", [{k: r[k] for k in ("source", "caption", "caption_source", "tokens")} for r in out_rows], "Captions"
+    )
     reused = len(wanted) - ran
     return {
         "items": len(rows),

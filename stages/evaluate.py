@@ -45,10 +45,18 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 METRICS_VERSION = 1
 SUBJECTS = (
-    "a mountain landscape at dawn", "a cat sleeping on a sofa", "a city street at night in the rain",
-    "a bowl of fruit on a wooden table", "an old sailing ship on a stormy sea", "a portrait of an elderly man",
-    "a red sports car in a desert", "a cozy library with tall bookshelves", "a forest path in autumn",
-    "a lighthouse on a cliff", "a plate of sushi", "a castle in the snow",
+    "a mountain landscape at dawn",
+    "a cat sleeping on a sofa",
+    "a city street at night in the rain",
+    "a bowl of fruit on a wooden table",
+    "an old sailing ship on a stormy sea",
+    "a portrait of an elderly man",
+    "a red sports car in a desert",
+    "a cozy library with tall bookshelves",
+    "a forest path in autumn",
+    "a lighthouse on a cliff",
+    "a plate of sushi",
+    "a castle in the snow",
 )
 
 
@@ -121,9 +129,13 @@ def limits_of(params: Params) -> Limits:
     Args:
         params: the `evaluate` section.
     """
-    return Limits(check_weight=params.check_weight, saturation_rise=params.saturation_limit,
-                  high_freq_rise=params.high_freq_limit, clipped_rise=params.clipped_limit,
-                  memorisation_ratio=params.memorisation_ratio)
+    return Limits(
+        check_weight=params.check_weight,
+        saturation_rise=params.saturation_limit,
+        high_freq_rise=params.high_freq_limit,
+        clipped_rise=params.clipped_limit,
+        memorisation_ratio=params.memorisation_ratio,
+    )
 
 
 # ---------------------------------------------------------------- what to render
@@ -148,7 +160,9 @@ def random_shots(params: Params, trigger: str) -> list[tuple[str, int]]:
         trigger: the activation token.
     """
     rng = random.Random(params.random_seed)
-    return [(f"{trigger}, {rng.choice(params.random_pool)}", rng.randrange(2**31)) for _ in range(params.random_prompts)]
+    return [
+        (f"{trigger}, {rng.choice(params.random_pool)}", rng.randrange(2**31)) for _ in range(params.random_prompts)
+    ]
 
 
 def caption_shots(captions: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
@@ -212,7 +226,9 @@ def lora_content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def image_key(model_hash: str, lora_hash: str | None, prompt: str, seed: int, weight: float, params: Params, size: int) -> str:
+def image_key(
+    model_hash: str, lora_hash: str | None, prompt: str, seed: int, weight: float, params: Params, size: int
+) -> str:
     """Store key of one evaluation image; weight 0 does not depend on the LoRA.
 
     Args:
@@ -224,9 +240,19 @@ def image_key(model_hash: str, lora_hash: str | None, prompt: str, seed: int, we
         params: sampler settings come from here.
         size: image side in pixels.
     """
-    return item_key("eval-image", FORMAT_VERSION, model=model_hash, lora=lora_hash if weight else None, prompt=prompt,
-                    seed=seed, weight=weight, steps=params.steps, guidance=params.guidance_scale, size=size,
-                    negative=params.negative_prompt)
+    return item_key(
+        "eval-image",
+        FORMAT_VERSION,
+        model=model_hash,
+        lora=lora_hash if weight else None,
+        prompt=prompt,
+        seed=seed,
+        weight=weight,
+        steps=params.steps,
+        guidance=params.guidance_scale,
+        size=size,
+        negative=params.negative_prompt,
+    )
 
 
 def make_grid(rows: list[list["Image.Image"]]) -> "Image.Image":
@@ -306,9 +332,15 @@ class Renderer:
                 self._adapter = name
             pipe.enable_lora()
             pipe.set_adapters([name], adapter_weights=[weight])
-        return pipe(prompt, negative_prompt=self.params.negative_prompt or None, num_inference_steps=self.params.steps,
-                    guidance_scale=self.params.guidance_scale, width=self.size, height=self.size,
-                    generator=torch.Generator().manual_seed(seed)).images[0]
+        return pipe(
+            prompt,
+            negative_prompt=self.params.negative_prompt or None,
+            num_inference_steps=self.params.steps,
+            guidance_scale=self.params.guidance_scale,
+            width=self.size,
+            height=self.size,
+            generator=torch.Generator().manual_seed(seed),
+        ).images[0]
 
 
 # ---------------------------------------------------------------- embeddings
@@ -336,9 +368,11 @@ class Embedder:
 
             # the PIL image processor: transformers 5's default one needs torchvision, absent here
             processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
-            self._clip = (CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval(),
-                          CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True),
-                          processor.from_pretrained(clip_dir, local_files_only=True))
+            self._clip = (
+                CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval(),
+                CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True),
+                processor.from_pretrained(clip_dir, local_files_only=True),
+            )
 
     @property
     def has_text(self) -> bool:
@@ -471,7 +505,13 @@ def render_epoch(ctx: Context, lora: Path, lora_hash: str) -> dict[str, Any]:
     fixed = {(i, s, w): shot(prompt, s, w) for i, prompt in enumerate(ctx.prompts) for s in p.seeds for w in p.weights}
     randoms = {(j, w): shot(prompt, s, w) for j, (prompt, s) in enumerate(ctx.randoms) for w in (0.0, 1.0)}
     captions = {(c["id"], w): shot(c["caption"], p.seeds[0], w) for c in ctx.captions for w in (0.0, 1.0)}
-    return {"fixed": fixed, "random": randoms, "caption": captions, "keys": keys, "computed": ctx.renderer.computed - before}
+    return {
+        "fixed": fixed,
+        "random": randoms,
+        "caption": captions,
+        "keys": keys,
+        "computed": ctx.renderer.computed - before,
+    }
 
 
 def epoch_grids(ctx: Context, shots: dict[str, Any], name: str, grids: Path) -> dict[str, str]:
@@ -489,14 +529,21 @@ def epoch_grids(ctx: Context, shots: dict[str, Any], name: str, grids: Path) -> 
     make_grid(sweep).save(grids / out["sweep"])
     if ctx.randoms:
         out["random"] = f"{name}-random.png"
-        make_grid([[open_rgb(shots["random"][(j, w)]) for w in (0.0, 1.0)] for j in range(len(ctx.randoms))]).save(grids / out["random"])
+        make_grid([[open_rgb(shots["random"][(j, w)]) for w in (0.0, 1.0)] for j in range(len(ctx.randoms))]).save(
+            grids / out["random"]
+        )
     if ctx.captions:
         out["captions"] = f"{name}-captions.png"
         from PIL import ImageOps
 
         size = (ctx.renderer.size, ctx.renderer.size)
-        rows = [[*([ImageOps.fit(open_rgb(ctx.train_images[c["id"]]), size)] if c["id"] in ctx.train_images else []),
-                 *(open_rgb(shots["caption"][(c["id"], w)]) for w in (0.0, 1.0))] for c in ctx.captions]
+        rows = [
+            [
+                *([ImageOps.fit(open_rgb(ctx.train_images[c["id"]]), size)] if c["id"] in ctx.train_images else []),
+                *(open_rgb(shots["caption"][(c["id"], w)]) for w in (0.0, 1.0)),
+            ]
+            for c in ctx.captions
+        ]
         make_grid(rows).save(grids / out["captions"])
     return {k: f"grids/{v}" for k, v in out.items()}
 
@@ -517,10 +564,21 @@ def epoch_metrics(ctx: Context, shots: dict[str, Any], epoch: int) -> dict[str, 
     arrays = {k: as_array(open_rgb(v)) for k, v in fixed.items()}
     per_weight = {w: mean_signs([image_signs(a) for (i, s, ww), a in arrays.items() if ww == w]) for w in p.weights}
     top = max(p.weights)
-    m: dict[str, Any] = {"epoch": epoch, "loss": ctx.losses.get(epoch), "per_weight": {f"{w:g}": v for w, v in per_weight.items()}}
+    m: dict[str, Any] = {
+        "epoch": epoch,
+        "loss": ctx.losses.get(epoch),
+        "per_weight": {f"{w:g}": v for w, v in per_weight.items()},
+    }
     if 0.0 in p.weights and top > 0:
-        m["lora_effect"] = float(np.mean([mean_abs_difference(arrays[(i, s, 0.0)], arrays[(i, s, top)])
-                                          for i in range(len(ctx.prompts)) for s in p.seeds]))
+        m["lora_effect"] = float(
+            np.mean(
+                [
+                    mean_abs_difference(arrays[(i, s, 0.0)], arrays[(i, s, top)])
+                    for i in range(len(ctx.prompts))
+                    for s in p.seeds
+                ]
+            )
+        )
     if 0.0 in p.weights and p.check_weight in p.weights:
         m.update(rises(per_weight[p.check_weight], per_weight[0.0]))
     m.update(similarity_metrics(ctx, shots))
@@ -555,7 +613,9 @@ def similarity_metrics(ctx: Context, shots: dict[str, Any]) -> dict[str, Any]:
             if w in ctx.params.weights:
                 pairs = [(i, s) for i in range(len(ctx.prompts)) for s in ctx.params.seeds]
                 emb = ctx.embedder.images([open_rgb(shots["fixed"][(i, s, w)]) for i, s in pairs])
-                out[f"clip_score{suffix}"] = float(np.mean([100 * max(float(e @ texts[i]), 0.0) for e, (i, _) in zip(emb, pairs)]))
+                out[f"clip_score{suffix}"] = float(
+                    np.mean([100 * max(float(e @ texts[i]), 0.0) for e, (i, _) in zip(emb, pairs)])
+                )
     return out
 
 
@@ -570,8 +630,16 @@ def cached_metrics(ctx: Context, env: "StageEnv", shots: dict[str, Any], epoch: 
         epoch: the epoch number.
         train_id: hash of the training images (or "none").
     """
-    key = item_key("eval-metrics", METRICS_VERSION, images=shots["keys"], train=train_id, embedder=ctx.embedder.identity,
-                   loss=ctx.losses.get(epoch), epoch=epoch, check_weight=ctx.params.check_weight)
+    key = item_key(
+        "eval-metrics",
+        METRICS_VERSION,
+        images=shots["keys"],
+        train=train_id,
+        embedder=ctx.embedder.identity,
+        loss=ctx.losses.get(epoch),
+        epoch=epoch,
+        check_weight=ctx.params.check_weight,
+    )
     entry = env.store.get("eval-metrics", key, ".json")
     if entry is not None:
         return json.loads(entry.read_text())
@@ -617,8 +685,11 @@ def dataset_checks(inputs: "Paths") -> dict[str, dict[str, Any]]:
     Args:
         inputs: the stage's inputs.
     """
-    return {name.removesuffix("_report"): json.loads(path.read_text()) for name, path in inputs.items()
-            if name.endswith("_report") and path.is_file()}
+    return {
+        name.removesuffix("_report"): json.loads(path.read_text())
+        for name, path in inputs.items()
+        if name.endswith("_report") and path.is_file()
+    }
 
 
 # ---------------------------------------------------------------- run
@@ -654,9 +725,17 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         shots = render_epoch(ctx, lora, lora_content_hash(lora))
         name = lora.stem.removeprefix("lora-")
         metrics = cached_metrics(ctx, env, shots, epoch_number(lora), train_id)
-        epochs[name] = {"lora": lora, "computed": shots["computed"], "grids": epoch_grids(ctx, shots, name, outputs.grids),
-                        "metrics": metrics}
-        weight1[name] = {(i, s): shots["fixed"][(i, s, show_weight(params.weights))] for i in range(len(ctx.prompts)) for s in params.seeds}
+        epochs[name] = {
+            "lora": lora,
+            "computed": shots["computed"],
+            "grids": epoch_grids(ctx, shots, name, outputs.grids),
+            "metrics": metrics,
+        }
+        weight1[name] = {
+            (i, s): shots["fixed"][(i, s, show_weight(params.weights))]
+            for i in range(len(ctx.prompts))
+            for s in params.seeds
+        }
     bar.close()
     cross = cross_epoch_grids(weight1, ctx, outputs.grids)
     best = recommend([e["metrics"] for e in epochs.values()], limits_of(params))
@@ -680,10 +759,18 @@ def build_context(params: Params, inputs: "Paths", env: "StageEnv") -> tuple[Con
     embedder = Embedder(resolve_clip(params, env))
     train_emb = embedder.images([open_rgb(p) for p in train.values()]) if train else None
     train_id = hash_json({i: hash_file(p) for i, p in train.items()}) if train else "none"
-    ctx = Context(params=params, renderer=Renderer(params, env), embedder=embedder,
-                  prompts=render_prompts(params.prompts, trigger), randoms=random_shots(params, trigger),
-                  captions=caption_shots(captions_rows, params.caption_prompts), train_images=train,
-                  train_emb=train_emb, losses=read_losses(inputs.get("loss")), progress=lambda: None)
+    ctx = Context(
+        params=params,
+        renderer=Renderer(params, env),
+        embedder=embedder,
+        prompts=render_prompts(params.prompts, trigger),
+        randoms=random_shots(params, trigger),
+        captions=caption_shots(captions_rows, params.caption_prompts),
+        train_images=train,
+        train_emb=train_emb,
+        losses=read_losses(inputs.get("loss")),
+        progress=lambda: None,
+    )
     total = len(ctx.prompts) * len(params.seeds) * len(params.weights) + 2 * (len(ctx.randoms) + len(ctx.captions))
     return ctx, train_id, total
 
@@ -700,13 +787,26 @@ def cross_epoch_grids(weight1: dict[str, dict[tuple[int, int], Path]], ctx: Cont
     names = []
     for i in range(len(ctx.prompts)):
         name = f"prompt-{i + 1}.png"
-        make_grid([[open_rgb(shots[(i, s)]) for s in ctx.params.seeds] for shots in weight1.values()]).save(grids / name)
+        make_grid([[open_rgb(shots[(i, s)]) for s in ctx.params.seeds] for shots in weight1.values()]).save(
+            grids / name
+        )
         names.append(f"grids/{name}")
     return names
 
 
-SERIES_KEYS = ("loss", "lora_effect", "saturation_rise", "high_freq_rise", "clipped_rise", "memorisation", "memorisation_base",
-               "likeness", "likeness_base", "clip_score", "clip_score_base")
+SERIES_KEYS = (
+    "loss",
+    "lora_effect",
+    "saturation_rise",
+    "high_freq_rise",
+    "clipped_rise",
+    "memorisation",
+    "memorisation_base",
+    "likeness",
+    "likeness_base",
+    "clip_score",
+    "clip_score_base",
+)
 
 
 def epoch_row(m: dict[str, Any]) -> dict[str, Any]:
@@ -718,8 +818,17 @@ def epoch_row(m: dict[str, Any]) -> dict[str, Any]:
     return {"epoch": m["epoch"], **{k: m[k] for k in SERIES_KEYS if m.get(k) is not None}}
 
 
-def write_results(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv", ctx: Context,
-                  epochs: dict[str, Any], cross: list[str], best: dict[str, Any], best_name: str) -> dict[str, Any]:
+def write_results(
+    params: Params,
+    inputs: "Paths",
+    outputs: "Paths",
+    env: "StageEnv",
+    ctx: Context,
+    epochs: dict[str, Any],
+    cross: list[str],
+    best: dict[str, Any],
+    best_name: str,
+) -> dict[str, Any]:
     """Write metrics.json, the TSV series, best.json, the best LoRA and the page; publish to Prefect;
     return the stage summary.
 
@@ -737,14 +846,29 @@ def write_results(params: Params, inputs: "Paths", outputs: "Paths", env: "Stage
     from loraforge.htmlreport import write_tsv_text
 
     rows = {n: epoch_row(e["metrics"]) for n, e in epochs.items()}
-    best_json = {"epoch": best_name, "epoch_number": best["epoch"], "lora": epochs[best_name]["lora"].name,
-                 "reasons": best["reasons"], "fallback": best["fallback"], "memorising_from": best["memorising_from"],
-                 "overfit": {str(k): v for k, v in best["overfit"].items()}, "loss_minima": best["loss_minima"],
-                 "similarity": ctx.embedder.method, "limits": asdict(limits_of(params))}
-    metrics = {"best_epoch": best["epoch"], "similarity": ctx.embedder.method, "epochs": rows, "best": rows[best_name],
-               "final": {"epoch": list(rows)[-1], **rows[list(rows)[-1]]}}
+    best_json = {
+        "epoch": best_name,
+        "epoch_number": best["epoch"],
+        "lora": epochs[best_name]["lora"].name,
+        "reasons": best["reasons"],
+        "fallback": best["fallback"],
+        "memorising_from": best["memorising_from"],
+        "overfit": {str(k): v for k, v in best["overfit"].items()},
+        "loss_minima": best["loss_minima"],
+        "similarity": ctx.embedder.method,
+        "limits": asdict(limits_of(params)),
+    }
+    metrics = {
+        "best_epoch": best["epoch"],
+        "similarity": ctx.embedder.method,
+        "epochs": rows,
+        "best": rows[best_name],
+        "final": {"epoch": list(rows)[-1], **rows[list(rows)[-1]]},
+    }
     outputs.metrics.write_text(json.dumps(metrics, indent=2) + "\n")
-    (outputs.get("best") or outputs.page.parent / "best.json").write_text(json.dumps(best_json, indent=2, ensure_ascii=False) + "\n")
+    (outputs.get("best") or outputs.page.parent / "best.json").write_text(
+        json.dumps(best_json, indent=2, ensure_ascii=False) + "\n"
+    )
     if outputs.get("best_lora") is not None:
         shutil.copyfile(epochs[best_name]["lora"], outputs.best_lora)
     if outputs.get("series") is not None:
@@ -753,10 +877,17 @@ def write_results(params: Params, inputs: "Paths", outputs: "Paths", env: "Stage
         outputs.weight_series.write_text(write_tsv_text(weight_rows(epochs)))
     outputs.page.write_text(render_page(ctx, epochs, cross, best_json, dataset_checks(inputs)), encoding="utf-8")
     publish(env, rows, best_json, outputs, epochs)
-    return {"items": ctx.renderer.computed + ctx.renderer.reused, "computed": ctx.renderer.computed,
-            "reused": ctx.renderer.reused, "epochs": list(epochs), "best": best_name, "similarity": ctx.embedder.method,
-            "per_epoch_computed": {n: e["computed"] for n, e in epochs.items()},
-            "epochs_computed": [n for n, e in epochs.items() if e["computed"]], "metrics": metrics}
+    return {
+        "items": ctx.renderer.computed + ctx.renderer.reused,
+        "computed": ctx.renderer.computed,
+        "reused": ctx.renderer.reused,
+        "epochs": list(epochs),
+        "best": best_name,
+        "similarity": ctx.embedder.method,
+        "per_epoch_computed": {n: e["computed"] for n, e in epochs.items()},
+        "epochs_computed": [n for n, e in epochs.items() if e["computed"]],
+        "metrics": metrics,
+    }
 
 
 def weight_rows(epochs: dict[str, Any]) -> list[dict[str, Any]]:
@@ -765,11 +896,16 @@ def weight_rows(epochs: dict[str, Any]) -> list[dict[str, Any]]:
     Args:
         epochs: per epoch name, with `metrics.per_weight`.
     """
-    return [{"epoch": e["metrics"]["epoch"], "weight": float(w), **signs}
-            for e in epochs.values() for w, signs in e["metrics"]["per_weight"].items()]
+    return [
+        {"epoch": e["metrics"]["epoch"], "weight": float(w), **signs}
+        for e in epochs.values()
+        for w, signs in e["metrics"]["per_weight"].items()
+    ]
 
 
-def publish(env: "StageEnv", rows: dict[str, Any], best: dict[str, Any], outputs: "Paths", epochs: dict[str, Any]) -> None:
+def publish(
+    env: "StageEnv", rows: dict[str, Any], best: dict[str, Any], outputs: "Paths", epochs: dict[str, Any]
+) -> None:
     """Metrics as a Prefect table, the recommendation as markdown with links to the grids.
 
     Args:
@@ -781,18 +917,24 @@ def publish(env: "StageEnv", rows: dict[str, Any], best: dict[str, Any], outputs
     """
     env.publish.table("metrics", [{"name": n, **r} for n, r in rows.items()], "Evaluation metrics per epoch")
     base = outputs.page.parent
-    links = "\n".join(f"- {n}: " + ", ".join(f"[{k}]({(base / v).as_uri()})" for k, v in e["grids"].items())
-                      for n, e in epochs.items())
-    text = (f"## Recommended: {best['epoch']}\n\n" + "\n".join(f"- {r}" for r in best["reasons"])
-            + f"\n\nSimilarity: `{best['similarity']}`. [Report]({outputs.page.as_uri()})\n\n### Grids\n{links}\n")
+    links = "\n".join(
+        f"- {n}: " + ", ".join(f"[{k}]({(base / v).as_uri()})" for k, v in e["grids"].items())
+        for n, e in epochs.items()
+    )
+    text = (
+        f"## Recommended: {best['epoch']}\n\n"
+        + "\n".join(f"- {r}" for r in best["reasons"])
+        + f"\n\nSimilarity: `{best['similarity']}`. [Report]({outputs.page.as_uri()})\n\n### Grids\n{links}\n"
+    )
     env.publish.markdown("recommendation", text, "The epoch to ship and why")
 
 
 # ---------------------------------------------------------------- the page
 
 
-def render_page(ctx: Context, epochs: dict[str, Any], cross: list[str], best: dict[str, Any],
-                checks: dict[str, dict[str, Any]]) -> str:
+def render_page(
+    ctx: Context, epochs: dict[str, Any], cross: list[str], best: dict[str, Any], checks: dict[str, dict[str, Any]]
+) -> str:
     """The static report: recommendation, metrics table, loss curve, grids, dataset checks.
 
     Args:
@@ -809,22 +951,34 @@ def render_page(ctx: Context, epochs: dict[str, Any], cross: list[str], best: di
     cols = ["epoch", *[k for k in SERIES_KEYS if any(k in epoch_row(e["metrics"]) for e in epochs.values())]]
     metric_rows = [[n, *[epoch_row(e["metrics"]).get(k) for k in cols[1:]]] for n, e in epochs.items()]
     loss = line_chart({"train loss": sorted(ctx.losses.items())}, "Train loss per epoch", "epoch", "loss")
-    sat = line_chart({n: [(float(w), s["colourfulness"]) for w, s in e["metrics"]["per_weight"].items()] for n, e in epochs.items()},
-                     "Colourfulness vs LoRA weight", "weight", "colourfulness")
+    sat = line_chart(
+        {n: [(float(w), s["colourfulness"]) for w, s in e["metrics"]["per_weight"].items()] for n, e in epochs.items()},
+        "Colourfulness vs LoRA weight",
+        "weight",
+        "colourfulness",
+    )
     body = [
         f"<h2>Recommendation: {esc(best['epoch'])}</h2><ul>{''.join(f'<li>{esc(r)}</li>' for r in best['reasons'])}</ul>",
         f"<p>Similarity measured with <code>{esc(best['similarity'])}</code>"
-        + ("" if ctx.embedder.has_text else " (no CLIP model: pixel-thumbnail fallback, no CLIP score)") + ". "
+        + ("" if ctx.embedder.has_text else " (no CLIP model: pixel-thumbnail fallback, no CLIP score)")
+        + ". "
         f"Best LoRA: <code>{esc(best['lora'])}</code>.</p>",
         "<h2>Metrics per epoch</h2>" + table(cols, metric_rows, highlight=names.index(best["epoch"])),
         f'<div class="row">{loss}{sat}</div>',
         f"<h2>Fixed seeds across epochs (weight {show_weight(p.weights):g})</h2><p>Rows: {esc(', '.join(names))}; "
         f"columns: seeds {esc(', '.join(map(str, p.seeds)))}.</p>"
-        + '<div class="row">' + "".join(figure(src, f"prompt {i + 1}: {ctx.prompts[i]}") for i, src in enumerate(cross)) + "</div>",
+        + '<div class="row">'
+        + "".join(figure(src, f"prompt {i + 1}: {ctx.prompts[i]}") for i, src in enumerate(cross))
+        + "</div>",
         f"<h2>Weight sweep per epoch</h2><p>Columns: LoRA weight {esc(', '.join(f'{w:g}' for w in p.weights))} "
         f"(0 = base model); rows: each prompt × seed.</p>"
-        + '<div class="row">' + "".join(figure(e["grids"]["sweep"], n) for n, e in epochs.items()) + "</div>",
-        random_section(ctx, epochs), caption_section(ctx, epochs), vae_section(checks.get("latents", {})), checks_section(checks),
+        + '<div class="row">'
+        + "".join(figure(e["grids"]["sweep"], n) for n, e in epochs.items())
+        + "</div>",
+        random_section(ctx, epochs),
+        caption_section(ctx, epochs),
+        vae_section(checks.get("latents", {})),
+        checks_section(checks),
     ]
     return page("loraforge evaluation", "\n".join(body))
 
@@ -859,9 +1013,11 @@ def caption_section(ctx: Context, epochs: dict[str, Any]) -> str:
     legend = "".join(f"<li>{esc(c['caption'])}</li>" for c in ctx.captions)
     figs = "".join(figure(e["grids"]["captions"], n) for n, e in epochs.items())
     first = "training image, " if ctx.train_images else ""
-    return (f"<h2>Training captions prompted 1:1 (columns: {first}weight 0, weight 1)</h2>"
-            f"<p>Near-copies of the training image mean overtraining (001 guide).</p><ol>{legend}</ol>"
-            f'<div class="row">{figs}</div>')
+    return (
+        f"<h2>Training captions prompted 1:1 (columns: {first}weight 0, weight 1)</h2>"
+        f"<p>Near-copies of the training image mean overtraining (001 guide).</p><ol>{legend}</ol>"
+        f'<div class="row">{figs}</div>'
+    )
 
 
 def vae_section(latents_report: dict[str, Any]) -> str:
@@ -876,12 +1032,18 @@ def vae_section(latents_report: dict[str, Any]) -> str:
     check = latents_report.get("vae_check") or {}
     if not check.get("worst"):
         return ""
-    figs = "".join(figure(f"../{w['sheet']}", f"{w['source']}: {w['psnr_db']:g} dB (worst window {w['worst_window_psnr_db']:g} dB)")
-                   for w in check["worst"])
-    return (f"<h2>What the VAE loses</h2><p>decode(encode(image)) with the training VAE: mean PSNR "
-            f"{esc(check['mean_psnr_db'])} dB over {esc(check['images'])} images. Worst windows, enlarged: original | "
-            f"reconstruction | error ×4. Details lost here cannot be learned (003 guide).</p>"
-            f'<div class="row">{figs}</div>')
+    figs = "".join(
+        figure(
+            f"../{w['sheet']}", f"{w['source']}: {w['psnr_db']:g} dB (worst window {w['worst_window_psnr_db']:g} dB)"
+        )
+        for w in check["worst"]
+    )
+    return (
+        f"<h2>What the VAE loses</h2><p>decode(encode(image)) with the training VAE: mean PSNR "
+        f"{esc(check['mean_psnr_db'])} dB over {esc(check['images'])} images. Worst windows, enlarged: original | "
+        f"reconstruction | error ×4. Details lost here cannot be learned (003 guide).</p>"
+        f'<div class="row">{figs}</div>'
+    )
 
 
 def checks_section(checks: dict[str, dict[str, Any]]) -> str:
@@ -896,9 +1058,15 @@ def checks_section(checks: dict[str, dict[str, Any]]) -> str:
         return ""
     parts = ["<h2>Dataset checks</h2>"]
     for stage, report in checks.items():
-        facts = [[k, v] for k, v in report.items() if isinstance(v, (int, float, str, bool)) and k not in ("stage", "seconds")]
+        facts = [
+            [k, v]
+            for k, v in report.items()
+            if isinstance(v, (int, float, str, bool)) and k not in ("stage", "seconds")
+        ]
         parts.append(f"<h3>{esc(stage)}</h3>" + table(["fact", "value"], facts))
         for key in ("rejected", "duplicates_dropped", "over_limit", "warnings"):
             if report.get(key):
-                parts.append(f"<p>{esc(key)}:</p><pre>{esc(json.dumps(report[key], indent=1, ensure_ascii=False))}</pre>")
+                parts.append(
+                    f"<p>{esc(key)}:</p><pre>{esc(json.dumps(report[key], indent=1, ensure_ascii=False))}</pre>"
+                )
     return "\n".join(parts)

@@ -59,8 +59,14 @@ def settings(params: Params) -> "ExtractSettings":
     """The library's extraction settings from the stage params."""
     from loraforge.lora_io import ExtractSettings
 
-    return ExtractSettings(dim=params.dim, conv_dim=params.conv_dim, clamp_quantile=params.clamp_quantile,
-                           min_diff=params.min_diff, save_dtype=params.save_dtype, svd=params.svd)
+    return ExtractSettings(
+        dim=params.dim,
+        conv_dim=params.conv_dim,
+        clamp_quantile=params.clamp_quantile,
+        min_diff=params.min_diff,
+        save_dtype=params.save_dtype,
+        svd=params.svd,
+    )
 
 
 def weights_folder(folder: Path, meta: dict[str, Any], from_ema: bool) -> Path:
@@ -68,7 +74,9 @@ def weights_folder(folder: Path, meta: dict[str, Any], from_ema: bool) -> Path:
     if not from_ema:
         return folder
     if not meta.get("ema"):
-        raise ValueError(f"`extract.from_ema` is set but {folder} has no EMA weights: set `finetune.ema_decay` > 0 and retrain")
+        raise ValueError(
+            f"`extract.from_ema` is set but {folder} has no EMA weights: set `finetune.ema_decay` > 0 and retrain"
+        )
     return folder / "ema"
 
 
@@ -110,16 +118,39 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
             if not tuned.exists():
                 notes[component] = {"included": False, "reason": "not trained"}
                 continue
-            part, notes[component] = extract_component(info.arch, component, weight_files(info, component), [tuned],
-                                                        settings(params), device, unet_config=unet_config)
+            part, notes[component] = extract_component(
+                info.arch,
+                component,
+                weight_files(info, component),
+                [tuned],
+                settings(params),
+                device,
+                unet_config=unet_config,
+            )
             tensors.update(part)
         name = f"lora-{folder.name}"
         training = {k: v for k, v in meta.items() if k not in ("epoch", "global_step", "dataset_hash")}
-        metadata = extraction_metadata(info.arch, name, settings(params), notes, info.source, date=date,
-                                       ss_epoch=meta["epoch"], ss_steps=meta["global_step"],
-                                       ss_dataset_hash=dataset_hash(meta, inputs), ss_loraforge_revision=revision,
-                                       ss_training_params=training)
+        metadata = extraction_metadata(
+            info.arch,
+            name,
+            settings(params),
+            notes,
+            info.source,
+            date=date,
+            ss_epoch=meta["epoch"],
+            ss_steps=meta["global_step"],
+            ss_dataset_hash=dataset_hash(meta, inputs),
+            ss_loraforge_revision=revision,
+            ss_training_params=training,
+        )
         save_lora(outputs.loras / f"{name}.safetensors", tensors, metadata)
         per_epoch[folder.name] = {"layers": sum(1 for k in tensors if k.endswith(".alpha")), "components": notes}
-    return {"items": len(epochs), "computed": len(epochs), "reused": 0, "dim": params.dim, "svd": params.svd,
-            "revision": revision, "epochs": per_epoch}
+    return {
+        "items": len(epochs),
+        "computed": len(epochs),
+        "reused": 0,
+        "dim": params.dim,
+        "svd": params.svd,
+        "revision": revision,
+        "epochs": per_epoch,
+    }

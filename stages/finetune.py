@@ -141,7 +141,9 @@ class Params:
     train_text_encoder: bool = False
     text_encoder_lr: float | None = Field(None, ge=0, le=10)
     text_encoder_2_lr: float | None = Field(None, ge=0, le=10)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     lr_warmup_ratio: float = Field(0.0, ge=0, lt=1)
     lr_scheduler_num_cycles: int = Field(1, ge=1)
@@ -184,7 +186,9 @@ class Params:
     @model_validator(mode="after")
     def _one_prior_source(self) -> "Params":
         if self.class_prompt and self.reg_images:
-            raise ValueError("set `finetune.class_prompt` (generated class images) or `finetune.reg_images` (your own), not both")
+            raise ValueError(
+                "set `finetune.class_prompt` (generated class images) or `finetune.reg_images` (your own), not both"
+            )
         return self
 
 
@@ -253,7 +257,9 @@ def plan(examples: list[dict[str, Any]], params: Params) -> dict[str, Any]:
         examples: from `load_examples`.
         params: the finetune params.
     """
-    batches = math.ceil(len(epoch_batches(examples, params.batch_size, params.seed, 0)) / params.num_processes)  # per process
+    batches = math.ceil(
+        len(epoch_batches(examples, params.batch_size, params.seed, 0)) / params.num_processes
+    )  # per process
     images = len({e["id"] for e in examples})
     return {
         "images": images,
@@ -279,8 +285,10 @@ def load_latents(batch: list[dict[str, Any]], scaling_factor: float) -> "torch.T
     latents = [load_file(str(e["path"]))["latent"] for e in batch]
     for e, lat in zip(batch, latents):
         if not torch.isfinite(lat).all():
-            raise FloatingPointError(f"latent {e['path']} has NaN/inf values: it was encoded by a VAE in half precision "
-                                     "(SDXL's VAE overflows in fp16: encode latents with the VAE in float32, 'no half VAE')")
+            raise FloatingPointError(
+                f"latent {e['path']} has NaN/inf values: it was encoded by a VAE in half precision "
+                "(SDXL's VAE overflows in fp16: encode latents with the VAE in float32, 'no half VAE')"
+            )
     return torch.stack(latents) * scaling_factor
 
 
@@ -315,7 +323,10 @@ def batch_captions(batch: list[dict[str, Any]], params: Params, step: int, epoch
     from loraforge.training.captions import train_caption
 
     settings = caption_settings(params)
-    return [train_caption(e["caption"], settings, random.Random(f"{params.seed}/{step}/{i}"), epoch) for i, e in enumerate(batch)]
+    return [
+        train_caption(e["caption"], settings, random.Random(f"{params.seed}/{step}/{i}"), epoch)
+        for i, e in enumerate(batch)
+    ]
 
 
 # ---------------------------------------------------------------- settings
@@ -333,11 +344,17 @@ def check_settings(params: Params, device: "torch.device") -> None:
     check_precision(params.mixed_precision, device)
     optimizer_class(params.optimizer, device.type)  # importable, and 8-bit only on CUDA
     if params.lr_scheduler == "constant" and (params.lr_warmup_steps or params.lr_warmup_ratio):
-        raise ValueError("`finetune.lr_scheduler: constant` has no warmup; use `constant_with_warmup` with `finetune.lr_warmup_steps`")
+        raise ValueError(
+            "`finetune.lr_scheduler: constant` has no warmup; use `constant_with_warmup` with `finetune.lr_warmup_steps`"
+        )
     if params.lr_warmup_steps and params.lr_warmup_ratio:
         raise ValueError("set `finetune.lr_warmup_steps` or `finetune.lr_warmup_ratio`, not both")
-    lora_only = {"scale_weight_norms": params.scale_weight_norms, "network_dropout": params.network_dropout,
-                 "rank_dropout": params.rank_dropout, "module_dropout": params.module_dropout}
+    lora_only = {
+        "scale_weight_norms": params.scale_weight_norms,
+        "network_dropout": params.network_dropout,
+        "rank_dropout": params.rank_dropout,
+        "module_dropout": params.module_dropout,
+    }
     if params.mode == "full" and any(lora_only.values()):
         key = next(k for k, v in lora_only.items() if v)
         raise ValueError(f"`finetune.{key}` applies to `finetune.mode: lora` only (mode is `full`)")
@@ -361,11 +378,17 @@ def loss_settings(params: Params) -> Any:
     from loraforge.training.losses import LossSettings
 
     return LossSettings(
-        loss_type=params.loss_type, huber_c=params.huber_c, min_snr_gamma=params.min_snr_gamma,
-        debiased_estimation=params.debiased_estimation, v_parameterization=params.v_parameterization,
-        noise_offset=params.noise_offset, noise_offset_random_strength=params.noise_offset_random_strength,
-        adaptive_noise_scale=params.adaptive_noise_scale, multires_noise_iterations=params.multires_noise_iterations,
-        multires_noise_discount=params.multires_noise_discount, ip_noise_gamma=params.ip_noise_gamma,
+        loss_type=params.loss_type,
+        huber_c=params.huber_c,
+        min_snr_gamma=params.min_snr_gamma,
+        debiased_estimation=params.debiased_estimation,
+        v_parameterization=params.v_parameterization,
+        noise_offset=params.noise_offset,
+        noise_offset_random_strength=params.noise_offset_random_strength,
+        adaptive_noise_scale=params.adaptive_noise_scale,
+        multires_noise_iterations=params.multires_noise_iterations,
+        multires_noise_discount=params.multires_noise_discount,
+        ip_noise_gamma=params.ip_noise_gamma,
     )
 
 
@@ -373,8 +396,13 @@ def caption_settings(params: Params) -> Any:
     """The caption-augmentation part of the params as a `CaptionSettings`."""
     from loraforge.training.captions import CaptionSettings
 
-    return CaptionSettings(shuffle=params.shuffle_caption, keep_tokens=params.keep_tokens, tag_dropout_rate=params.caption_tag_dropout_rate,
-                           dropout_rate=params.caption_dropout_rate, dropout_every_n_epochs=params.caption_dropout_every_n_epochs)
+    return CaptionSettings(
+        shuffle=params.shuffle_caption,
+        keep_tokens=params.keep_tokens,
+        tag_dropout_rate=params.caption_tag_dropout_rate,
+        dropout_rate=params.caption_dropout_rate,
+        dropout_every_n_epochs=params.caption_dropout_every_n_epochs,
+    )
 
 
 def component_lrs(params: Params, n_encoders: int) -> dict[str, float]:
@@ -395,7 +423,9 @@ def component_lrs(params: Params, n_encoders: int) -> dict[str, float]:
     for name, lr in lrs.items():
         if adaptive and lr not in (0, params.lr):
             key = "text_encoder_lr" if name == "text_encoder" else "text_encoder_2_lr"
-            raise ValueError(f"`finetune.{key}` = {lr:g}: {params.optimizer} needs every LR equal to `finetune.lr` ({params.lr:g}) or 0")
+            raise ValueError(
+                f"`finetune.{key}` = {lr:g}: {params.optimizer} needs every LR equal to `finetune.lr` ({params.lr:g}) or 0"
+            )
     return {name: lr for name, lr in lrs.items() if lr > 0}  # LR 0 freezes a text encoder
 
 
@@ -414,7 +444,9 @@ def step_generator(seed: int, step: int) -> "torch.Generator":
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def diffusion_loss(unet: Any, scheduler: Any, latents: "torch.Tensor", cond: dict[str, Any], gen: "torch.Generator", settings: Any) -> "torch.Tensor":
+def diffusion_loss(
+    unet: Any, scheduler: Any, latents: "torch.Tensor", cond: dict[str, Any], gen: "torch.Generator", settings: Any
+) -> "torch.Tensor":
     """The step's weighted loss (see `loraforge.training.losses.diffusion_loss`); a module-level
     name so tests can poison it."""
     from loraforge.training.losses import diffusion_loss as loss_fn
@@ -422,7 +454,9 @@ def diffusion_loss(unet: Any, scheduler: Any, latents: "torch.Tensor", cond: dic
     return loss_fn(unet, scheduler, latents, cond, gen, settings)
 
 
-def conditioning(arch: str, encode: Any, batch: list[dict[str, Any]], captions: list[str], device: Any) -> dict[str, Any]:
+def conditioning(
+    arch: str, encode: Any, batch: list[dict[str, Any]], captions: list[str], device: Any
+) -> dict[str, Any]:
     """Text embeddings (and SDXL's pooled embeddings + time ids) for a batch.
 
     Args:
@@ -442,7 +476,15 @@ def conditioning(arch: str, encode: Any, batch: list[dict[str, Any]], captions: 
     return {"hidden": hidden, "added": {"text_embeds": pooled, "time_ids": time_ids.to(device, hidden.dtype)}}
 
 
-def text_encode(params: Params, info: Any, tokenizers: list[Any], encoders: list[Any], trained: dict[str, Any], env: "StageEnv", device: Any) -> Any:
+def text_encode(
+    params: Params,
+    info: Any,
+    tokenizers: list[Any],
+    encoders: list[Any],
+    trained: dict[str, Any],
+    env: "StageEnv",
+    device: Any,
+) -> Any:
     """The caption encoder for the loop: cached through the item store when no encoder is
     trained and captions are not randomised, else the live encoders.
 
@@ -461,7 +503,11 @@ def text_encode(params: Params, info: Any, tokenizers: list[Any], encoders: list
     encode = make_encode(info.arch, tokenizers, encoders)
     if any(name in trained for name in ENCODER_NAMES) or caption_settings(params).randomised:
         return encode
-    parts = ("tokenizer", "text_encoder") if info.arch == "sd15" else ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    parts = (
+        ("tokenizer", "text_encoder")
+        if info.arch == "sd15"
+        else ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+    )
     model_key = {"arch": info.arch, **{p: component_hash(info, p, env.state_dir) for p in parts}}
     return CachedEncode(encode, env.store, model_key, device)
 
@@ -479,9 +525,14 @@ def check_finite(loss: "torch.Tensor", step: int, epoch: int, params: Params) ->
 
     if torch.isfinite(loss):
         return
-    causes = [f"`finetune.lr` = {params.lr:g} too high for `{params.optimizer}` (the 001 guide: 1e-6 for AdamW on SDXL, 1e-7 for Lion)"]
+    causes = [
+        f"`finetune.lr` = {params.lr:g} too high for `{params.optimizer}` (the 001 guide: 1e-6 for AdamW on SDXL, 1e-7 for Lion)"
+    ]
     if params.mixed_precision == "fp16":
-        causes.insert(0, "fp16 overflow: use `finetune.mixed_precision: bf16` (or `no`), and encode latents with the VAE in float32 ('no half VAE')")
+        causes.insert(
+            0,
+            "fp16 overflow: use `finetune.mixed_precision: bf16` (or `no`), and encode latents with the VAE in float32 ('no half VAE')",
+        )
     if params.optimizer_args:
         causes.append(f"`finetune.optimizer_args` = {params.optimizer_args}")
     raise FloatingPointError(
@@ -490,7 +541,9 @@ def check_finite(loss: "torch.Tensor", step: int, epoch: int, params: Params) ->
     )
 
 
-def save_checkpoint(folder: Path, states: dict[str, dict[str, "torch.Tensor"]], dtype: "torch.dtype", meta: dict[str, Any] | None) -> None:
+def save_checkpoint(
+    folder: Path, states: dict[str, dict[str, "torch.Tensor"]], dtype: "torch.dtype", meta: dict[str, Any] | None
+) -> None:
     """`<folder>/<component>.safetensors` (diffusers key names) + meta.json; refuses NaN weights.
 
     Args:
@@ -513,7 +566,9 @@ def save_checkpoint(folder: Path, states: dict[str, dict[str, "torch.Tensor"]], 
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def save_epoch(folder: Path, trained: dict[str, Any], ema: Any, dtype: "torch.dtype", meta: dict[str, Any], params: Params) -> None:
+def save_epoch(
+    folder: Path, trained: dict[str, Any], ema: Any, dtype: "torch.dtype", meta: dict[str, Any], params: Params
+) -> None:
     """One checkpoint: the trained components (mode full) or `lora.safetensors` (mode lora), and
     their EMA under `ema/` (what `extract.from_ema` reads).
 
@@ -537,8 +592,15 @@ def save_epoch(folder: Path, trained: dict[str, Any], ema: Any, dtype: "torch.dt
         save_checkpoint(folder / "ema", ema_states, dtype, None)
 
 
-def save_lora_checkpoint(folder: Path, networks: dict[str, Any], states: dict[str, Any], dtype: "torch.dtype", meta: dict[str, Any] | None,
-                         params: Params, arch: str) -> None:
+def save_lora_checkpoint(
+    folder: Path,
+    networks: dict[str, Any],
+    states: dict[str, Any],
+    dtype: "torch.dtype",
+    meta: dict[str, Any] | None,
+    params: Params,
+    arch: str,
+) -> None:
     """`<folder>/lora.safetensors` in kohya format with `ss_*` metadata (+ meta.json); refuses NaN weights.
 
     Args:
@@ -560,14 +622,21 @@ def save_lora_checkpoint(folder: Path, networks: dict[str, Any], states: dict[st
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
         raise FloatingPointError(f"LoRA has non-finite weights ({bad[0]}...); not saving {folder}")
-    training = {"ss_training_comment": "loraforge finetune mode lora", "ss_learning_rate": params.lr, "ss_optimizer": params.optimizer,
-                "ss_network_dropout": params.network_dropout, "ss_seed": params.seed,
-                "ss_text_encoders": {n: n in networks for n in ENCODER_NAMES[: 1 if arch == "sd15" else 2]}}
+    training = {
+        "ss_training_comment": "loraforge finetune mode lora",
+        "ss_learning_rate": params.lr,
+        "ss_optimizer": params.optimizer,
+        "ss_network_dropout": params.network_dropout,
+        "ss_seed": params.seed,
+        "ss_text_encoders": {n: n in networks for n in ENCODER_NAMES[: 1 if arch == "sd15" else 2]},
+    }
     if meta is not None:
         training.update(ss_epoch=meta["epoch"], ss_steps=meta["global_step"])
     if params.conv_dim:
         training["ss_network_args"] = {"conv_dim": params.conv_dim, "conv_alpha": params.conv_alpha}
-    save_lora(folder / "lora.safetensors", tensors, lora_metadata(arch, params.network_dim, params.network_alpha, **training))
+    save_lora(
+        folder / "lora.safetensors", tensors, lora_metadata(arch, params.network_dim, params.network_alpha, **training)
+    )
     if meta is not None:
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -636,7 +705,17 @@ def trainable(params: Params, arch: str, modules: dict[str, Any], lrs: dict[str,
     return {name: add_lora(modules[name], arch, name, params).train() for name in lrs}
 
 
-def prior_loss(prior: list[Any], params: Params, info: Any, unet: Any, noise_scheduler: Any, encode: Any, step: int, precision: Any, settings: Any) -> "torch.Tensor":
+def prior_loss(
+    prior: list[Any],
+    params: Params,
+    info: Any,
+    unet: Any,
+    noise_scheduler: Any,
+    encode: Any,
+    step: int,
+    precision: Any,
+    settings: Any,
+) -> "torch.Tensor":
     """The diffusion loss on the step's batch of class images (generated or `reg_images`), each
     with its own caption.
 
@@ -656,7 +735,9 @@ def prior_loss(prior: list[Any], params: Params, info: Any, unet: Any, noise_sch
     latents, batch = class_batch(prior, step, params.batch_size)  # (B, 4, h, w)
     cond = conditioning(info.arch, encode, batch, [e["caption"] for e in batch], precision.device)
     with precision.autocast():
-        return diffusion_loss(unet, noise_scheduler, latents.to(precision.device), cond, step_generator(params.seed + 1, step), settings)
+        return diffusion_loss(
+            unet, noise_scheduler, latents.to(precision.device), cond, step_generator(params.seed + 1, step), settings
+        )
 
 
 def reg_images_folder(params: Params, inputs: "Paths", state_dir: Path) -> Path | None:
@@ -673,7 +754,9 @@ def reg_images_folder(params: Params, inputs: "Paths", state_dir: Path) -> Path 
     return Path(inputs["reg_images"]) if "reg_images" in inputs else state_dir.parent / params.reg_images
 
 
-def class_examples(params: Params, images: int, info: Any, inputs: "Paths", env: "StageEnv", device: Any) -> tuple[list[dict[str, Any]], int]:
+def class_examples(
+    params: Params, images: int, info: Any, inputs: "Paths", env: "StageEnv", device: Any
+) -> tuple[list[dict[str, Any]], int]:
     """Prior preservation's class examples (none when off) and how many reg images were encoded now.
 
     Args:
@@ -692,11 +775,20 @@ def class_examples(params: Params, images: int, info: Any, inputs: "Paths", env:
     if not params.class_prompt:
         return [], 0
     count = prior.class_image_count(params.num_class_images, images, params.train_text_encoder)
-    return prior.class_latents(info, params.class_prompt, count, params.seed, params.class_inference_steps, env.store, env.state_dir, device), 0
+    return prior.class_latents(
+        info, params.class_prompt, count, params.seed, params.class_inference_steps, env.store, env.state_dir, device
+    ), 0
 
 
-def prepare(accelerator: Any, params: Params, unet: Any, encoders: list[Any], trained: dict[str, Any], optimizer: Any,
-            lr_schedule: Any) -> tuple[Any, list[Any], Any, Any]:
+def prepare(
+    accelerator: Any,
+    params: Params,
+    unet: Any,
+    encoders: list[Any],
+    trained: dict[str, Any],
+    optimizer: Any,
+    lr_schedule: Any,
+) -> tuple[Any, list[Any], Any, Any]:
     """Hand the models, optimizer and schedule to accelerate; return them wrapped.
 
     With several processes DDP wraps only the modules that train in mode full (a frozen module
@@ -723,8 +815,15 @@ def prepare(accelerator: Any, params: Params, unet: Any, encoders: list[Any], tr
     return unet, encoders, optimizer, lr_schedule
 
 
-def optimizer_step(accelerator: Any, precision: Any, optimizer: Any, lr_schedule: Any, trained: dict[str, Any], ema: Any,
-                   params: Params) -> tuple[dict[str, float], dict[str, float]]:
+def optimizer_step(
+    accelerator: Any,
+    precision: Any,
+    optimizer: Any,
+    lr_schedule: Any,
+    trained: dict[str, Any],
+    ema: Any,
+    params: Params,
+) -> tuple[dict[str, float], dict[str, float]]:
     """Unscale (fp16), clip, step (skipped on fp16 overflow), advance the schedule, clear
     gradients, cap LoRA norms, update the EMA.
 
@@ -755,7 +854,9 @@ def optimizer_step(accelerator: Any, precision: Any, optimizer: Any, lr_schedule
     optimizer.zero_grad(set_to_none=True)
     norms = {}
     if params.scale_weight_norms and stepped:  # max-norm on each LoRA update (mode lora)
-        norms = dict(zip(("keys_scaled", "mean_norm"), scale_weight_norms(list(trained.values()), params.scale_weight_norms)))
+        norms = dict(
+            zip(("keys_scaled", "mean_norm"), scale_weight_norms(list(trained.values()), params.scale_weight_norms))
+        )
     if ema is not None and stepped:
         ema.update()
     return applied, norms
@@ -766,8 +867,22 @@ def optimizer_step(accelerator: Any, precision: Any, optimizer: Any, lr_schedule
 
 def training_record(params: Params) -> dict[str, Any]:
     """The settings a checkpoint's meta.json records (extract copies them into `ss_training_params`)."""
-    keys = ("mode", "optimizer", "lr", "text_encoder_lr", "lr_scheduler", "epochs", "batch_size", "gradient_accumulation",
-            "repeats", "mixed_precision", "min_snr_gamma", "noise_offset", "ema_decay", "seed")
+    keys = (
+        "mode",
+        "optimizer",
+        "lr",
+        "text_encoder_lr",
+        "lr_scheduler",
+        "epochs",
+        "batch_size",
+        "gradient_accumulation",
+        "repeats",
+        "mixed_precision",
+        "min_snr_gamma",
+        "noise_offset",
+        "ema_decay",
+        "seed",
+    )
     return {key: getattr(params, key) for key in keys}
 
 
@@ -837,8 +952,10 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
         reg_image_files(reg)  # a missing or empty folder fails before any model loads
     examples = load_examples(inputs.latents, inputs.captions, params.repeats)
     steps = plan(examples, params)
-    print(f"finetune: {steps['images']} images, {steps['examples_per_epoch']} examples/epoch, batch {params.batch_size}, "
-          f"{params.epochs} epochs -> {steps['steps']} steps ({steps['optimizer_steps']} optimizer steps), {params.optimizer}")
+    print(
+        f"finetune: {steps['images']} images, {steps['examples_per_epoch']} examples/epoch, batch {params.batch_size}, "
+        f"{params.epochs} epochs -> {steps['steps']} steps ({steps['optimizer_steps']} optimizer steps), {params.optimizer}"
+    )
     env.publish.table("plan", [steps], "Training plan")
     dataset_hash = hash_json({"latents": hash_tree(inputs.latents), "captions": hash_tree(inputs.captions)})
 
@@ -846,9 +963,13 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
     torch.manual_seed(params.seed)
     info = resolve_model(params.model, env.state_dir)
     AcceleratorState._reset_state(reset_partial_state=True)  # the Prefect runner trains in-process, maybe repeatedly
-    accelerator = Accelerator(mixed_precision=accelerate_mode(params.mixed_precision), gradient_accumulation_steps=params.gradient_accumulation, cpu=device.type == "cpu",
-                              step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])  # e.g. SD1.5's unused pooled output
+    accelerator = Accelerator(
+        mixed_precision=accelerate_mode(params.mixed_precision),
+        gradient_accumulation_steps=params.gradient_accumulation,
+        cpu=device.type == "cpu",
+        step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the process count
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )  # e.g. SD1.5's unused pooled output
     main = accelerator.is_main_process
     precision = MixedPrecision(params.mixed_precision, accelerator.device, accelerator)
     unet = load_unet(info, accelerator.device)
@@ -864,8 +985,17 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
     groups = [{"name": name, "params": list(trained[name].parameters()), "lr": lr} for name, lr in lrs.items()]
     optimizer = make_optimizer(params.optimizer, groups, params.optimizer_args, params.weight_decay, device.type)
     warmup = warmup_steps(params.lr_warmup_steps, params.lr_warmup_ratio, steps["optimizer_steps"])
-    lr_schedule = make_lr_schedule(params.lr_scheduler, optimizer, warmup, steps["optimizer_steps"], params.lr_scheduler_num_cycles, params.lr_scheduler_power)
-    unet, encoders, optimizer, lr_schedule = prepare(accelerator, params, unet, encoders, trained, optimizer, lr_schedule)
+    lr_schedule = make_lr_schedule(
+        params.lr_scheduler,
+        optimizer,
+        warmup,
+        steps["optimizer_steps"],
+        params.lr_scheduler_num_cycles,
+        params.lr_scheduler_power,
+    )
+    unet, encoders, optimizer, lr_schedule = prepare(
+        accelerator, params, unet, encoders, trained, optimizer, lr_schedule
+    )
     wrapped = {"unet": unet, **dict(zip(ENCODER_NAMES, encoders))}
     ema = EMA(trained, params.ema_decay) if params.ema_decay else None
     train_encoders = any(name in lrs for name in ENCODER_NAMES)
@@ -884,14 +1014,22 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
             publish_checkpoint(keep / "checkpoints" / name, outputs.checkpoints)
         print(f"finetune: resumed from {state.name} (step {progress['global_step']})")
 
-    norms: dict[str, float] = {"keys_scaled": 0, "mean_norm": 0.0} if params.scale_weight_norms else {}  # logged per step
+    norms: dict[str, float] = (
+        {"keys_scaled": 0, "mean_norm": 0.0} if params.scale_weight_norms else {}
+    )  # logged per step
     bar = env.bar(total=steps["steps"], initial=progress["global_step"], desc="finetune", unit="step")
     for epoch in range(progress["epoch"] + 1, params.epochs + 1):
         epoch_losses = []
-        batches = shard(epoch_batches(examples, params.batch_size, params.seed, epoch), accelerator.process_index, accelerator.num_processes)
+        batches = shard(
+            epoch_batches(examples, params.batch_size, params.seed, epoch),
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
         for i, (batch, latents) in enumerate(prefetch(batches, lambda b: load_latents(b, info.scaling_factor))):
             step = progress["global_step"]
-            draw = step * accelerator.num_processes + accelerator.process_index  # this process's random stream (= step with one)
+            draw = (
+                step * accelerator.num_processes + accelerator.process_index
+            )  # this process's random stream (= step with one)
             # step the optimizer every `gradient_accumulation` batches and at the end of the epoch
             sync = (i + 1) % params.gradient_accumulation == 0 or i + 1 == len(batches)
             with gradient_sync(accelerator, list(wrapped.values()), sync):
@@ -902,9 +1040,13 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
                 with torch.set_grad_enabled(train_encoders):  # frozen encoders: no activations kept
                     cond = conditioning(info.arch, encode, batch, captions, accelerator.device)
                 with precision.autocast():
-                    loss = diffusion_loss(unet, noise_scheduler, latents, cond, step_generator(params.seed, draw), losses_cfg)
+                    loss = diffusion_loss(
+                        unet, noise_scheduler, latents, cond, step_generator(params.seed, draw), losses_cfg
+                    )
                 if prior:  # + prior_loss_weight × the loss on a batch of class images
-                    loss = loss + params.prior_loss_weight * prior_loss(prior, params, info, unet, noise_scheduler, encode, draw, precision, losses_cfg)
+                    loss = loss + params.prior_loss_weight * prior_loss(
+                        prior, params, info, unet, noise_scheduler, encode, draw, precision, losses_cfg
+                    )
                 check_finite(loss, step, epoch, params)  # before backward: no NaN ever reaches the weights
                 accelerator.backward(precision.scale(loss))
             applied = applied_lrs(optimizer)  # lr (or d·lr) this step uses
@@ -912,7 +1054,9 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
                 applied, norms = optimizer_step(accelerator, precision, optimizer, lr_schedule, trained, ema, params)
             progress["global_step"] = step + 1
             epoch_losses.append(loss.item())
-            progress["steps"].append({"step": step + 1, "epoch": epoch, "loss": loss.item(), "lr": applied["unet"], **norms})
+            progress["steps"].append(
+                {"step": step + 1, "epoch": epoch, "loss": loss.item(), "lr": applied["unet"], **norms}
+            )
             progress["lrs"].append({"step": step + 1, **applied})
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{applied['unet']:.3g}")
@@ -922,10 +1066,25 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
         env.publish.table("epoch-loss", progress["epochs"], "Mean loss per epoch")
         if main and (epoch % params.save_every_n_epochs == 0 or epoch == params.epochs):
             name = f"epoch-{epoch:04d}"
-            meta = {"epoch": epoch, "global_step": progress["global_step"], "loss": progress["epochs"][-1]["loss"],
-                    "arch": info.arch, "base": info.source, "ema": ema is not None, "mode": params.mode,
-                    "dataset_hash": dataset_hash, **training_record(params)}
-            save_epoch((keep / "checkpoints" if keep else outputs.checkpoints) / name, trained, ema, getattr(torch, params.save_dtype), meta, params)
+            meta = {
+                "epoch": epoch,
+                "global_step": progress["global_step"],
+                "loss": progress["epochs"][-1]["loss"],
+                "arch": info.arch,
+                "base": info.source,
+                "ema": ema is not None,
+                "mode": params.mode,
+                "dataset_hash": dataset_hash,
+                **training_record(params),
+            }
+            save_epoch(
+                (keep / "checkpoints" if keep else outputs.checkpoints) / name,
+                trained,
+                ema,
+                getattr(torch, params.save_dtype),
+                meta,
+                params,
+            )
             progress["saved"].append(name)
             if keep is not None:  # built in the resume folder, hard-linked into the outputs
                 publish_checkpoint(keep / "checkpoints" / name, outputs.checkpoints)
@@ -937,13 +1096,27 @@ def train(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") ->
         write_tsv(outputs.loss / "lr.tsv", progress["lrs"])
         write_tsv(outputs.loss / "epochs.tsv", progress["epochs"])
     accelerator.wait_for_everyone()
-    return {"items": steps["images"], "computed": steps["images"], "reused": 0, "plan": steps, "epochs_saved": progress["saved"],
-            "loss_first_epoch": progress["epochs"][0]["loss"], "loss_last_epoch": progress["epochs"][-1]["loss"],
-            "device": str(accelerator.device), "mixed_precision": params.mixed_precision, "optimizer": params.optimizer,
-            "loss_scale": precision.loss_scale, "skipped_steps": precision.skipped,
-            "trained": list(lrs), "ema": ema is not None, "class_images": {"count": len(prior), "encoded": reg_encoded},
-            "text_cache": {"hits": encode.hits, "misses": encode.misses} if hasattr(encode, "hits") else None, "final_lr": progress["lrs"][-1] if progress["lrs"] else {},
-            "processes": accelerator.num_processes, "optimizer_steps_taken": getattr(lr_schedule, "scheduler", lr_schedule).last_epoch}
+    return {
+        "items": steps["images"],
+        "computed": steps["images"],
+        "reused": 0,
+        "plan": steps,
+        "epochs_saved": progress["saved"],
+        "loss_first_epoch": progress["epochs"][0]["loss"],
+        "loss_last_epoch": progress["epochs"][-1]["loss"],
+        "device": str(accelerator.device),
+        "mixed_precision": params.mixed_precision,
+        "optimizer": params.optimizer,
+        "loss_scale": precision.loss_scale,
+        "skipped_steps": precision.skipped,
+        "trained": list(lrs),
+        "ema": ema is not None,
+        "class_images": {"count": len(prior), "encoded": reg_encoded},
+        "text_cache": {"hits": encode.hits, "misses": encode.misses} if hasattr(encode, "hits") else None,
+        "final_lr": progress["lrs"][-1] if progress["lrs"] else {},
+        "processes": accelerator.num_processes,
+        "optimizer_steps_taken": getattr(lr_schedule, "scheduler", lr_schedule).last_epoch,
+    }
 
 
 def write_tsv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -955,5 +1128,7 @@ def write_tsv(path: Path, rows: list[dict[str, Any]]) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     header = list(rows[0]) if rows else []
-    lines = ["\t".join(header)] + ["\t".join(f"{r[h]:.6g}" if isinstance(r[h], float) else str(r[h]) for h in header) for r in rows]
+    lines = ["\t".join(header)] + [
+        "\t".join(f"{r[h]:.6g}" if isinstance(r[h], float) else str(r[h]) for h in header) for r in rows
+    ]
     path.write_text("\n".join(lines) + "\n")

@@ -279,7 +279,9 @@ CRAFT_VERSION = 1  # bump when cleanup, tiling or a metric changes: those entrie
 CLEAN_SCALE, CLEAN_MEDIAN = 0.5, 3  # `clean_adversarial`'s resample factor and median size (003 guide)
 
 
-def _derived(store: ItemStore, kind: str, key: str, make: Callable[[], tuple[Image.Image, dict[str, Any]]]) -> tuple[Path, dict[str, Any], bool]:
+def _derived(
+    store: ItemStore, kind: str, key: str, make: Callable[[], tuple[Image.Image, dict[str, Any]]]
+) -> tuple[Path, dict[str, Any], bool]:
     """A derived image (cleaned, sector) through the item store: (png, meta, reused).
 
     Args:
@@ -309,6 +311,7 @@ def clean_one(item: Ingested, store: ItemStore) -> tuple[Ingested, float]:
         item: the ingested image.
         store: the item store.
     """
+
     def make() -> tuple[Image.Image, dict[str, Any]]:
         with Image.open(item.png) as opened:
             original = opened.convert("RGB")
@@ -317,7 +320,14 @@ def clean_one(item: Ingested, store: ItemStore) -> tuple[Ingested, float]:
 
     key = item_key("cleaned-image", CRAFT_VERSION, image=item.pixel_hash, scale=CLEAN_SCALE, median=CLEAN_MEDIAN)
     png, meta, reused = _derived(store, "cleaned-image", key, make)
-    cleaned = dataclasses.replace(item, png=png, width=meta["width"], height=meta["height"], pixel_hash=meta["pixel_hash"], reused=item.reused and reused)
+    cleaned = dataclasses.replace(
+        item,
+        png=png,
+        width=meta["width"],
+        height=meta["height"],
+        pixel_hash=meta["pixel_hash"],
+        reused=item.reused and reused,
+    )
     return cleaned, meta["psnr"]
 
 
@@ -349,6 +359,7 @@ def tile_one(item: Ingested, rows: int, cols: int, store: ItemStore) -> list[Ing
                 with Image.open(item.png) as opened:
                     source.append(opened.convert("RGB"))
             return source[0].crop(box), {"box": list(box)}
+
         return make
 
     sectors = []
@@ -356,7 +367,17 @@ def tile_one(item: Ingested, rows: int, cols: int, store: ItemStore) -> list[Ing
         key = item_key("tile-sector", CRAFT_VERSION, image=item.pixel_hash, rows=rows, cols=cols, index=index)
         png, meta, reused = _derived(store, "tile-sector", key, sector(box))
         name = f"r{index // cols + 1}c{index % cols + 1}"
-        sectors.append(dataclasses.replace(item, png=png, width=meta["width"], height=meta["height"], pixel_hash=meta["pixel_hash"], reused=item.reused and reused, tile=name))
+        sectors.append(
+            dataclasses.replace(
+                item,
+                png=png,
+                width=meta["width"],
+                height=meta["height"],
+                pixel_hash=meta["pixel_hash"],
+                reused=item.reused and reused,
+                tile=name,
+            )
+        )
     return sectors
 
 
@@ -397,7 +418,9 @@ def _where(item: Ingested) -> dict[str, Any]:
     return {"source": item.source.rel, "tile": item.tile}
 
 
-def apply_tiling(items: list[Ingested], ds: DatasetParams, store: ItemStore) -> tuple[list[Ingested], list[dict[str, Any]], list[dict[str, Any]]]:
+def apply_tiling(
+    items: list[Ingested], ds: DatasetParams, store: ItemStore
+) -> tuple[list[Ingested], list[dict[str, Any]], list[dict[str, Any]]]:
     """Replace the images `dataset.tile` names by their kept sectors.
 
     Args:
@@ -434,11 +457,21 @@ def apply_tiling(items: list[Ingested], ds: DatasetParams, store: ItemStore) -> 
             else:
                 out.append(sector)
                 kept += 1
-        tiled.append({"source": item.source.rel, "rows": spec.rows, "cols": spec.cols, "kept": kept, "dropped": len(sectors) - kept})
+        tiled.append(
+            {
+                "source": item.source.rel,
+                "rows": spec.rows,
+                "cols": spec.cols,
+                "kept": kept,
+                "dropped": len(sectors) - kept,
+            }
+        )
     return out, tiled, dropped
 
 
-def quality_gates(items: list[Ingested], metrics: list[dict[str, Any]], ds: DatasetParams, min_side: int) -> tuple[list[int], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+def quality_gates(
+    items: list[Ingested], metrics: list[dict[str, Any]], ds: DatasetParams, min_side: int
+) -> tuple[list[int], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Minimum resolution (flag), near-duplicates and blur (drop) over the images so far.
 
     Args:
@@ -454,7 +487,12 @@ def quality_gates(items: list[Ingested], metrics: list[dict[str, Any]], ds: Data
     hashes = [int(m["dhash"], 16) for m in metrics]
     near = craft.near_duplicates(hashes, [it.width * it.height for it in items], ds.near_duplicate_distance)
     duplicates = [
-        {**_where(items[i]), "kept": items[k].source.rel, "kept_tile": items[k].tile, "distance": craft.hamming(hashes[i], hashes[k])}
+        {
+            **_where(items[i]),
+            "kept": items[k].source.rel,
+            "kept_tile": items[k].tile,
+            "distance": craft.hamming(hashes[i], hashes[k]),
+        }
         for i, k in sorted(near.items())
     ]
     blurred = {
@@ -465,7 +503,11 @@ def quality_gates(items: list[Ingested], metrics: list[dict[str, Any]], ds: Data
     drops = [{**_where(items[i]), "reason": r} for i, r in blurred.items()]
     kept = [i for i in range(len(items)) if i not in near and i not in blurred]
     # Flag only what is kept: upscale enlarges those; a dropped image needs no warning.
-    low = [{**_where(items[i]), "width": items[i].width, "height": items[i].height} for i in kept if min(items[i].width, items[i].height) < min_side]
+    low = [
+        {**_where(items[i]), "width": items[i].width, "height": items[i].height}
+        for i in kept
+        if min(items[i].width, items[i].height) < min_side
+    ]
     return kept, low, duplicates, drops
 
 
@@ -481,15 +523,32 @@ def balance(items: list[Ingested], whites: list[float], ds: DatasetParams) -> tu
     inside = craft.dsb_inside(now.dominant, ds.dsb_target, ds.dsb_tolerance)
     removal = [] if inside else craft.fewest_removals(whites, ds.dsb_target, ds.dsb_tolerance)
     report: dict[str, Any] = {
-        "white": round(now.white, 4), "black": round(now.black, 4), "dominant": round(now.dominant, 4), "side": now.side,
-        "target": ds.dsb_target, "tolerance": ds.dsb_tolerance, "inside": inside, "enforced": ds.dsb_enforce,
+        "white": round(now.white, 4),
+        "black": round(now.black, 4),
+        "dominant": round(now.dominant, 4),
+        "side": now.side,
+        "target": ds.dsb_target,
+        "tolerance": ds.dsb_tolerance,
+        "inside": inside,
+        "enforced": ds.dsb_enforce,
         "suggested_removals": None if removal is None else [_where(items[i]) for i in removal],
     }
     if removal:
         after = craft.dataset_dsb([w for i, w in enumerate(whites) if i not in removal])
-        report["after_removals"] = {"white": round(after.white, 4), "black": round(after.black, 4), "dominant": round(after.dominant, 4), "side": after.side}
+        report["after_removals"] = {
+            "white": round(after.white, 4),
+            "black": round(after.black, 4),
+            "dominant": round(after.dominant, 4),
+            "side": after.side,
+        }
     if removal is None:
-        log.warning("DSB %.1f%% %s: no removal brings it inside %.0f%% ± %.0f%%", 100 * now.dominant, now.side, 100 * ds.dsb_target, 100 * ds.dsb_tolerance)
+        log.warning(
+            "DSB %.1f%% %s: no removal brings it inside %.0f%% ± %.0f%%",
+            100 * now.dominant,
+            now.side,
+            100 * ds.dsb_target,
+            100 * ds.dsb_tolerance,
+        )
     return report, (removal or []) if ds.dsb_enforce else []
 
 
@@ -615,7 +674,9 @@ def run(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[st
     ratio = check_reject_ratio(source, rejects, len(scan.images), params.max_reject_ratio, out / "rejects.jsonl")
 
     craft_report, kept, dropped, near = dataset_craft(kept, params, env)
-    duplicates = [{"source": d["source"], "tile": None, "kept": d["kept"], "kept_tile": None, "distance": 0} for d in duplicates] + near
+    duplicates = [
+        {"source": d["source"], "tile": None, "kept": d["kept"], "kept_tile": None, "distance": 0} for d in duplicates
+    ] + near
     write_jsonl(out / "duplicates.jsonl", duplicates)
     write_jsonl(out / "dropped.jsonl", dropped)
 
@@ -627,7 +688,9 @@ def run(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[st
     return {**_summary(scan, ingested, kept, rejects, duplicates, ratio), "dropped": dropped, **craft_report}
 
 
-def dataset_craft(items: list[Ingested], params: Params, env: StageEnv) -> tuple[dict[str, Any], list[Ingested], list[dict[str, Any]], list[dict[str, Any]]]:
+def dataset_craft(
+    items: list[Ingested], params: Params, env: StageEnv
+) -> tuple[dict[str, Any], list[Ingested], list[dict[str, Any]], list[dict[str, Any]]]:
     """Cleanup, tiling, quality gates and DSB over the de-duplicated images (see the module docstring).
 
     Args:
@@ -653,12 +716,30 @@ def dataset_craft(items: list[Ingested], params: Params, env: StageEnv) -> tuple
     if not items:
         raise ValueError(f"no image left after the `dataset` gates; see {[d['reason'] for d in dropped][:5]}")
     for row in low:
-        log.warning("%s is %dx%d: short side below %d; upscale will enlarge it", row["source"], row["width"], row["height"], min_side)
+        log.warning(
+            "%s is %dx%d: short side below %d; upscale will enlarge it",
+            row["source"],
+            row["width"],
+            row["height"],
+            min_side,
+        )
 
     dsb, drop_ix = balance(items, [m["white"] for m in metrics], ds)
-    dropped += [{**_where(items[i]), "reason": f"DSB: dropped to bring {dsb['dominant']:.1%} {dsb['side']} inside `dataset.dsb_target` ± `dataset.dsb_tolerance`"} for i in drop_ix]
+    dropped += [
+        {
+            **_where(items[i]),
+            "reason": f"DSB: dropped to bring {dsb['dominant']:.1%} {dsb['side']} inside `dataset.dsb_target` ± `dataset.dsb_tolerance`",
+        }
+        for i in drop_ix
+    ]
     per_image = [
-        {**_where(it), "white": round(m["white"], 4), "black": round(1 - m["white"], 4), "sharpness": round(m["sharpness"], 2), "clipped": round(m["clipped"], 4)}
+        {
+            **_where(it),
+            "white": round(m["white"], 4),
+            "black": round(1 - m["white"], 4),
+            "sharpness": round(m["sharpness"], 2),
+            "clipped": round(m["clipped"], 4),
+        }
         for it, m in zip(items, metrics)
     ]
     env.publish.table("dsb", per_image, f"DSB {dsb['white']:.0%}W | {dsb['black']:.0%}B (inside: {dsb['inside']})")

@@ -71,7 +71,9 @@ class Params:
         if self.bucket_step % 8:
             raise ValueError(f"`latents.bucket_step` must be a multiple of 8 (the VAE's scale), got {self.bucket_step}")
         if self.min_bucket and self.max_bucket and self.min_bucket > self.max_bucket:
-            raise ValueError(f"`latents.min_bucket` ({self.min_bucket}) must not exceed `latents.max_bucket` ({self.max_bucket})")
+            raise ValueError(
+                f"`latents.min_bucket` ({self.min_bucket}) must not exceed `latents.max_bucket` ({self.max_bucket})"
+            )
         return self
 
 
@@ -121,13 +123,23 @@ def encode_batch(vae: Any, images: list[Any], flips: list[bool], dtype: Any) -> 
         return vae.encode(batch).latent_dist.mean.float().cpu()
 
 
-def plan_items(rows: list[dict[str, Any]], params: Params, resolution: int, buckets: list[Bucket], vae_hash: str) -> list[dict[str, Any]]:
+def plan_items(
+    rows: list[dict[str, Any]], params: Params, resolution: int, buckets: list[Bucket], vae_hash: str
+) -> list[dict[str, Any]]:
     """One work item per image (and per flipped copy): its bucket and store key."""
     items = []
     for row in rows:
         bucket = select_bucket(row["width"], row["height"], buckets, resolution, params.bucket_step)
         for flip in (False, True) if params.flip else (False,):
-            key = item_key("latent", FORMAT_VERSION, image=row["pixel_hash"], bucket=bucket, flip=flip, vae=vae_hash, dtype=params.vae_dtype)
+            key = item_key(
+                "latent",
+                FORMAT_VERSION,
+                image=row["pixel_hash"],
+                bucket=bucket,
+                flip=flip,
+                vae=vae_hash,
+                dtype=params.vae_dtype,
+            )
             items.append({"row": row, "bucket": bucket, "flip": flip, "key": key})
     return items
 
@@ -146,13 +158,17 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     rows = read_jsonl(inputs.images / "manifest.jsonl")
     items = plan_items(rows, params, resolution, buckets, component_hash(info, "vae", env.state_dir))
     pending = [it for it in items if env.store.get("latent", it["key"], ".safetensors") is None]
-    unchecked = [it for it in vae_check_items(items, params) if env.store.get("vae-check", it["check_key"], ".json") is None]
+    unchecked = [
+        it for it in vae_check_items(items, params) if env.store.get("vae-check", it["check_key"], ".json") is None
+    ]
 
     if pending or unchecked:
         dtype = getattr(torch, params.vae_dtype)
         vae = load_vae(info, resolve_device(params.model.device), dtype)
         encode_pending(vae, pending, params, inputs, env, dtype, {it["key"] for it in unchecked})
-        check_pending(vae, [it for it in unchecked if not env.store.get("vae-check", it["check_key"], ".json")], inputs, env)
+        check_pending(
+            vae, [it for it in unchecked if not env.store.get("vae-check", it["check_key"], ".json")], inputs, env
+        )
 
     out_rows, bucket_counts = [], defaultdict(int)
     for it in items:
@@ -161,15 +177,32 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         materialize(entry, outputs.latents / name)
         meta = read_latent_meta(entry)
         bucket_counts[f"{it['bucket'][0]}x{it['bucket'][1]}"] += 1
-        out_rows.append({"id": it["row"]["id"], "file": name, "bucket": list(it["bucket"]), "flip": it["flip"],
-                         "original_size": meta["original_size"], "crop_top_left": meta["crop_top_left"],
-                         "repeats": it["row"].get("repeats", 1)})
+        out_rows.append(
+            {
+                "id": it["row"]["id"],
+                "file": name,
+                "bucket": list(it["bucket"]),
+                "flip": it["flip"],
+                "original_size": meta["original_size"],
+                "crop_top_left": meta["crop_top_left"],
+                "repeats": it["row"].get("repeats", 1),
+            }
+        )
     write_jsonl(outputs.latents / "manifest.jsonl", out_rows)
-    env.publish.table("buckets", [{"bucket": b, "images": n} for b, n in sorted(bucket_counts.items())], "Aspect-ratio buckets")
-    summary = {"items": len(items), "computed": len(pending), "reused": len(items) - len(pending),
-               "resolution": resolution, "buckets": dict(sorted(bucket_counts.items()))}
+    env.publish.table(
+        "buckets", [{"bucket": b, "images": n} for b, n in sorted(bucket_counts.items())], "Aspect-ratio buckets"
+    )
+    summary = {
+        "items": len(items),
+        "computed": len(pending),
+        "reused": len(items) - len(pending),
+        "resolution": resolution,
+        "buckets": dict(sorted(bucket_counts.items())),
+    }
     if "vae_check" in outputs:
-        summary["vae_check"] = write_vae_check(vae_check_items(items, params), params, outputs.vae_check, env, len(unchecked))
+        summary["vae_check"] = write_vae_check(
+            vae_check_items(items, params), params, outputs.vae_check, env, len(unchecked)
+        )
     return summary
 
 
@@ -186,8 +219,15 @@ def crop_for(item: dict[str, Any], folder: Any) -> tuple[Any, tuple[int, int], t
         return resize_cover_crop(img.convert("RGB"), *item["bucket"])
 
 
-def encode_pending(vae: Any, pending: list[dict[str, Any]], params: Params, inputs: "Paths", env: "StageEnv", dtype: Any,
-                   check: set[str]) -> None:
+def encode_pending(
+    vae: Any,
+    pending: list[dict[str, Any]],
+    params: Params,
+    inputs: "Paths",
+    env: "StageEnv",
+    dtype: Any,
+    check: set[str],
+) -> None:
     """VAE-encode the items missing from the store, batched per bucket, into the store; run the
     VAE check on those in `check` while their crop is at hand.
 
@@ -217,10 +257,18 @@ def encode_pending(vae: Any, pending: list[dict[str, Any]], params: Params, inpu
                 crops.append(crop)
             latents = encode_batch(vae, crops, [it["flip"] for it in chunk], dtype)  # (B, 4, h/8, w/8)
             for it, crop, latent in zip(chunk, crops, latents):
-                meta = {"bucket": f"{bucket[0]}x{bucket[1]}", "original_size": f"{it['original_size'][0]}x{it['original_size'][1]}",
-                        "crop_top_left": f"{it['crop_top_left'][0]}x{it['crop_top_left'][1]}", "flip": str(it["flip"])}
-                env.store.put("latent", it["key"], ".safetensors",
-                              lambda p, t=latent.contiguous(), m=meta: save_file({"latent": t}, str(p), metadata=m))
+                meta = {
+                    "bucket": f"{bucket[0]}x{bucket[1]}",
+                    "original_size": f"{it['original_size'][0]}x{it['original_size'][1]}",
+                    "crop_top_left": f"{it['crop_top_left'][0]}x{it['crop_top_left'][1]}",
+                    "flip": str(it["flip"]),
+                }
+                env.store.put(
+                    "latent",
+                    it["key"],
+                    ".safetensors",
+                    lambda p, t=latent.contiguous(), m=meta: save_file({"latent": t}, str(p), metadata=m),
+                )
                 if it["key"] in check:
                     store_check(vae, it, crop, latent, env)
             bar.update(len(chunk))
@@ -264,7 +312,9 @@ def store_check(vae: Any, item: dict[str, Any], crop: Any, latent: Any, env: "St
 
     stats, sheet = vae_check_image(crop, decode_latent(vae, latent), item["window"])
     env.store.put("vae-check", item["check_key"], ".png", lambda p: sheet.save(p, format="PNG"))
-    env.store.put_bytes("vae-check", item["check_key"], ".json", json.dumps(stats).encode())  # after the PNG: marks it complete
+    env.store.put_bytes(
+        "vae-check", item["check_key"], ".json", json.dumps(stats).encode()
+    )  # after the PNG: marks it complete
 
 
 def check_pending(vae: Any, unchecked: list[dict[str, Any]], inputs: "Paths", env: "StageEnv") -> None:
@@ -289,7 +339,9 @@ def check_pending(vae: Any, unchecked: list[dict[str, Any]], inputs: "Paths", en
     bar.close()
 
 
-def write_vae_check(checked: list[dict[str, Any]], params: Params, folder: Any, env: "StageEnv", computed: int) -> dict[str, Any]:
+def write_vae_check(
+    checked: list[dict[str, Any]], params: Params, folder: Any, env: "StageEnv", computed: int
+) -> dict[str, Any]:
     """Per-image PSNR, worst first; the worst `vae_check_worst` sheets as `NN-<id>.png` in
     `folder` with `index.json`; a Prefect table. Returns the report's `vae_check` section.
 
@@ -313,14 +365,24 @@ def write_vae_check(checked: list[dict[str, Any]], params: Params, folder: Any, 
         name = f"{rank:02d}-{row['id']}.png"
         materialize(env.store.get("vae-check", keys[row["id"]], ".png"), folder / name)
         worst.append({**row, "sheet": f"vae_check/{name}"})
-    section = {"enabled": params.vae_check, "images": len(images), "computed": computed, "reused": len(images) - computed,
-               "window": params.vae_check_window,
-               "mean_psnr_db": round(sum(r["psnr_db"] for r in images) / len(images), 2) if images else None,
-               "min_psnr_db": images[0]["psnr_db"] if images else None, "worst": worst, "per_image": images}
+    section = {
+        "enabled": params.vae_check,
+        "images": len(images),
+        "computed": computed,
+        "reused": len(images) - computed,
+        "window": params.vae_check_window,
+        "mean_psnr_db": round(sum(r["psnr_db"] for r in images) / len(images), 2) if images else None,
+        "min_psnr_db": images[0]["psnr_db"] if images else None,
+        "worst": worst,
+        "per_image": images,
+    }
     (folder / "index.json").write_text(json.dumps(section, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     if images:
-        env.publish.table("vae-reconstruction", [{k: r[k] for k in ("source", "psnr_db", "worst_window_psnr_db")} for r in images],
-                          "VAE reconstruction PSNR per image, worst first (003 guide: low = details the model cannot learn)")
+        env.publish.table(
+            "vae-reconstruction",
+            [{k: r[k] for k in ("source", "psnr_db", "worst_window_psnr_db")} for r in images],
+            "VAE reconstruction PSNR per image, worst first (003 guide: low = details the model cannot learn)",
+        )
     return section
 
 

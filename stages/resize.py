@@ -65,14 +65,31 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     for path in files:
         tensors, metadata = load_lora(path)
         resized, stats = resize_lora(tensors, rank=params.rank, method=params.method, param=params.param)
-        resized = {k: v.to(getattr(torch, params.save_dtype)) if not k.endswith(".alpha") else v for k, v in resized.items()}
-        save_lora(outputs.loras / path.name, resized, resize_metadata(metadata, params.rank, params.method, params.param, stats, path.stem))
+        resized = {
+            k: v.to(getattr(torch, params.save_dtype)) if not k.endswith(".alpha") else v for k, v in resized.items()
+        }
+        save_lora(
+            outputs.loras / path.name,
+            resized,
+            resize_metadata(metadata, params.rank, params.method, params.param, stats, path.stem),
+        )
         rows = layer_table(stats)
         fro = [s["fro_retained"] for s in stats.values()]
-        per_file[path.name] = {"layers": len(stats), "mean_fro_retained": sum(fro) / len(fro),
-                               "min_fro_retained": min(fro), "ranks": sorted({s["rank"] for s in stats.values()}),
-                               "table": rows}
+        per_file[path.name] = {
+            "layers": len(stats),
+            "mean_fro_retained": sum(fro) / len(fro),
+            "min_fro_retained": min(fro),
+            "ranks": sorted({s["rank"] for s in stats.values()}),
+            "table": rows,
+        }
         env.publish.table(f"resize-{path.stem}", rows, f"Per-layer resize of {path.name}")
     shutil.copyfile(outputs.loras / files[-1].name, outputs.final)
-    return {"items": len(files), "computed": len(files), "reused": 0, "method": params.method, "rank": params.rank,
-            "files": per_file, "final": files[-1].name}
+    return {
+        "items": len(files),
+        "computed": len(files),
+        "reused": 0,
+        "method": params.method,
+        "rank": params.rank,
+        "files": per_file,
+        "final": files[-1].name,
+    }

@@ -80,13 +80,19 @@ def model_upscale(image: "Image.Image", model: Any, min_side: int, tile: int) ->
         for top in range(0, x.shape[2], tile):
             for left in range(0, x.shape[3], tile):
                 patch = x[:, :, top : top + tile, left : left + tile]
-                out[:, :, top * scale : (top + patch.shape[2]) * scale, left * scale : (left + patch.shape[3]) * scale] = model(patch)
+                out[
+                    :, :, top * scale : (top + patch.shape[2]) * scale, left * scale : (left + patch.shape[3]) * scale
+                ] = model(patch)
     array = (out[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype("uint8")
     big = PILImage.fromarray(array)
     # The exact size `lanczos_upscale` would give: a 4x net on a 100 px image overshoots 128 px.
     w, h = image.size
     short = min(w, h)
-    target = (min_side, max(min_side, round(h * min_side / short))) if w <= h else (max(min_side, round(w * min_side / short)), min_side)
+    target = (
+        (min_side, max(min_side, round(h * min_side / short)))
+        if w <= h
+        else (max(min_side, round(w * min_side / short)), min_side)
+    )
     return big if big.size == target else big.resize(target, PILImage.Resampling.LANCZOS)
 
 
@@ -125,8 +131,14 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
             passed += 1
             out_rows.append({**row, "upscaled_from": None})
             continue
-        key = item_key("upscaled", FORMAT_VERSION, image=row["pixel_hash"], min_side=min_side, method=upscaler_id,
-                       tile=params.tile if params.method == "model" else None)
+        key = item_key(
+            "upscaled",
+            FORMAT_VERSION,
+            image=row["pixel_hash"],
+            min_side=min_side,
+            method=upscaler_id,
+            tile=params.tile if params.method == "model" else None,
+        )
         entry = env.store.get("upscaled", key, ".png")
         if entry is None:
             with PILImage.open(src) as img:
@@ -144,7 +156,15 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         with PILImage.open(entry) as img:
             width, height = img.size
             digest = pixel_hash(img.convert("RGB"))  # new pixels: later stages key their caches on this
-        out_rows.append({**row, "width": width, "height": height, "pixel_hash": digest, "upscaled_from": [row["width"], row["height"]]})
+        out_rows.append(
+            {
+                **row,
+                "width": width,
+                "height": height,
+                "pixel_hash": digest,
+                "upscaled_from": [row["width"], row["height"]],
+            }
+        )
     write_jsonl(outputs.images / "manifest.jsonl", out_rows)
     return {
         "items": len(rows),

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 INSTALL_HINT = "apt-get install -y chromium chromium-driver"
-IMAGES_SCRIPT = ("return Array.from(document.images).map(i => "
-                 "({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0}));")
+IMAGES_SCRIPT = (
+    "return Array.from(document.images).map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0}));"
+)
 
 
 def find_chromium() -> tuple[str, str] | None:
@@ -45,12 +46,25 @@ class Browser:
 
     def __init__(self, browser: str, driver: str) -> None:
         self.port = _free_port()
-        self.proc = subprocess.Popen([driver, f"--port={self.port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [driver, f"--port={self.port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         self._wait_ready()
-        caps = {"browserName": "chrome", "goog:loggingPrefs": {"browser": "ALL"},
-                "goog:chromeOptions": {"binary": browser, "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                                                                   "--disable-dev-shm-usage", "--window-size=1400,1000",
-                                                                   "--allow-file-access-from-files"]}}
+        caps = {
+            "browserName": "chrome",
+            "goog:loggingPrefs": {"browser": "ALL"},
+            "goog:chromeOptions": {
+                "binary": browser,
+                "args": [
+                    "--headless=new",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-dev-shm-usage",
+                    "--window-size=1400,1000",
+                    "--allow-file-access-from-files",
+                ],
+            },
+        }
         self.session = self._call("POST", "/session", {"capabilities": {"alwaysMatch": caps}})["sessionId"]
 
     def _wait_ready(self) -> None:
@@ -64,8 +78,12 @@ class Browser:
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=120) as resp:
             return json.loads(resp.read())["value"]
 

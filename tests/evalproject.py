@@ -12,17 +12,33 @@ from loraforge.dvcgen import sync
 from tests.helpers import make_project, run
 
 EVALUATE_USES = ["loraforge/evalmetrics.py", "loraforge/htmlreport.py"]
-EVALUATE_INPUTS = {"training_images": "data/upscaled", "loss": "reports/finetune", "ingest_report": "reports/ingest.json",
-                   "caption_report": "reports/caption.json", "latents_report": "reports/latents.json"}
-EVALUATE_OUTPUTS = {"metrics": {"path": "reports/eval/metrics.json", "kind": "metrics"},
-                    "best": "reports/eval/best.json", "best_lora": "models/lora-best.safetensors",
-                    "series": {"path": "reports/eval/epochs.tsv", "kind": "plots"},
-                    "weight_series": {"path": "reports/eval/weights.tsv", "kind": "plots"}}
-PLOTS = [{"reports/eval/epochs.tsv": {"x": "epoch", "y": ["loss", "memorisation", "likeness", "saturation_rise"]}},
-         {"reports/eval/weights.tsv": {"x": "weight", "y": "colourfulness"}}]
+EVALUATE_INPUTS = {
+    "training_images": "data/upscaled",
+    "loss": "reports/finetune",
+    "ingest_report": "reports/ingest.json",
+    "caption_report": "reports/caption.json",
+    "latents_report": "reports/latents.json",
+}
+EVALUATE_OUTPUTS = {
+    "metrics": {"path": "reports/eval/metrics.json", "kind": "metrics"},
+    "best": "reports/eval/best.json",
+    "best_lora": "models/lora-best.safetensors",
+    "series": {"path": "reports/eval/epochs.tsv", "kind": "plots"},
+    "weight_series": {"path": "reports/eval/weights.tsv", "kind": "plots"},
+}
+PLOTS = [
+    {"reports/eval/epochs.tsv": {"x": "epoch", "y": ["loss", "memorisation", "likeness", "saturation_rise"]}},
+    {"reports/eval/weights.tsv": {"x": "weight", "y": "colourfulness"}},
+]
 # Small evaluation: 1 seed, 64 px, 2 steps, a 3-weight sweep, 1 random prompt, 1 caption.
-EVAL_PARAMS: dict[str, Any] = {"seeds": [1], "steps": 2, "size": 64, "weights": [0.0, 1.0, 1.2],
-                               "random_prompts": 1, "caption_prompts": 1}
+EVAL_PARAMS: dict[str, Any] = {
+    "seeds": [1],
+    "steps": 2,
+    "size": 64,
+    "weights": [0.0, 1.0, 1.2],
+    "random_prompts": 1,
+    "caption_prompts": 1,
+}
 
 
 def patch_pipeline(project: Path) -> None:

@@ -77,7 +77,9 @@ def run_ingest(source: Path, work: Path, publish: Any = None, **params: Any) -> 
     env = StageEnv(store=ItemStore(work / "store"), state_dir=work / "state", show_progress=False)
     if publish is not None:
         env.publish = publish
-    summary = ingest_stage.run(ingest_stage.Params(source=str(source), **params), Paths(source=source), Paths(images=out), env)
+    summary = ingest_stage.run(
+        ingest_stage.Params(source=str(source), **params), Paths(source=source), Paths(images=out), env
+    )
     return summary, out
 
 
@@ -103,7 +105,6 @@ MEMORY_SCRIPT = textwrap.dedent(
                       "lora_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}))
     """
 )
-
 
 
 def env_with_venv() -> dict[str, str]:

@@ -36,14 +36,27 @@ def params(**overrides: Any) -> Params:
     return Params(model=MODEL, **overrides)
 
 
-def row(source: str, caption: str | None = None, class_token: str = "", image_id: str = "0123456789abcdef") -> dict[str, Any]:
+def row(
+    source: str, caption: str | None = None, class_token: str = "", image_id: str = "0123456789abcdef"
+) -> dict[str, Any]:
     """A manifest row as ingest writes it (the fields caption reads)."""
-    return {"id": image_id, "file": f"images/{image_id}.png", "source": source, "width": 32, "height": 32,
-            "repeats": 1, "class_token": class_token, "caption": caption,
-            "caption_source": "sidecar" if caption is not None else None, "pixel_hash": image_id * 2}
+    return {
+        "id": image_id,
+        "file": f"images/{image_id}.png",
+        "source": source,
+        "width": 32,
+        "height": 32,
+        "repeats": 1,
+        "class_token": class_token,
+        "caption": caption,
+        "caption_source": "sidecar" if caption is not None else None,
+        "pixel_hash": image_id * 2,
+    }
 
 
-def caption(images: Path, work: Path, state_dir: Path, publish: Any = None, **overrides: Any) -> tuple[dict[str, Any], Path]:
+def caption(
+    images: Path, work: Path, state_dir: Path, publish: Any = None, **overrides: Any
+) -> tuple[dict[str, Any], Path]:
     """Run the stage as the runner would, on the manifest in `images`."""
     out = work / "captions"
     shutil.rmtree(out, ignore_errors=True)
@@ -75,9 +88,21 @@ def test_caption_from_filename(source: str, expected: str) -> None:
 @pytest.mark.parametrize(
     "source",
     [
-        "IMG_0042.jpg", "img_0042.JPG", "00042.png", "DSC01234.JPG", "DSC_0042.jpg", "DSCN0042.jpg",
-        "image (3).png", "Screenshot_1234.png", "PXL_20230615_101112345.jpg", "IMG_20230101_123456.jpg",
-        "IMG_0042 (2).jpg", "photo-12-3.png", "1234_5678.png", "x1.png", "folder/2024.png",
+        "IMG_0042.jpg",
+        "img_0042.JPG",
+        "00042.png",
+        "DSC01234.JPG",
+        "DSC_0042.jpg",
+        "DSCN0042.jpg",
+        "image (3).png",
+        "Screenshot_1234.png",
+        "PXL_20230615_101112345.jpg",
+        "IMG_20230101_123456.jpg",
+        "IMG_0042 (2).jpg",
+        "photo-12-3.png",
+        "1234_5678.png",
+        "x1.png",
+        "folder/2024.png",
     ],
 )
 def test_camera_and_export_names_give_no_caption(source: str) -> None:
@@ -103,7 +128,10 @@ def test_insert_trigger() -> None:
 def test_choose_caption_follows_sources_order() -> None:
     sidecar_and_name = row("a red circle.png", caption="  a {trigger} square \n", class_token="shapes")
     assert choose_caption(sidecar_and_name, params()) == ("a {trigger} square", "sidecar")
-    assert choose_caption(sidecar_and_name, params(sources=("filename", "sidecar", "template"))) == ("a red circle", "filename")
+    assert choose_caption(sidecar_and_name, params(sources=("filename", "sidecar", "template"))) == (
+        "a red circle",
+        "filename",
+    )
     assert choose_caption(sidecar_and_name, params(sources=("template", "sidecar"))) == ("{trigger} shapes", "template")
 
     name_only = row("a red circle.png", class_token="shapes")
@@ -113,7 +141,10 @@ def test_choose_caption_follows_sources_order() -> None:
 
     camera = row("IMG_0042.jpg", class_token="shapes")
     assert choose_caption(camera, params()) == ("{trigger} shapes", "template")
-    assert choose_caption(camera, params(template="photo of {class_token}, {trigger}")) == ("photo of shapes, {trigger}", "template")
+    assert choose_caption(camera, params(template="photo of {class_token}, {trigger}")) == (
+        "photo of shapes, {trigger}",
+        "template",
+    )
     assert choose_caption(row("IMG_0042.jpg"), params(template="{trigger}, {class_token}")) == ("{trigger}", "template")
     with pytest.raises(ValueError, match=r"IMG_0042\.jpg.*`caption.sources`"):
         choose_caption(camera, params(sources=("sidecar", "filename")))
@@ -174,7 +205,10 @@ def test_run_writes_one_caption_file_per_image(tmp_path: Path, state_dir: Path, 
     # The trigger is a parameter: a new one rewrites every caption, placed as asked.
     summary, out = caption(images, tmp_path / "work", state_dir, trigger="ohwx", trigger_position="last")
     assert [m["caption"] for m in read_jsonl(out / "manifest.jsonl")] == [
-        "a ohwx square", "a red circle, ohwx", "ohwx", "ohwx shapes",
+        "a ohwx square",
+        "a red circle, ohwx",
+        "ohwx",
+        "ohwx shapes",
     ]
 
 
@@ -184,7 +218,9 @@ def test_token_count_grows_with_the_caption(tokenizer: Any) -> None:
     assert count_tokens(tokenizer, "") == 0  # BOS/EOS are not counted
 
 
-def test_long_caption_is_reported_and_kept(tmp_path: Path, state_dir: Path, tokenizer: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_long_caption_is_reported_and_kept(
+    tmp_path: Path, state_dir: Path, tokenizer: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     images = tmp_path / "images"
     long_text = ", ".join(["a red circle on a blue square"] * 12)
     rows = [row("long.png", caption=long_text, image_id="a" * 16), row("short.png", caption="a dot", image_id="b" * 16)]

@@ -21,18 +21,37 @@ MODEL = ModelParams(base="builtin:tiny-sdxl", device="cpu")
 
 def manifest(folder: Path, captions: list[str | None]) -> Path:
     """An ingest manifest with sidecar captions (None: no sidecar, camera file name)."""
-    rows = [{"id": f"{i:016x}", "file": f"images/{i:016x}.png", "source": f"IMG_{i:04d}.png", "width": 32, "height": 32,
-             "repeats": 1, "class_token": "", "caption": c, "caption_source": "sidecar" if c else None, "pixel_hash": f"{i:032x}"}
-            for i, c in enumerate(captions)]
+    rows = [
+        {
+            "id": f"{i:016x}",
+            "file": f"images/{i:016x}.png",
+            "source": f"IMG_{i:04d}.png",
+            "width": 32,
+            "height": 32,
+            "repeats": 1,
+            "class_token": "",
+            "caption": c,
+            "caption_source": "sidecar" if c else None,
+            "pixel_hash": f"{i:032x}",
+        }
+        for i, c in enumerate(captions)
+    ]
     write_jsonl(folder / "manifest.jsonl", rows)
     return folder
 
 
-def caption(images: Path, work: Path, state_dir: Path, publish: Any = None, **overrides: Any) -> tuple[dict[str, Any], Path]:
+def caption(
+    images: Path, work: Path, state_dir: Path, publish: Any = None, **overrides: Any
+) -> tuple[dict[str, Any], Path]:
     out = work / "captions"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    env = StageEnv(store=ItemStore(work / "store"), state_dir=state_dir, show_progress=False, publish=publish or RecordingPublisher())
+    env = StageEnv(
+        store=ItemStore(work / "store"),
+        state_dir=state_dir,
+        show_progress=False,
+        publish=publish or RecordingPublisher(),
+    )
     return run(Params(model=MODEL, **overrides), Paths(images=images), Paths(captions=out), env), out
 
 
@@ -57,23 +76,43 @@ def test_trigger_position_none_only_fills_placeholders() -> None:
 
 
 def test_stage_prunes_tags_and_publishes_the_frequency_table(tmp_path: Path, state_dir: Path) -> None:
-    images = manifest(tmp_path / "images", ["1girl, navel, red dress", "1girl, navel, blue dress", "1girl, {trigger}, hat"])
+    images = manifest(
+        tmp_path / "images", ["1girl, navel, red dress", "1girl, navel, blue dress", "1girl, {trigger}, hat"]
+    )
     publisher = RecordingPublisher()
     summary, out = caption(images, tmp_path / "work", state_dir, publisher, trigger="jnx", remove_tags=("navel",))
     assert [r["caption"] for r in read_jsonl(out / "manifest.jsonl")] == [
-        "jnx, 1girl, red dress", "jnx, 1girl, blue dress", "1girl, jnx, hat",
+        "jnx, 1girl, red dress",
+        "jnx, 1girl, blue dress",
+        "1girl, jnx, hat",
     ]
     assert summary["removed_tags"] == ["navel"]
     counts = {r["tag"]: (r["count"], r["share"]) for r in summary["tags"]}
-    assert counts["jnx"] == (3, 1.0) and counts["1girl"] == (3, 1.0) and counts["hat"] == (1, 0.3333) and "navel" not in counts
+    assert (
+        counts["jnx"] == (3, 1.0)
+        and counts["1girl"] == (3, 1.0)
+        and counts["hat"] == (1, 0.3333)
+        and "navel" not in counts
+    )
     assert publisher.tables["tag-frequency"] == summary["tags"]
 
 
 def test_stage_stops_naming_captions_without_the_trigger(tmp_path: Path, state_dir: Path) -> None:
     images = manifest(tmp_path / "images", ["a {trigger} cat", "a plain dog", "another dog"])
-    with pytest.raises(ValueError, match=r"2 caption\(s\) lack the trigger 'sks' \(`caption.require_trigger`\): IMG_0001.png, IMG_0002.png"):
+    with pytest.raises(
+        ValueError,
+        match=r"2 caption\(s\) lack the trigger 'sks' \(`caption.require_trigger`\): IMG_0001.png, IMG_0002.png",
+    ):
         caption(images, tmp_path / "work", state_dir, trigger="sks", trigger_position="none", sources=("sidecar",))
-    summary, out = caption(images, tmp_path / "work", state_dir, trigger="sks", trigger_position="none", sources=("sidecar",), require_trigger=False)
+    summary, out = caption(
+        images,
+        tmp_path / "work",
+        state_dir,
+        trigger="sks",
+        trigger_position="none",
+        sources=("sidecar",),
+        require_trigger=False,
+    )
     assert [r["caption"] for r in read_jsonl(out / "manifest.jsonl")] == ["a sks cat", "a plain dog", "another dog"]
     with pytest.raises(ValueError, match="`caption.remove_tags` lists the trigger 'sks'"):
         caption(images, tmp_path / "work", state_dir, trigger="sks", remove_tags=("SKS",))

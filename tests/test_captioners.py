@@ -13,8 +13,18 @@ import pydantic
 import pytest
 from PIL import Image
 
-from loraforge.captioners import (BlipCaptioner, BlipSettings, Tag, Wd14Settings, Wd14Tagger, locate_model, model_files,
-                                  read_selected_tags, select_tags, wd14_preprocess)
+from loraforge.captioners import (
+    BlipCaptioner,
+    BlipSettings,
+    Tag,
+    Wd14Settings,
+    Wd14Tagger,
+    locate_model,
+    model_files,
+    read_selected_tags,
+    select_tags,
+    wd14_preprocess,
+)
 from loraforge.images import pixel_hash, read_jsonl, save_png, write_jsonl
 from loraforge.params import ModelParams, validate_stage
 from loraforge.runner import Paths, StageEnv
@@ -31,15 +41,15 @@ RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 # Logit = w · (B, G, R) / 255 + bias, so pure colours give known scores.
 
 TAGS = [  # name, category, (wB, wG, wR), bias
-    ("general", 9, (0, 0, 2), 0.0),          # red: sigmoid(2) = 0.88
-    ("sensitive", 9, (2, 0, 0), 0.0),        # blue: 0.88
+    ("general", 9, (0, 0, 2), 0.0),  # red: sigmoid(2) = 0.88
+    ("sensitive", 9, (2, 0, 0), 0.0),  # blue: 0.88
     ("explicit", 9, (0, 0, 0), -3.0),
-    ("red_theme", 0, (0, 0, 8), -4.0),       # red: 0.982, blue: 0.018
+    ("red_theme", 0, (0, 0, 8), -4.0),  # red: 0.982, blue: 0.018
     ("blue_theme", 0, (8, 0, 0), -4.0),
-    ("long_hair", 0, (0, 0, 0), 0.0),        # always 0.5
-    ("^_^", 0, (0, 0, 0), 1.0),              # always 0.731 (kaomoji: underscore kept)
+    ("long_hair", 0, (0, 0, 0), 0.0),  # always 0.5
+    ("^_^", 0, (0, 0, 0), 1.0),  # always 0.731 (kaomoji: underscore kept)
     ("white_background", 0, (0, 8, 0), -7.0),
-    ("hatsune_miku", 4, (0, 0, 8), -6.0),    # red: sigmoid(2) = 0.881
+    ("hatsune_miku", 4, (0, 0, 8), -6.0),  # red: sigmoid(2) = 0.881
     ("kirisame_marisa", 4, (8, 0, 0), -7.0),  # blue: sigmoid(1) = 0.731
 ]
 
@@ -54,21 +64,29 @@ def build_tagger(folder: Path, size: int = 32, bias_shift: float = 0.0) -> Path:
     weights = np.array([t[2] for t in TAGS], np.float32).T / 255.0  # (3, n_tags)
     bias = np.array([t[3] + bias_shift for t in TAGS], np.float32)
     graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input_1:0", "axes"], ["mean"], keepdims=0),  # (N, 3)
-         helper.make_node("MatMul", ["mean", "W"], ["scaled"]),
-         helper.make_node("Add", ["scaled", "b"], ["logits"]),
-         helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"])],
+        [
+            helper.make_node("ReduceMean", ["input_1:0", "axes"], ["mean"], keepdims=0),  # (N, 3)
+            helper.make_node("MatMul", ["mean", "W"], ["scaled"]),
+            helper.make_node("Add", ["scaled", "b"], ["logits"]),
+            helper.make_node("Sigmoid", ["logits"], ["predictions_sigmoid"]),
+        ],
         "tiny-wd14",
         [helper.make_tensor_value_info("input_1:0", TensorProto.FLOAT, ["batch", size, size, 3])],
         [helper.make_tensor_value_info("predictions_sigmoid", TensorProto.FLOAT, ["batch", len(TAGS)])],
-        initializer=[numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
-                     numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
+        initializer=[
+            numpy_helper.from_array(np.array([1, 2], np.int64), "axes"),
+            numpy_helper.from_array(weights, "W"),
+            numpy_helper.from_array(bias, "b"),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     onnx.checker.check_model(model)
     onnx.save(model, str(folder / "model.onnx"))
-    rows = ["tag_id,name,category,count", *(f"{1000 + i},{name},{cat},{100 - i}" for i, (name, cat, _, _) in enumerate(TAGS))]
+    rows = [
+        "tag_id,name,category,count",
+        *(f"{1000 + i},{name},{cat},{100 - i}" for i, (name, cat, _, _) in enumerate(TAGS)),
+    ]
     (folder / "selected_tags.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     return folder
 
@@ -90,13 +108,31 @@ def build_blip(folder: Path) -> Path:
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n", encoding="utf-8")
     tokenizer = BertTokenizer(str(vocab))
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})  # BLIP's decoder start token, as in Salesforce's repos
-    ids = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
-           "sep_token_id": tokenizer.sep_token_id, "eos_token_id": tokenizer.sep_token_id}
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "eos_token_id": tokenizer.sep_token_id,
+    }
     config = BlipConfig(
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "encoder_hidden_size": 32, "intermediate_size": 64,
-                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 128, **ids},
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 32,
+            "encoder_hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 128,
+            **ids,
+        },
         projection_dim=32,
     )
     torch.manual_seed(0)
@@ -224,12 +260,16 @@ def test_blip_beam_and_nucleus_settings_reach_generate(blip_dir: Path) -> None:
     assert "top_p" not in beam.identity() and "num_beams" not in nucleus.identity() and "seed" in nucleus.identity()
 
     red, blue = solid(RED), solid(BLUE)
-    sample = {seed: BlipCaptioner(blip_dir, BlipSettings(decoding="nucleus", seed=seed, min_length=8, max_length=8), "cpu")
-              for seed in (1, 2, 3)}
+    sample = {
+        seed: BlipCaptioner(blip_dir, BlipSettings(decoding="nucleus", seed=seed, min_length=8, max_length=8), "cpu")
+        for seed in (1, 2, 3)
+    }
     alone = sample[1].generate_ids([red])[0]
     assert sample[1].generate_ids([blue, red])[1] == alone  # seeded per image: the batch does not matter
     assert len({tuple(s.generate_ids([red])[0]) for s in sample.values()}) > 1  # the seed matters
-    greedy = BlipCaptioner(blip_dir, BlipSettings(num_beams=1, min_length=8, max_length=8), "cpu").generate_ids([red])[0]
+    greedy = BlipCaptioner(blip_dir, BlipSettings(num_beams=1, min_length=8, max_length=8), "cpu").generate_ids([red])[
+        0
+    ]
     assert len({tuple(greedy), *(tuple(s.generate_ids([red])[0]) for s in sample.values())}) > 1  # sampling ≠ greedy
 
 
@@ -258,64 +298,119 @@ def make_images(folder: Path, items: list[tuple[str, tuple[int, int, int], str |
         img = solid(color, (40, 32))
         (folder / "images").mkdir(parents=True, exist_ok=True)
         save_png(img, folder / "images" / f"{image_id}.png")
-        rows.append({"id": image_id, "file": f"images/{image_id}.png", "source": source, "width": 40, "height": 32,
-                     "repeats": 1, "class_token": "", "caption": sidecar, "caption_source": "sidecar" if sidecar else None,
-                     "pixel_hash": pixel_hash(img)})
+        rows.append(
+            {
+                "id": image_id,
+                "file": f"images/{image_id}.png",
+                "source": source,
+                "width": 40,
+                "height": 32,
+                "repeats": 1,
+                "class_token": "",
+                "caption": sidecar,
+                "caption_source": "sidecar" if sidecar else None,
+                "pixel_hash": pixel_hash(img),
+            }
+        )
     write_jsonl(folder / "manifest.jsonl", rows)
     return folder
 
 
-def caption(images: Path, work: Path, state_dir: Path, **overrides: Any) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
+def caption(
+    images: Path, work: Path, state_dir: Path, **overrides: Any
+) -> tuple[dict[str, Any], dict[str, tuple[str, str]]]:
     """Run the stage as the runner would; returns the report and {source: (caption, caption_source)}."""
     out = work / "captions"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    env = StageEnv(store=ItemStore(work / "store"), state_dir=state_dir, show_progress=False, publish=RecordingPublisher())
+    env = StageEnv(
+        store=ItemStore(work / "store"), state_dir=state_dir, show_progress=False, publish=RecordingPublisher()
+    )
     summary = run(Params(model=MODEL, **overrides), Paths(images=images), Paths(captions=out), env)
     return summary, {m["source"]: (m["caption"], m["caption_source"]) for m in read_jsonl(out / "manifest.jsonl")}
 
 
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
-    return make_images(tmp_path / "ingested", [
-        ("red.png", RED, "a red thing, long_hair"),   # sidecar
-        ("IMG_0001.png", BLUE, None),                 # camera name: falls to the template
-        ("a crimson square.png", RED, None),          # file-name caption
-    ])
+    return make_images(
+        tmp_path / "ingested",
+        [
+            ("red.png", RED, "a red thing, long_hair"),  # sidecar
+            ("IMG_0001.png", BLUE, None),  # camera name: falls to the template
+            ("a crimson square.png", RED, None),  # file-name caption
+        ],
+    )
 
 
 def test_merge_caption_modes() -> None:
     assert merge_caption(("a, b", "sidecar"), "b, c", "keep", "wd14") == ("a, b", "sidecar")
     assert merge_caption(("{trigger}", "template"), "b, c", "keep", "wd14") == ("b, c", "wd14")
     assert merge_caption(("a, b", "sidecar"), "b, c", "replace", "wd14") == ("b, c", "wd14")
-    assert merge_caption(("a, Long_Hair", "sidecar"), "long hair, c", "append", "wd14") == ("a, Long_Hair, c", "sidecar+wd14")
+    assert merge_caption(("a, Long_Hair", "sidecar"), "long hair, c", "append", "wd14") == (
+        "a, Long_Hair, c",
+        "sidecar+wd14",
+    )
     assert merge_caption(("a", "sidecar"), "", "replace", "wd14") == ("a", "sidecar")  # nothing above threshold
     assert merge_caption(None, "b", "append", "blip") == ("b", "blip")
     assert merge_caption(None, "", "keep", "blip") is None
 
 
-@pytest.mark.parametrize(("merge", "expected", "asked"), [
-    ("keep", {"red.png": ("lfxstyle, a red thing, long_hair", "sidecar"),
-              "IMG_0001.png": ("lfxstyle, blue theme, ^_^, long hair", "wd14"),
-              "a crimson square.png": ("lfxstyle, a crimson square", "filename")}, 1),
-    ("replace", {"red.png": ("lfxstyle, hatsune miku, red theme, ^_^, long hair", "wd14"),
-                 "IMG_0001.png": ("lfxstyle, blue theme, ^_^, long hair", "wd14"),
-                 "a crimson square.png": ("lfxstyle, hatsune miku, red theme, ^_^, long hair", "wd14")}, 3),
-    ("append", {"red.png": ("lfxstyle, a red thing, long_hair, hatsune miku, red theme, ^_^", "sidecar+wd14"),
+@pytest.mark.parametrize(
+    ("merge", "expected", "asked"),
+    [
+        (
+            "keep",
+            {
+                "red.png": ("lfxstyle, a red thing, long_hair", "sidecar"),
+                "IMG_0001.png": ("lfxstyle, blue theme, ^_^, long hair", "wd14"),
+                "a crimson square.png": ("lfxstyle, a crimson square", "filename"),
+            },
+            1,
+        ),
+        (
+            "replace",
+            {
+                "red.png": ("lfxstyle, hatsune miku, red theme, ^_^, long hair", "wd14"),
+                "IMG_0001.png": ("lfxstyle, blue theme, ^_^, long hair", "wd14"),
+                "a crimson square.png": ("lfxstyle, hatsune miku, red theme, ^_^, long hair", "wd14"),
+            },
+            3,
+        ),
+        (
+            "append",
+            {
+                "red.png": ("lfxstyle, a red thing, long_hair, hatsune miku, red theme, ^_^", "sidecar+wd14"),
                 "IMG_0001.png": ("lfxstyle, blue theme, ^_^, long hair", "template+wd14"),
-                "a crimson square.png": ("lfxstyle, a crimson square, hatsune miku, red theme, ^_^, long hair", "filename+wd14")}, 3),
-])
-def test_stage_merges_wd14_tags(images: Path, tmp_path: Path, state_dir: Path, tagger_dir: Path,
-                                merge: str, expected: dict[str, tuple[str, str]], asked: int) -> None:
-    summary, got = caption(images, tmp_path / "work", state_dir, captioner="wd14", captioner_path=str(tagger_dir), merge=merge)
+                "a crimson square.png": (
+                    "lfxstyle, a crimson square, hatsune miku, red theme, ^_^, long hair",
+                    "filename+wd14",
+                ),
+            },
+            3,
+        ),
+    ],
+)
+def test_stage_merges_wd14_tags(
+    images: Path,
+    tmp_path: Path,
+    state_dir: Path,
+    tagger_dir: Path,
+    merge: str,
+    expected: dict[str, tuple[str, str]],
+    asked: int,
+) -> None:
+    summary, got = caption(
+        images, tmp_path / "work", state_dir, captioner="wd14", captioner_path=str(tagger_dir), merge=merge
+    )
     assert got == expected
     assert summary["captioner"] == "wd14" and summary["merge"] == merge
     assert summary["machine_captioned"] == summary["generated"] == asked and summary["reused"] == 0
     assert summary["computed"] == summary["items"] == 3
 
 
-def test_stage_reuses_cached_tagger_output(images: Path, tmp_path: Path, state_dir: Path, tagger_dir: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stage_reuses_cached_tagger_output(
+    images: Path, tmp_path: Path, state_dir: Path, tagger_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
     real_run = Wd14Tagger.run
     monkeypatch.setattr(Wd14Tagger, "run", lambda self, ims: calls.append(len(ims)) or real_run(self, ims))
@@ -351,7 +446,13 @@ def test_stage_reuses_cached_tagger_output(images: Path, tmp_path: Path, state_d
 
 
 def test_stage_with_blip(images: Path, tmp_path: Path, state_dir: Path, blip_dir: Path) -> None:
-    settings = {"captioner": "blip", "captioner_path": str(blip_dir), "merge": "keep", "blip_min_length": 3, "blip_max_length": 6}
+    settings = {
+        "captioner": "blip",
+        "captioner_path": str(blip_dir),
+        "merge": "keep",
+        "blip_min_length": 3,
+        "blip_max_length": 6,
+    }
     summary, got = caption(images, tmp_path / "work", state_dir, **settings)
     assert summary["generated"] == 1 and got["red.png"] == ("lfxstyle, a red thing, long_hair", "sidecar")
     text, source = got["IMG_0001.png"]
@@ -384,4 +485,6 @@ def test_captioner_params_are_validated(repo_root: Path) -> None:
     _, problems = validate_stage(stage, {"caption": {"captioner": "clip"}})
     assert len(problems) == 1 and problems[0].startswith("`caption.captioner`")
     _, problems = validate_stage(stage, {"caption": {"blip_min_length": 9, "blip_max_length": 4}})
-    assert len(problems) == 1 and problems[0].startswith("`caption.blip_max_length`") and "blip_min_length" in problems[0]
+    assert (
+        len(problems) == 1 and problems[0].startswith("`caption.blip_max_length`") and "blip_min_length" in problems[0]
+    )

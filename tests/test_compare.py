@@ -46,7 +46,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_flatten_and_differing_params():
-    a, b = compare.flatten({"finetune": {"lr": 1e-4, "epochs": 2}, "x": [1]}), compare.flatten({"finetune": {"lr": 1e-3, "epochs": 2}, "x": [1]})
+    a, b = (
+        compare.flatten({"finetune": {"lr": 1e-4, "epochs": 2}, "x": [1]}),
+        compare.flatten({"finetune": {"lr": 1e-3, "epochs": 2}, "x": [1]}),
+    )
     assert a == {"finetune.lr": 1e-4, "finetune.epochs": 2, "x": [1]}
     assert compare.differing([a, b]) == ["finetune.lr"]
 
@@ -122,4 +125,6 @@ def test_a_queued_dvc_sweep_and_compare(tmp_path):
     assert (root / "reports" / "compare" / "0-lr-low" / "prompt-1.png").is_file()
     assert (root / "reports" / "compare" / "1-lr-high" / "prompt-2.png").is_file()
     assert "<td>0.0001</td>" in page and "<td>0.001</td>" in page and page.count("<polyline") == 6
-    assert run(["git", "status", "--porcelain", "--untracked-files=no"], root).stdout.strip() == ""  # workspace untouched
+    assert (
+        run(["git", "status", "--porcelain", "--untracked-files=no"], root).stdout.strip() == ""
+    )  # workspace untouched

@@ -161,7 +161,13 @@ def test_ingest_tiles_an_image_and_drops_empty_sectors(tmp_path: Path) -> None:
     ingest(src, work, dataset=ds)
     assert sorted(p for p in (work / "store").rglob("*") if p.is_file()) == entries
     # Another grid is new work: 3 × 1 sectors (and their metrics) are added.
-    ingest(src, work, dataset=DatasetParams(tile=(TileParams(source="*.png", rows=3, cols=1),), tile_min_sharpness=0, tile_max_clipped=1))
+    ingest(
+        src,
+        work,
+        dataset=DatasetParams(
+            tile=(TileParams(source="*.png", rows=3, cols=1),), tile_min_sharpness=0, tile_max_clipped=1
+        ),
+    )
     assert len([p for p in (work / "store" / "tile-sector").rglob("*.png")]) == 4 + 3 + 3
 
     with pytest.raises(ValueError, match=r"`dataset.tile\[0\].source` = 'nope.png' matches no ingested image"):

@@ -33,8 +33,12 @@ def rgb(array: Any) -> np.ndarray:
 
 def test_colourfulness_is_zero_for_grey_and_rises_with_saturation():
     grey = rgb(np.full((8, 8, 3), 128))
-    half = np.zeros((8, 8, 3)); half[:, :4] = (200, 60, 60); half[:, 4:] = (60, 60, 200)
-    full = np.zeros((8, 8, 3)); full[:, :4] = (255, 0, 0); full[:, 4:] = (0, 0, 255)
+    half = np.zeros((8, 8, 3))
+    half[:, :4] = (200, 60, 60)
+    half[:, 4:] = (60, 60, 200)
+    full = np.zeros((8, 8, 3))
+    full[:, :4] = (255, 0, 0)
+    full[:, 4:] = (0, 0, 255)
     assert em.colourfulness(grey) == 0.0
     assert 0 < em.colourfulness(rgb(half)) < em.colourfulness(rgb(full))
 
@@ -56,7 +60,10 @@ def test_high_frequency_share_separates_noise_from_smooth_gradients():
 
 
 def test_rises_are_relative_for_colour_and_detail_and_absolute_for_clipping():
-    r = em.rises({"colourfulness": 0.3, "high_freq": 0.1, "clipped": 0.12}, {"colourfulness": 0.2, "high_freq": 0.1, "clipped": 0.02})
+    r = em.rises(
+        {"colourfulness": 0.3, "high_freq": 0.1, "clipped": 0.12},
+        {"colourfulness": 0.2, "high_freq": 0.1, "clipped": 0.02},
+    )
     assert r == pytest.approx({"saturation_rise": 0.5, "high_freq_rise": 0.0, "clipped_rise": 0.10})
 
 
@@ -89,8 +96,14 @@ def test_local_minima_are_lows_before_a_rise_and_never_the_last_epoch():
 
 def series(n: int, **columns: list[float | None]) -> list[dict[str, Any]]:
     """Rows for epochs 1..n; a column's missing values fall back to harmless numbers."""
-    defaults = {"loss": [1.0 - 0.05 * e for e in range(n)], "memorisation": [0.8] * n, "memorisation_base": [0.8] * n,
-                "saturation_rise": [0.0] * n, "high_freq_rise": [0.0] * n, "clipped_rise": [0.0] * n}
+    defaults = {
+        "loss": [1.0 - 0.05 * e for e in range(n)],
+        "memorisation": [0.8] * n,
+        "memorisation_base": [0.8] * n,
+        "saturation_rise": [0.0] * n,
+        "high_freq_rise": [0.0] * n,
+        "clipped_rise": [0.0] * n,
+    }
     cols = {**defaults, **columns}
     return [{"epoch": e + 1, **{k: v[e] for k, v in cols.items()}} for e in range(n)]
 
@@ -199,9 +212,15 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny models gain nothing from threads on a busy 2-core box
     root = eval_project(tmp_path_factory.mktemp("eval") / "p")
-    set_params(root, {"model": {"base": "builtin:tiny-sd15"},
-                      "finetune": {"epochs": 2, "save_every_n_epochs": 1, "save_dtype": "float32"},
-                      "extract": {"save_dtype": "float32"}, "resize": {"save_dtype": "float32"}})
+    set_params(
+        root,
+        {
+            "model": {"base": "builtin:tiny-sd15"},
+            "finetune": {"epochs": 2, "save_every_n_epochs": 1, "save_dtype": "float32"},
+            "extract": {"save_dtype": "float32"},
+            "resize": {"save_dtype": "float32"},
+        },
+    )
     for stage in STAGES:
         run_stage(root, stage)
     recorder = Recorder()
@@ -227,10 +246,21 @@ def test_best_json_names_an_epoch_with_reasons_and_the_best_lora_is_that_file(pr
 def test_every_epoch_gets_the_three_grids_and_the_cross_epoch_grids(project):
     grids = project / "reports" / "eval" / "grids"
     names = sorted(p.name for p in grids.iterdir())
-    assert names == ["epoch-0001-captions.png", "epoch-0001-random.png", "epoch-0001.png", "epoch-0002-captions.png",
-                     "epoch-0002-random.png", "epoch-0002.png", "prompt-1.png", "prompt-2.png"]
-    with Image.open(grids / "epoch-0002.png") as sweep, Image.open(grids / "prompt-1.png") as cross, \
-            Image.open(grids / "epoch-0002-captions.png") as captions:
+    assert names == [
+        "epoch-0001-captions.png",
+        "epoch-0001-random.png",
+        "epoch-0001.png",
+        "epoch-0002-captions.png",
+        "epoch-0002-random.png",
+        "epoch-0002.png",
+        "prompt-1.png",
+        "prompt-2.png",
+    ]
+    with (
+        Image.open(grids / "epoch-0002.png") as sweep,
+        Image.open(grids / "prompt-1.png") as cross,
+        Image.open(grids / "epoch-0002-captions.png") as captions,
+    ):
         assert sweep.size == (64 * 3, 64 * 2)  # columns: weights 0, 1, 1.2; rows: 2 prompts × 1 seed
         assert cross.size == (64 * 1, 64 * 2)  # columns: 1 seed; rows: 2 epochs
         assert captions.size == (64 * 3, 64 * 1)  # training image, weight 0, weight 1
@@ -240,14 +270,25 @@ def test_metrics_and_series_hold_every_measured_sign(project):
     metrics = json.loads((project / "reports" / "eval" / "metrics.json").read_text())
     assert metrics["similarity"] == "pixels-16x16" and metrics["best_epoch"] in (1, 2)
     for row in metrics["epochs"].values():
-        assert {"loss", "lora_effect", "saturation_rise", "high_freq_rise", "clipped_rise", "memorisation",
-                "memorisation_base", "likeness", "likeness_base"} <= set(row)
+        assert {
+            "loss",
+            "lora_effect",
+            "saturation_rise",
+            "high_freq_rise",
+            "clipped_rise",
+            "memorisation",
+            "memorisation_base",
+            "likeness",
+            "likeness_base",
+        } <= set(row)
         assert row["lora_effect"] > 0 and 0 <= row["memorisation"] <= 2 and "clip_score" not in row
     # the base model's values do not depend on the epoch
     bases = {row["memorisation_base"] for row in metrics["epochs"].values()}
     assert len(bases) == 1
     losses = (project / "reports" / "finetune" / "epochs.tsv").read_text().splitlines()[1:]
-    assert [round(metrics["epochs"][f"epoch-000{i}"]["loss"], 4) for i in (1, 2)] == [round(float(l.split("\t")[1]), 4) for l in losses]
+    assert [round(metrics["epochs"][f"epoch-000{i}"]["loss"], 4) for i in (1, 2)] == [
+        round(float(l.split("\t")[1]), 4) for l in losses
+    ]
     epochs_tsv = (project / "reports" / "eval" / "epochs.tsv").read_text().splitlines()
     assert epochs_tsv[0].startswith("epoch\tloss\t") and len(epochs_tsv) == 3
     weights_tsv = (project / "reports" / "eval" / "weights.tsv").read_text().splitlines()
@@ -285,7 +326,11 @@ def test_one_more_epoch_renders_only_that_epochs_images(project, tmp_path):
         r = report(project)
         per_image = 2 * 1 * 3 + 2 * (1 + 1)  # fixed prompts × seeds × weights + (random + captions) × 2 weights
         assert r["epochs"] == ["epoch-0001", "epoch-0002", "epoch-0003"]
-        assert r["per_epoch_computed"] == {"epoch-0001": 0, "epoch-0002": 0, "epoch-0003": per_image - 4}  # 4 weight-0 images shared
+        assert r["per_epoch_computed"] == {
+            "epoch-0001": 0,
+            "epoch-0002": 0,
+            "epoch-0003": per_image - 4,
+        }  # 4 weight-0 images shared
         assert r["epochs_computed"] == ["epoch-0003"] and r["computed"] == per_image - 4
     finally:
         (loras / "lora-epoch-0003.safetensors").unlink()
@@ -301,9 +346,20 @@ def tiny_clip(folder: Path) -> Path:
 
     tok = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
     torch.manual_seed(0)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, image_size=32, patch_size=8
+    )
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
     tok.save_pretrained(folder)
     processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
@@ -359,7 +415,9 @@ def test_the_report_renders_in_headless_chromium_with_every_image(project, tmp_p
     finally:
         browser.close()
     sheets = len(json.loads((project / "reports" / "latents.json").read_text())["vae_check"]["worst"])
-    assert sheets and len(images) == 2 + 3 * 2 + sheets  # 2 cross-epoch grids + 3 grids per epoch × 2 epochs + VAE sheets
+    assert (
+        sheets and len(images) == 2 + 3 * 2 + sheets
+    )  # 2 cross-epoch grids + 3 grids per epoch × 2 epochs + VAE sheets
     assert all(i["ok"] for i in images), [i["src"] for i in images if not i["ok"]]
     assert [c for c in console if c["level"] in ("SEVERE", "WARNING")] == []
     with Image.open(shot) as img:

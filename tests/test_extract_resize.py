@@ -63,7 +63,10 @@ class Models:
         self.components = ["unet", *ENCODERS[name]]
         self.base = {c: {k: v.clone() for k, v in getattr(pipe, c).state_dict().items()} for c in self.components}
         self.targets = {c: L.lora_targets(self.arch, c, self.base[c], conv=True) for c in self.components}  # type: ignore[arg-type]
-        self.tuned = {c: _perturb(self.base[c], [f"{m}.weight" for m in self.targets[c]], i) for i, c in enumerate(self.components)}
+        self.tuned = {
+            c: _perturb(self.base[c], [f"{m}.weight" for m in self.targets[c]], i)
+            for i, c in enumerate(self.components)
+        }
         for c in self.components:
             getattr(pipe, c).load_state_dict(self.tuned[c])
         pipe.save_pretrained(self.tuned_dir, safe_serialization=True)
@@ -76,8 +79,24 @@ class Models:
         return pipe
 
     def extract(self, out: Path, dim: int, *extra: str) -> Path:
-        _cli("extract", "--base", self.base_dir, "--tuned", self.tuned_dir, "--out", out, "--dim", dim,
-             "--conv-dim", dim, "--save-dtype", "float32", "--svd", "full", *extra)
+        _cli(
+            "extract",
+            "--base",
+            self.base_dir,
+            "--tuned",
+            self.tuned_dir,
+            "--out",
+            out,
+            "--dim",
+            dim,
+            "--conv-dim",
+            dim,
+            "--save-dtype",
+            "float32",
+            "--svd",
+            "full",
+            *extra,
+        )
         return out
 
 
@@ -94,7 +113,9 @@ def _images(pipe: Any) -> torch.Tensor:
 def _load_messages(pipe: Any, path: Path) -> list[str]:
     """Warnings and WARNING+ log lines of diffusers/transformers/peft while loading `path`."""
     with captured_messages() as messages:
-        pipe.load_lora_weights(str(path), adapter_name="style")  # not "x": transformers counts keys containing the adapter name as adapter keys
+        pipe.load_lora_weights(
+            str(path), adapter_name="style"
+        )  # not "x": transformers counts keys containing the adapter name as adapter keys
     return [m for m in messages if any(w in m.lower() for w in BAD_WORDS)]
 
 
@@ -199,8 +220,16 @@ def test_resize_reads_a_hand_built_kohya_sdxl_file(tmp_path: Path) -> None:
         tensors[name + ".lora_up.weight"] = (0.1 * torch.randn(up_shape, generator=g)).half()
         tensors[name + ".alpha"] = torch.tensor(alpha, dtype=torch.float16)
     src = tmp_path / "kohya.safetensors"
-    save_file(tensors, src, metadata={"ss_network_module": "networks.lora", "ss_network_dim": "8", "ss_network_alpha": "1.0",
-                                      "ss_base_model_version": "sdxl_base_v1-0"})
+    save_file(
+        tensors,
+        src,
+        metadata={
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": "8",
+            "ss_network_alpha": "1.0",
+            "ss_base_model_version": "sdxl_base_v1-0",
+        },
+    )
     out = tmp_path / "small.safetensors"
     _cli("resize", src, "--rank", 2, "--out", out)
     resized, meta = L.load_lora(out)
@@ -210,7 +239,9 @@ def test_resize_reads_a_hand_built_kohya_sdxl_file(tmp_path: Path) -> None:
         old = L.merge_layer(tensors[name + L.UP], tensors[name + L.DOWN], alpha)  # kohya's scale alpha / rank
         new = L.merge_layer(resized[name + L.UP], resized[name + L.DOWN], float(resized[name + L.ALPHA]))
         best_up, best_down = L.extract_layer(old, 2)  # the best rank-2 fit of what the layer applied
-        torch.testing.assert_close(new, L.merge_layer(best_up, best_down, 2.0), atol=2e-3 * float(old.abs().max()), rtol=0)
+        torch.testing.assert_close(
+            new, L.merge_layer(best_up, best_down, 2.0), atol=2e-3 * float(old.abs().max()), rtol=0
+        )
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_dim"] == "2"
     assert meta["sshs_model_hash"] == L.sshs_hashes(out)[0]
 
@@ -223,21 +254,30 @@ def test_resize_reads_a_hand_built_kohya_sdxl_file(tmp_path: Path) -> None:
 def test_extracted_file_metadata(models: Models, tmp_path: Path) -> None:
     path = models.extract(tmp_path / "meta.safetensors", 4, "--min-diff", "0")
     _, meta = L.load_lora(path)
-    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
+    assert (
+        meta["ss_network_module"] == "networks.lora"
+        and meta["ss_network_dim"] == "4"
+        and meta["ss_network_alpha"] == "4.0"
+    )
     assert meta["ss_base_model_version"] == {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}[models.arch]
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": 4, "conv_alpha": 4}
     assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["modelspec.title"] == "meta"
-    assert meta["modelspec.architecture"] == {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}[models.arch]
+    assert (
+        meta["modelspec.architecture"]
+        == {"sd15": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}[models.arch]
+    )
     assert json.loads(meta["ss_min_diff"])["text_encoder"]["included"] is True
     assert len(meta["ss_loraforge_revision"]) >= 7
     # kohya's hash: SHA-256 of the tensor bytes after the header, independent of the metadata
     tensors, _ = L.load_lora(path)
     data = save(tensors)
-    expected = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    expected = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
     assert meta["sshs_model_hash"] == expected and len(meta["sshs_legacy_hash"]) == 8
 
 
-def test_min_diff_leaves_an_unchanged_text_encoder_out_and_records_it(models: Models, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_min_diff_leaves_an_unchanged_text_encoder_out_and_records_it(
+    models: Models, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     path = models.extract(tmp_path / "md.safetensors", 4, "--min-diff", "1000")
     out = capsys.readouterr().out
     tensors, meta = L.load_lora(path)
@@ -256,7 +296,10 @@ def test_clamp_quantile_limits_the_saved_factors(models: Models, tmp_path: Path)
     name = next(n for n in L.lora_layers(free) if n.endswith("attn1_to_q"))
     up, down = free[name + L.UP], free[name + L.DOWN]
     limit = float(L._abs_quantile(torch.cat([up.flatten(), down.flatten()]), 0.9))
-    assert float(clamped[name + L.UP].abs().max()) <= limit + 1e-6 and float(clamped[name + L.DOWN].abs().max()) <= limit + 1e-6
+    assert (
+        float(clamped[name + L.UP].abs().max()) <= limit + 1e-6
+        and float(clamped[name + L.DOWN].abs().max()) <= limit + 1e-6
+    )
     assert float(torch.cat([up.flatten(), down.flatten()]).abs().max()) > limit
 
 
@@ -267,7 +310,11 @@ def test_clamp_quantile_limits_the_saved_factors(models: Models, tmp_path: Path)
 
 def test_weight_reader_matches_safetensors_for_every_dtype_and_shards(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
-    first = {"a": torch.randn(3, 4, generator=g).half(), "b": torch.randn(2, 3, 3, 3, generator=g).bfloat16(), "e": torch.zeros(0)}
+    first = {
+        "a": torch.randn(3, 4, generator=g).half(),
+        "b": torch.randn(2, 3, 3, 3, generator=g).bfloat16(),
+        "e": torch.zeros(0),
+    }
     second = {"c": torch.randn(5, generator=g).double(), "d": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
     save_file(first, tmp_path / "1.safetensors")
     save_file(second, tmp_path / "2.safetensors")
@@ -289,7 +336,21 @@ def test_sources_single_file_unet_and_refusals(models: Models, tmp_path: Path) -
     save_file(models.tuned["unet"], tuned_unet)
     assert open_source(tuned_unet).files == {"unet": [tuned_unet]}
     out = tmp_path / "unet-only.safetensors"
-    _cli("extract", "--base", models.base_dir, "--tuned", tuned_unet, "--out", out, "--dim", 4, "--svd", "full", "--save-dtype", "float32")
+    _cli(
+        "extract",
+        "--base",
+        models.base_dir,
+        "--tuned",
+        tuned_unet,
+        "--out",
+        out,
+        "--dim",
+        4,
+        "--svd",
+        "full",
+        "--save-dtype",
+        "float32",
+    )
     tensors, meta = L.load_lora(out)
     assert tensors and all(k.startswith("lora_unet_") for k in tensors)
     assert meta["ss_base_model_version"] == {"sd15": "sd_v1", "sdxl": "sdxl_base_v1-0"}[models.arch]
@@ -331,8 +392,10 @@ def test_lowrank_svd_matches_full_on_low_rank_plus_noise() -> None:
     assert errors["full"] < errors["lowrank"] < errors["full"] * 1.01, errors
     # rank + oversampling ≥ the smaller side: lowrank falls back to the exact SVD
     small = torch.randn(20, 30, generator=g)
-    torch.testing.assert_close(L.merge_layer(*L.extract_layer(small, 8, svd="lowrank"), 8.0),
-                               L.merge_layer(*L.extract_layer(small, 8, svd="full"), 8.0))
+    torch.testing.assert_close(
+        L.merge_layer(*L.extract_layer(small, 8, svd="lowrank"), 8.0),
+        L.merge_layer(*L.extract_layer(small, 8, svd="full"), 8.0),
+    )
     with pytest.raises(ValueError, match="`svd`"):
         L.extract_layer(small, 2, svd="random")  # type: ignore[arg-type]
 
@@ -342,12 +405,15 @@ def test_lowrank_svd_matches_full_on_low_rank_plus_noise() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-
 def synthetic_unet(path: Path, layers: int, width: int, seed: int) -> int:
     """A UNet-named float16 state dict of `layers` (width, width) attention weights; returns its bytes."""
     g = torch.Generator().manual_seed(seed)
-    state = {f"down_blocks.0.attentions.0.transformer_blocks.{i}.attn1.to_q.weight": torch.randn(width, width, generator=g).half()
-             for i in range(layers)}
+    state = {
+        f"down_blocks.0.attentions.0.transformer_blocks.{i}.attn1.to_q.weight": torch.randn(
+            width, width, generator=g
+        ).half()
+        for i in range(layers)
+    }
     save_file(state, path)
     return path.stat().st_size
 
@@ -355,8 +421,21 @@ def synthetic_unet(path: Path, layers: int, width: int, seed: int) -> int:
 def test_extraction_peak_memory_stays_under_1_3x_one_model(tmp_path: Path) -> None:
     size = synthetic_unet(tmp_path / "base.safetensors", 48, 768, 0)  # 48 × 1.2 MB ≈ 57 MB
     synthetic_unet(tmp_path / "tuned.safetensors", 48, 768, 1)
-    result = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "4"],
-                            capture_output=True, text=True, cwd=REPO, env=env_with_venv(), timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MEMORY_SCRIPT,
+            str(tmp_path / "base.safetensors"),
+            str(tmp_path / "tuned.safetensors"),
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env_with_venv(),
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout.strip().splitlines()[-1])
     assert stats["layers"] == 48
@@ -398,8 +477,15 @@ def pipeline_lora(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     from loraforge.runner import run_stage
 
     project = make_project(tmp_path_factory.mktemp("pipe") / "p", git=True)
-    set_params(project, {"model": {"base": f"builtin:{request.param}"}, "finetune": {"epochs": 1, "save_every_n_epochs": 1},
-                         "extract": {"dim": 8}, "resize": {"rank": 4}})
+    set_params(
+        project,
+        {
+            "model": {"base": f"builtin:{request.param}"},
+            "finetune": {"epochs": 1, "save_every_n_epochs": 1},
+            "extract": {"dim": 8},
+            "resize": {"rank": 4},
+        },
+    )
     for stage in ["ingest", "upscale", "caption", "latents", "finetune", "extract", "resize"]:
         run_stage(project, stage)
     return request.param, project
@@ -409,17 +495,30 @@ def test_pipeline_lora_loads_in_a_fresh_process_without_warnings(pipeline_lora: 
     name, project = pipeline_lora
     final = project / "models" / "lora.safetensors"
     tensors, meta = L.load_lora(final)
-    result = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, name, str(final)], capture_output=True, text=True,
-                            cwd=REPO, env={**env_with_venv(), "HF_HUB_OFFLINE": "1"}, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT, name, str(final)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**env_with_venv(), "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert [m for m in out["messages"] if any(w in m.lower() for w in BAD_WORDS)] == [], out["messages"]
-    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_" if name == "tiny-sd15" else "lora_te1_", "text_encoder_2": "lora_te2_"}
+    prefixes = {
+        "unet": "lora_unet_",
+        "text_encoder": "lora_te_" if name == "tiny-sd15" else "lora_te1_",
+        "text_encoder_2": "lora_te2_",
+    }
     for component, count in out["wrapped"].items():
         assert count == len([n for n in L.lora_layers(tensors) if n.startswith(prefixes[component])]), component
     assert out["wrapped"]["unet"] > 0
     # the header: kohya keys, resize record, dataset hash and the project's git revision
-    assert meta["ss_network_dim"] == "4" and meta["ss_base_model_version"] == {"tiny-sd15": "sd_v1", "tiny-sdxl": "sdxl_base_v1-0"}[name]
+    assert (
+        meta["ss_network_dim"] == "4"
+        and meta["ss_base_model_version"] == {"tiny-sd15": "sd_v1", "tiny-sdxl": "sdxl_base_v1-0"}[name]
+    )
     revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     assert meta["ss_loraforge_revision"].startswith(revision) and meta["ss_dataset_hash"]
     assert meta["sshs_model_hash"] == L.sshs_hashes(final)[0]

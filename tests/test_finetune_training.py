@@ -24,8 +24,14 @@ from stages import finetune
 from tests.helpers import make_project, set_params
 
 SUBSET = 6
-BASE = {"model": {"base": "builtin:tiny-sd15", "device": "cpu"}, "epochs": 1, "batch_size": 2, "lr": 3e-4,
-        "save_dtype": "float32", "train_text_encoder": True}
+BASE = {
+    "model": {"base": "builtin:tiny-sd15", "device": "cpu"},
+    "epochs": 1,
+    "batch_size": 2,
+    "lr": 3e-4,
+    "save_dtype": "float32",
+    "train_text_encoder": True,
+}
 
 
 class Recorder:
@@ -64,7 +70,9 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
-def train(project: Path, out: Path, publish: Any = None, latents: Path | None = None, **overrides: Any) -> tuple[dict[str, Any], Path]:
+def train(
+    project: Path, out: Path, publish: Any = None, latents: Path | None = None, **overrides: Any
+) -> tuple[dict[str, Any], Path]:
     """Run finetune with BASE + overrides into `out` (emptied first, as the runner does), on
     `latents` (default: the 6-latent subset)."""
     shutil.rmtree(out, ignore_errors=True)
@@ -72,7 +80,9 @@ def train(project: Path, out: Path, publish: Any = None, latents: Path | None = 
     inputs = Paths(latents=latents or project / "data" / "latents-small", captions=project / "data" / "captions")
     outputs = Paths(checkpoints=out / "checkpoints", loss=out / "loss")
     outputs.checkpoints.mkdir(parents=True)
-    env = StageEnv(store=ItemStore(project / ".loraforge" / "store"), state_dir=project / ".loraforge", show_progress=False)
+    env = StageEnv(
+        store=ItemStore(project / ".loraforge" / "store"), state_dir=project / ".loraforge", show_progress=False
+    )
     if publish is not None:
         env.publish = publish
     return finetune.run(params, inputs, outputs, env), out
@@ -136,22 +146,37 @@ def test_a_nan_latent_is_refused_naming_its_file_and_the_vae(tmp_path):
 # ---------------------------------------------------------------- 1: optimizers
 
 
-@pytest.mark.parametrize("name, args, lr", [
-    ("Lion", {}, 3e-5),
-    ("Prodigy", {"decouple": True, "weight_decay": 0.01, "d_coef": 0.8, "use_bias_correction": True,
-                 "safeguard_warmup": True, "betas": [0.9, 0.99]}, 1.0),
-    ("DAdaptAdam", {"decouple": True}, 1.0),
-    ("Adafactor", {}, 3e-4),
-    ("AdamW8bit", {}, 3e-4),
-    ("torch.optim.SGD", {"momentum": 0.9}, 1e-2),
-])
+@pytest.mark.parametrize(
+    "name, args, lr",
+    [
+        ("Lion", {}, 3e-5),
+        (
+            "Prodigy",
+            {
+                "decouple": True,
+                "weight_decay": 0.01,
+                "d_coef": 0.8,
+                "use_bias_correction": True,
+                "safeguard_warmup": True,
+                "betas": [0.9, 0.99],
+            },
+            1.0,
+        ),
+        ("DAdaptAdam", {"decouple": True}, 1.0),
+        ("Adafactor", {}, 3e-4),
+        ("AdamW8bit", {}, 3e-4),
+        ("torch.optim.SGD", {"momentum": 0.9}, 1e-2),
+    ],
+)
 def test_each_optimizer_trains_and_moves_the_weights(project, tmp_path, baseline, name, args, lr):
     summary, out = train(project, tmp_path, optimizer=name, optimizer_args=args, lr=lr)
     assert summary["optimizer"] == name and summary["loss_last_epoch"] > 0
     from loraforge.models import resolve_model, weight_files
     from loraforge.params import ModelParams
 
-    base = load_file(str(weight_files(resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge"), "unet")[0]))
+    base = load_file(
+        str(weight_files(resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge"), "unet")[0])
+    )
     tuned = weights(out)
     assert all(torch.isfinite(t).all() for t in tuned.values())
     assert max_diff(tuned, base) > 0 and max_diff(tuned, weights(baseline)) > 0
@@ -168,14 +193,18 @@ def test_optimizer_errors_name_the_parameter():
     p = [torch.nn.Parameter(torch.zeros(2))]
     with pytest.raises(ValueError, match="`finetune.optimizer_args`"):
         optimizers.make_optimizer("AdamW", [{"params": p, "lr": 1.0}], {"d_coef": 0.8}, 0.0, "cpu")
-    assert optimizers.make_optimizer("Lion", [{"params": p, "lr": 1.0}], {"betas": [0.9, 0.99]}, 0.0, "cpu").defaults["betas"] == (0.9, 0.99)
+    assert optimizers.make_optimizer("Lion", [{"params": p, "lr": 1.0}], {"betas": [0.9, 0.99]}, 0.0, "cpu").defaults[
+        "betas"
+    ] == (0.9, 0.99)
 
 
 def test_bitsandbytes_imports_quietly_under_loraforge():
     import subprocess
     import sys
 
-    bare = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True, check=True).stderr
+    bare = subprocess.run(
+        [sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True, check=True
+    ).stderr
     if "gemm_4bit" not in bare:
         pytest.skip("this bitsandbytes does not warn at import: nothing to silence")
     code = "import loraforge, peft, bitsandbytes.optim"  # peft imports bitsandbytes when installed
@@ -188,7 +217,10 @@ def test_adamw8bit_keeps_its_moments_in_8_bits_and_tracks_adamw():
     weight = torch.randn(64, 128)  # bitsandbytes quantises tensors of 4096+ elements
     target = torch.randn(64, 128)
     params = {name: torch.nn.Parameter(weight.clone()) for name in ("AdamW", "AdamW8bit")}
-    opts = {name: optimizers.make_optimizer(name, [{"params": [p], "lr": 1e-2}], {}, 0.0, "cpu") for name, p in params.items()}
+    opts = {
+        name: optimizers.make_optimizer(name, [{"params": [p], "lr": 1e-2}], {}, 0.0, "cpu")
+        for name, p in params.items()
+    }
     for _ in range(5):
         for name, p in params.items():
             opts[name].zero_grad()
@@ -203,8 +235,16 @@ def test_adamw8bit_keeps_its_moments_in_8_bits_and_tracks_adamw():
 # ---------------------------------------------------------------- 2: schedules, per-encoder LR, logged LR
 
 
-@pytest.mark.parametrize("name, at_half", [("constant_with_warmup", 1.0), ("linear", 0.5), ("cosine", 0.5),
-                                           ("cosine_with_restarts", 1.0), ("polynomial", 0.5)])
+@pytest.mark.parametrize(
+    "name, at_half",
+    [
+        ("constant_with_warmup", 1.0),
+        ("linear", 0.5),
+        ("cosine", 0.5),
+        ("cosine_with_restarts", 1.0),
+        ("polynomial", 0.5),
+    ],
+)
 def test_schedules_warm_up_then_follow_their_curve(name, at_half):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = schedules.make_lr_schedule(name, opt, warmup=10, total=110, num_cycles=2, power=1.0)
@@ -248,7 +288,9 @@ def test_component_lrs_for_two_encoders():
     p = finetune.Params(model={}, lr=1.0, train_text_encoder=True, optimizer="Prodigy", text_encoder_2_lr=0.0)
     assert finetune.component_lrs(p, 2) == {"unet": 1.0, "text_encoder": 1.0}
     with pytest.raises(ValueError, match="`finetune.text_encoder_lr` = 0.5: Prodigy needs every LR equal"):
-        finetune.component_lrs(finetune.Params(model={}, lr=1.0, train_text_encoder=True, optimizer="Prodigy", text_encoder_lr=0.5), 1)
+        finetune.component_lrs(
+            finetune.Params(model={}, lr=1.0, train_text_encoder=True, optimizer="Prodigy", text_encoder_lr=0.5), 1
+        )
 
 
 # ---------------------------------------------------------------- 3: losses and noise
@@ -305,7 +347,9 @@ def test_input_perturbation_and_v_target_reach_the_unet():
     cond = {"hidden": torch.zeros(2, 77, 8)}
 
     def run(**kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = losses.diffusion_loss(Unet(), sch, lat, cond, torch.Generator().manual_seed(3), losses.LossSettings(**kw))
+        loss = losses.diffusion_loss(
+            Unet(), sch, lat, cond, torch.Generator().manual_seed(3), losses.LossSettings(**kw)
+        )
         return loss, seen["noisy"]
 
     plain_loss, plain_noisy = run()
@@ -316,9 +360,19 @@ def test_input_perturbation_and_v_target_reach_the_unet():
 
 
 def test_training_with_every_loss_option_on(project, tmp_path, baseline):
-    summary, out = train(project, tmp_path, min_snr_gamma=5.0, loss_type="huber", noise_offset=0.05,
-                         noise_offset_random_strength=True, adaptive_noise_scale=0.01, multires_noise_iterations=6,
-                         multires_noise_discount=0.3, ip_noise_gamma=0.1, debiased_estimation=True)
+    summary, out = train(
+        project,
+        tmp_path,
+        min_snr_gamma=5.0,
+        loss_type="huber",
+        noise_offset=0.05,
+        noise_offset_random_strength=True,
+        adaptive_noise_scale=0.01,
+        multires_noise_iterations=6,
+        multires_noise_discount=0.3,
+        ip_noise_gamma=0.1,
+        debiased_estimation=True,
+    )
     base_loss = [float(r["loss"]) for r in tsv(baseline / "loss" / "steps.tsv")]
     loss = [float(r["loss"]) for r in tsv(out / "loss" / "steps.tsv")]
     assert len(loss) == len(base_loss) and all(0 < x < float("inf") for x in loss) and loss != base_loss
@@ -348,7 +402,9 @@ def test_ema_weights_are_saved_beside_each_checkpoint_and_lag_the_raw_ones(proje
     from loraforge.models import resolve_model, weight_files
     from loraforge.params import ModelParams
 
-    base = load_file(str(weight_files(resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge"), "unet")[0]))
+    base = load_file(
+        str(weight_files(resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge"), "unet")[0])
+    )
     moved = [k for k in raw if not torch.equal(raw[k], base[k])]
     assert moved and max_diff({k: avg[k] for k in moved}, {k: raw[k] for k in moved}) > 0
     dist = lambda a: sum((a[k] - base[k]).norm().item() for k in moved)  # noqa: E731
@@ -359,8 +415,17 @@ def test_ema_weights_are_saved_beside_each_checkpoint_and_lag_the_raw_ones(proje
 
 
 def test_killed_and_resumed_run_matches_the_uninterrupted_one(project, tmp_path, monkeypatch):
-    opts = {"epochs": 2, "resume": "auto", "ema_decay": 0.9, "lr_scheduler": "cosine", "gradient_accumulation": 2,
-            "optimizer": "Prodigy", "lr": 1.0, "caption_dropout_rate": 0.3, "seed": 7}
+    opts = {
+        "epochs": 2,
+        "resume": "auto",
+        "ema_decay": 0.9,
+        "lr_scheduler": "cosine",
+        "gradient_accumulation": 2,
+        "optimizer": "Prodigy",
+        "lr": 1.0,
+        "caption_dropout_rate": 0.3,
+        "seed": 7,
+    }
     state = project / ".loraforge" / "resume"
     shutil.rmtree(state, ignore_errors=True)
     straight, out = train(project, tmp_path / "straight", **opts)
@@ -446,7 +511,9 @@ def test_fp16_scales_the_loss_unscales_before_clipping_and_skips_an_overflowing_
     assert plain.scaler is None and plain.loss_scale is None and plain.scale(loss) is loss
 
 
-def test_fp16_training_runs_the_unet_in_half_precision_and_reports_the_loss_scale(project, tmp_path, baseline, monkeypatch):
+def test_fp16_training_runs_the_unet_in_half_precision_and_reports_the_loss_scale(
+    project, tmp_path, baseline, monkeypatch
+):
     seen: list[torch.dtype] = []
     real = finetune.diffusion_loss
 
@@ -468,7 +535,9 @@ def test_fp16_training_runs_the_unet_in_half_precision_and_reports_the_loss_scal
     fp32_losses = [float(r["loss"]) for r in tsv(baseline / "loss" / "steps.tsv")]
     fp16_losses = [float(r["loss"]) for r in tsv(out / "loss" / "steps.tsv")]
     assert fp16_losses != fp32_losses and fp16_losses == pytest.approx(fp32_losses, rel=2e-2)
-    state = max((project / ".loraforge" / "resume").glob("*/state-epoch-0001"), key=lambda p: p.stat().st_mtime)  # this run's
+    state = max(
+        (project / ".loraforge" / "resume").glob("*/state-epoch-0001"), key=lambda p: p.stat().st_mtime
+    )  # this run's
     saved = torch.load(state / "training.pt", weights_only=True)
     assert saved["scaler"]["scale"] == summary["loss_scale"]  # the scaler resumes too
 
@@ -480,7 +549,9 @@ def test_caption_shuffle_keeps_the_first_tokens_and_drops_by_rate():
     s = cap.CaptionSettings(shuffle=True, keep_tokens=1)
     text = "lfxstyle, red, circle, yellow, background, flat"
     outs = {cap.train_caption(text, s, random.Random(i), 1) for i in range(20)}
-    assert len(outs) > 5 and all(o.startswith("lfxstyle, ") and sorted(o.split(", ")) == sorted(text.split(", ")) for o in outs)
+    assert len(outs) > 5 and all(
+        o.startswith("lfxstyle, ") and sorted(o.split(", ")) == sorted(text.split(", ")) for o in outs
+    )
     assert cap.train_caption(text, s, random.Random(3), 1) == cap.train_caption(text, s, random.Random(3), 1)
     drop = cap.CaptionSettings(tag_dropout_rate=0.5, keep_tokens=1)
     kept = [cap.train_caption(text, drop, random.Random(i), 1).split(", ") for i in range(200)]
@@ -488,7 +559,10 @@ def test_caption_shuffle_keeps_the_first_tokens_and_drops_by_rate():
     rate = cap.CaptionSettings(dropout_rate=0.25)
     assert 30 < sum(cap.train_caption(text, rate, random.Random(i), 1) == "" for i in range(200)) < 70
     every = cap.CaptionSettings(dropout_every_n_epochs=2)
-    assert cap.train_caption(text, every, random.Random(0), 2) == "" and cap.train_caption(text, every, random.Random(0), 3) == text
+    assert (
+        cap.train_caption(text, every, random.Random(0), 2) == ""
+        and cap.train_caption(text, every, random.Random(0), 3) == text
+    )
     assert every.randomised and not cap.CaptionSettings(keep_tokens=1).randomised
 
 
@@ -512,8 +586,14 @@ def test_frozen_encoders_read_text_outputs_from_the_item_store(project, tmp_path
     assert first["text_cache"]["hits"] + first["text_cache"]["misses"] == first["plan"]["examples_per_epoch"]
     assert again["text_cache"] == {"hits": first["plan"]["examples_per_epoch"], "misses": 0}
     assert tsv(out1 / "loss" / "steps.tsv") == tsv(out2 / "loss" / "steps.tsv")  # cached = live outputs
-    by_id = {r["id"]: r["caption"] for r in map(json.loads, (project / "data" / "captions" / "manifest.jsonl").read_text().splitlines())}
-    used = {by_id[json.loads(r)["id"]] for r in (project / "data" / "latents-small" / "manifest.jsonl").read_text().splitlines()}
+    by_id = {
+        r["id"]: r["caption"]
+        for r in map(json.loads, (project / "data" / "captions" / "manifest.jsonl").read_text().splitlines())
+    }
+    used = {
+        by_id[json.loads(r)["id"]]
+        for r in (project / "data" / "latents-small" / "manifest.jsonl").read_text().splitlines()
+    }
     assert len(list((project / ".loraforge" / "store" / "text-embedding").rglob("*.safetensors"))) == len(used)
     trained, _ = train(project, tmp_path / "c")  # encoders trained: no cache
     shuffled, _ = train(project, tmp_path / "d", train_text_encoder=False, shuffle_caption=True)  # randomised: no cache
@@ -538,8 +618,20 @@ def test_progress_and_the_epoch_loss_table_are_published_as_training_goes(projec
 def test_direct_lora_trains_only_adapters_and_saves_a_kohya_file(project, tmp_path):
     from loraforge.lora import load_lora
 
-    summary, out = train(project, tmp_path, mode="lora", network_dim=4, network_alpha=2.0, conv_dim=2, conv_alpha=1.0,
-                         network_dropout=0.1, rank_dropout=0.1, module_dropout=0.1, lr=1e-3, ema_decay=0.5)
+    summary, out = train(
+        project,
+        tmp_path,
+        mode="lora",
+        network_dim=4,
+        network_alpha=2.0,
+        conv_dim=2,
+        conv_alpha=1.0,
+        network_dropout=0.1,
+        rank_dropout=0.1,
+        module_dropout=0.1,
+        lr=1e-3,
+        ema_decay=0.5,
+    )
     folder = out / "checkpoints" / "epoch-0001"
     assert sorted(p.name for p in folder.iterdir()) == ["ema", "lora.safetensors", "meta.json"]  # no full weights
     tensors, meta = load_lora(folder / "lora.safetensors")
@@ -548,7 +640,9 @@ def test_direct_lora_trains_only_adapters_and_saves_a_kohya_file(project, tmp_pa
     conv = [k for k, t in tensors.items() if k.endswith(".lora_down.weight") and t.dim() == 4 and t.shape[-1] == 3]
     assert conv and all(ranks[k] == 2 for k in conv) and {ranks[k] for k in ranks if k not in conv} == {4}
     assert all(float(tensors[k]) == 2.0 for k in tensors if k.endswith(".alpha"))  # one alpha per file
-    assert any(tensors[k].abs().max() > 0 for k in tensors if k.endswith(".lora_up.weight"))  # up started at 0 and moved
+    assert any(
+        tensors[k].abs().max() > 0 for k in tensors if k.endswith(".lora_up.weight")
+    )  # up started at 0 and moved
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0" and meta["ss_epoch"] == "1"
     ema_tensors, _ = load_lora(folder / "ema" / "lora.safetensors")
     assert ema_tensors.keys() == tensors.keys() and any(not torch.equal(ema_tensors[k], tensors[k]) for k in tensors)
@@ -559,11 +653,21 @@ def test_direct_lora_loads_in_diffusers_and_changes_the_output(project, tmp_path
     from loraforge.params import ModelParams
 
     _, out = train(project, tmp_path, mode="lora", network_dim=4, network_alpha=4.0, lr=1e-2, train_text_encoder=False)
-    pipe = load_pipeline(resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge"), torch.device("cpu"))
+    pipe = load_pipeline(
+        resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge"), torch.device("cpu")
+    )
 
     def image() -> torch.Tensor:
-        return torch.from_numpy(pipe("lfxstyle", num_inference_steps=2, width=64, height=64, output_type="np",
-                                     generator=torch.Generator().manual_seed(0)).images)
+        return torch.from_numpy(
+            pipe(
+                "lfxstyle",
+                num_inference_steps=2,
+                width=64,
+                height=64,
+                output_type="np",
+                generator=torch.Generator().manual_seed(0),
+            ).images
+        )
 
     base = image()
     pipe.load_lora_weights(str(out / "checkpoints" / "epoch-0001"), weight_name="lora.safetensors")
@@ -580,7 +684,9 @@ def test_scale_weight_norms_caps_every_update(project, tmp_path):
     assert not torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))  # forward is patched
     scaled, mean = lora_net.scale_weight_norms([net], 1.0)
     assert scaled == 1 and mean > 1 and net.layers["lora_unet_x"].delta().norm().item() == pytest.approx(1.0, rel=1e-4)
-    summary, out = train(project, tmp_path, mode="lora", lr=5e-2, scale_weight_norms=0.05, network_dim=4, network_alpha=4.0)
+    summary, out = train(
+        project, tmp_path, mode="lora", lr=5e-2, scale_weight_norms=0.05, network_dim=4, network_alpha=4.0
+    )
     rows = tsv(out / "loss" / "steps.tsv")
     assert int(rows[-1]["keys_scaled"]) > 0
     tensors = load_file(str(out / "checkpoints" / "epoch-0001" / "lora.safetensors"))
@@ -622,7 +728,9 @@ def test_attention_runs_through_torch_sdpa(project, tmp_path, monkeypatch):
     assert calls["n"] > 0  # diffusers' AttnProcessor2_0: fused attention, no (tokens × tokens) matrix kept
 
 
-def test_gradient_checkpointing_recomputes_activations_and_trains_the_same_weights(project, tmp_path, baseline, monkeypatch):
+def test_gradient_checkpointing_recomputes_activations_and_trains_the_same_weights(
+    project, tmp_path, baseline, monkeypatch
+):
     import torch.utils.checkpoint as ckpt
 
     real, calls = ckpt.checkpoint, {"n": 0}
@@ -658,7 +766,9 @@ def test_channels_last_trains_with_the_unet_in_channels_last(project, tmp_path, 
 def test_class_images_are_generated_once_cached_and_mixed_in_by_weight(project, tmp_path, baseline, monkeypatch):
     from loraforge.training import prior
 
-    assert prior.class_image_count(None, 5, True) == 500 and prior.class_image_count(None, 5, False) == 1000  # 002 guide
+    assert (
+        prior.class_image_count(None, 5, True) == 500 and prior.class_image_count(None, 5, False) == 1000
+    )  # 002 guide
     opts = {"class_prompt": "a shape", "num_class_images": 2, "class_inference_steps": 2}
     _, out = train(project, tmp_path / "a", prior_loss_weight=1.0, **opts)
     cached = sorted((project / ".loraforge" / "store" / "class-latent").rglob("*.safetensors"))
@@ -713,8 +823,11 @@ def test_compiled_unet_trains_and_saves_plain_key_names(project, tmp_path):
         pytest.skip(f"torch._dynamo has no inductor backend (available: {torch._dynamo.list_backends()})")
     # two latents of one bucket, two epochs: two steps on one shape, so inductor compiles once
     small = project / "data" / "latents-small"
-    rows = [json.dumps({**json.loads(r), "repeats": 1}) for r in (small / "manifest.jsonl").read_text().splitlines()
-            if json.loads(r)["bucket"] == [96, 160]][:2]
+    rows = [
+        json.dumps({**json.loads(r), "repeats": 1})
+        for r in (small / "manifest.jsonl").read_text().splitlines()
+        if json.loads(r)["bucket"] == [96, 160]
+    ][:2]
     one_bucket = tmp_path / "latents"
     one_bucket.mkdir()
     for row in rows:
@@ -722,7 +835,9 @@ def test_compiled_unet_trains_and_saves_plain_key_names(project, tmp_path):
     (one_bucket / "manifest.jsonl").write_text("\n".join(rows) + "\n")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    summary, out = train(project, tmp_path / "out", latents=one_bucket, compile=True, train_text_encoder=False, epochs=2)
+    summary, out = train(
+        project, tmp_path / "out", latents=one_bucket, compile=True, train_text_encoder=False, epochs=2
+    )
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the UNet really ran compiled
     losses = [float(r["loss"]) for r in tsv(out / "loss" / "steps.tsv")]
     assert len(losses) == summary["plan"]["steps"] == 2 and all(map(math.isfinite, losses))
@@ -734,19 +849,25 @@ def test_compiled_unet_trains_and_saves_plain_key_names(project, tmp_path):
 # ---------------------------------------------------------------- scale: data parallel processes
 
 
-@pytest.mark.parametrize("mode, saved, launch", [("full", "unet.safetensors", "num_processes"),
-                                                ("lora", "lora.safetensors", "accelerate_config")])
+@pytest.mark.parametrize(
+    "mode, saved, launch",
+    [("full", "unet.safetensors", "num_processes"), ("lora", "lora.safetensors", "accelerate_config")],
+)
 def test_two_processes_share_the_batches_and_save_once(project, tmp_path, mode, saved, launch):
     recorder = Recorder()
     if launch == "num_processes":
         how: dict[str, Any] = {"num_processes": 2}
     else:  # a file as `accelerate config` writes it, relative to the project
-        (project / "accelerate.yaml").write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\n"
-                                                 "mixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\nuse_cpu: true\n")
+        (project / "accelerate.yaml").write_text(
+            "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\n"
+            "mixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\nuse_cpu: true\n"
+        )
         how = {"accelerate_config": "accelerate.yaml"}
     summary, out = train(project, tmp_path, recorder, epochs=2, train_text_encoder=False, mode=mode, **how)
-    one = finetune.plan(finetune.load_examples(project / "data" / "latents-small", project / "data" / "captions", 1),
-                        finetune.Params(**{**BASE, "epochs": 2}))
+    one = finetune.plan(
+        finetune.load_examples(project / "data" / "latents-small", project / "data" / "captions", 1),
+        finetune.Params(**{**BASE, "epochs": 2}),
+    )
     assert summary["processes"] == 2
     assert summary["plan"]["steps_per_epoch"] == -(-one["steps_per_epoch"] // 2)  # each process: half the batches
     assert summary["optimizer_steps_taken"] == summary["plan"]["optimizer_steps"]
@@ -769,8 +890,14 @@ def test_an_accelerate_config_sets_the_launch_and_refuses_what_is_not_supported(
         path.write_text(text)
         return path
 
-    got = read_accelerate_config(config("distributed_type: MULTI_GPU\nnum_processes: 4\ngpu_ids: 0,1,2,3\nmain_process_port: 29511\n"
-                                        "mixed_precision: bf16\n"), 1, "bf16")
+    got = read_accelerate_config(
+        config(
+            "distributed_type: MULTI_GPU\nnum_processes: 4\ngpu_ids: 0,1,2,3\nmain_process_port: 29511\n"
+            "mixed_precision: bf16\n"
+        ),
+        1,
+        "bf16",
+    )
     assert got == LaunchConfig(processes=4, port=29511, gpu_ids="0,1,2,3")
     assert read_accelerate_config(config("num_processes: 2\ngpu_ids: all\n"), 2, "no") == LaunchConfig(processes=2)
     refused = {

@@ -21,7 +21,19 @@ from stages.ingest import Params, folder_convention
 from tests.helpers import RecordingPublisher
 from tests.helpers import run_ingest as ingest
 
-MANIFEST_KEYS = ["id", "file", "source", "width", "height", "repeats", "class_token", "caption", "caption_source", "pixel_hash", "tile"]
+MANIFEST_KEYS = [
+    "id",
+    "file",
+    "source",
+    "width",
+    "height",
+    "repeats",
+    "class_token",
+    "caption",
+    "caption_source",
+    "pixel_hash",
+    "tile",
+]
 
 
 def picture(path: Path, size: tuple[int, int] = (24, 16), seed: int = 0, **save: Any) -> Image.Image:
@@ -54,7 +66,11 @@ def test_manifest_layout_captions_and_repeats(dataset: Path, tmp_path: Path) -> 
     summary, out = ingest(dataset, tmp_path / "work")
     rows = read_jsonl(out / "manifest.jsonl")
     assert [r["source"] for r in rows] == [
-        "3_shapes/nested/two.png", "3_shapes/one.png", "a red circle.jpg", "b.png", "misc/c.png",
+        "3_shapes/nested/two.png",
+        "3_shapes/one.png",
+        "a red circle.jpg",
+        "b.png",
+        "misc/c.png",
     ]
     assert all(list(r) == MANIFEST_KEYS for r in rows)
     by_source = {r["source"]: r for r in rows}
@@ -63,7 +79,10 @@ def test_manifest_layout_captions_and_repeats(dataset: Path, tmp_path: Path) -> 
     assert by_source["3_shapes/nested/two.png"]["caption"] == "star"  # BOM and whitespace stripped
     assert by_source["a red circle.jpg"]["caption"] is None and by_source["a red circle.jpg"]["caption_source"] is None
     assert (by_source["3_shapes/one.png"]["repeats"], by_source["3_shapes/one.png"]["class_token"]) == (3, "shapes")
-    assert (by_source["3_shapes/nested/two.png"]["repeats"], by_source["3_shapes/nested/two.png"]["class_token"]) == (3, "shapes")
+    assert (by_source["3_shapes/nested/two.png"]["repeats"], by_source["3_shapes/nested/two.png"]["class_token"]) == (
+        3,
+        "shapes",
+    )
     assert (by_source["misc/c.png"]["repeats"], by_source["misc/c.png"]["class_token"]) == (1, "")
     assert (by_source["3_shapes/one.png"]["width"], by_source["3_shapes/one.png"]["height"]) == (16, 32)
     for r in rows:
@@ -71,7 +90,9 @@ def test_manifest_layout_captions_and_repeats(dataset: Path, tmp_path: Path) -> 
         img = Image.open(out / r["file"])
         assert img.format == "PNG" and img.mode == "RGB" and img.size == (r["width"], r["height"])
     # Lossless sources come through pixel-exact.
-    assert np.array_equal(np.asarray(Image.open(out / by_source["b.png"]["file"])), np.asarray(picture(tmp_path / "x.png", seed=1)))
+    assert np.array_equal(
+        np.asarray(Image.open(out / by_source["b.png"]["file"])), np.asarray(picture(tmp_path / "x.png", seed=1))
+    )
 
     assert summary["items"] == 5 and summary["kept"] == 5 and summary["computed"] == 5 and summary["reused"] == 0
     assert summary["rejects"] == 0 and summary["duplicates"] == 0 and summary["captions"] == 2
@@ -207,7 +228,9 @@ def test_output_names_never_come_from_user_names(tmp_path: Path) -> None:
     assert after == before  # nothing written next to the source
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     rows = read_jsonl(out / "manifest.jsonl")
-    assert written == sorted(["dropped.jsonl", "duplicates.jsonl", "manifest.jsonl", "rejects.jsonl", *(r["file"] for r in rows)])
+    assert written == sorted(
+        ["dropped.jsonl", "duplicates.jsonl", "manifest.jsonl", "rejects.jsonl", *(r["file"] for r in rows)]
+    )
     for r in rows:
         assert r["file"] == f"images/{r['id']}.png" and all(c in "0123456789abcdef" for c in r["id"])
     assert {r["source"] for r in rows} == {"a/b/x\\..\\..\\evil.png", "a/b/~evil..png", "1_.."}

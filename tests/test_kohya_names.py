@@ -48,7 +48,10 @@ def test_real_configs_build_the_real_sized_unets(real_keys: dict[str, list[str]]
         ("down_blocks.0.resnets.1.time_emb_proj", "input_blocks.2.0.emb_layers.1"),
         ("down_blocks.0.downsamplers.0.conv", "input_blocks.3.0.op"),
         ("down_blocks.1.resnets.0.conv_shortcut", "input_blocks.4.0.skip_connection"),
-        ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_q"),
+        (
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+        ),
         ("down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2", "input_blocks.8.1.transformer_blocks.9.ff.net.2"),
         ("mid_block.resnets.0.conv2", "middle_block.0.out_layers.3"),
         ("mid_block.attentions.0.proj_in", "middle_block.1.proj_in"),
@@ -56,7 +59,10 @@ def test_real_configs_build_the_real_sized_unets(real_keys: dict[str, list[str]]
         ("up_blocks.0.resnets.2.conv1", "output_blocks.2.0.in_layers.2"),
         ("up_blocks.0.attentions.2.proj_out", "output_blocks.2.1.proj_out"),
         ("up_blocks.0.upsamplers.0.conv", "output_blocks.2.2.conv"),
-        ("up_blocks.1.attentions.0.transformer_blocks.1.attn2.to_out.0", "output_blocks.3.1.transformer_blocks.1.attn2.to_out.0"),
+        (
+            "up_blocks.1.attentions.0.transformer_blocks.1.attn2.to_out.0",
+            "output_blocks.3.1.transformer_blocks.1.attn2.to_out.0",
+        ),
         ("up_blocks.2.resnets.2.conv2", "output_blocks.8.0.out_layers.3"),
         ("conv_in", "input_blocks.0.0"),
     ],
@@ -77,12 +83,17 @@ def _ldm_to_diffusers(arch: str, sgm_modules: list[str]) -> dict[str, str]:
     config = {k: v for k, v in load_real_config(arch).items() if not k.startswith("_")}  # type: ignore[arg-type]
     checkpoint = {}
     for i, m in enumerate(sgm_modules):  # weight i marks module i; biases are -1
-        checkpoint |= {f"model.diffusion_model.{m}.weight": torch.tensor([float(i)]), f"model.diffusion_model.{m}.bias": torch.tensor([-1.0])}
+        checkpoint |= {
+            f"model.diffusion_model.{m}.weight": torch.tensor([float(i)]),
+            f"model.diffusion_model.{m}.bias": torch.tensor([-1.0]),
+        }
     # the top-level layers the converter copies unconditionally (not LoRA targets)
     for top in ("time_embed.0", "time_embed.2", "label_emb.0.0", "label_emb.0.2", "input_blocks.0.0", "out.0", "out.2"):
         checkpoint |= {f"model.diffusion_model.{top}.{p}": torch.tensor([-1.0]) for p in ("weight", "bias")}
     converted = convert_ldm_unet_checkpoint(checkpoint, config)
-    by_index = {int(v.item()): k for k, v in converted.items() if k.endswith(".weight") and v.numel() == 1 and v.item() >= 0}
+    by_index = {
+        int(v.item()): k for k, v in converted.items() if k.endswith(".weight") and v.numel() == 1 and v.item() >= 0
+    }
     return {m: by_index[i][: -len(".weight")] for i, m in enumerate(sgm_modules) if i in by_index}
 
 
@@ -134,7 +145,7 @@ def test_diffusers_lora_key_converter_maps_every_real_name_back(arch: str, real_
     converted, alphas = _convert_non_diffusers_lora_to_diffusers(state)
     got = set()
     for key in converted:
-        module = key[len("unet."):].split(".lora")[0].split("_lora")[0]
+        module = key[len("unet.") :].split(".lora")[0].split("_lora")[0]
         got.add(module.replace(".processor", "").replace("to_out", "to_out.0") if "processor" in module else module)
     assert len(alphas) == len(names)
     # diffusers' legacy attention spelling (`attn1.processor.to_q_lora`) aside, every module comes back
@@ -146,14 +157,16 @@ def test_tiny_sdxl_layout_matches_its_config_and_keys() -> None:
     unet = tiny.build_tiny_sdxl(0)["unet"]
     keys = list(unet.state_dict())
     assert layout_from_config(unet.config) == layout_from_keys(keys) == UnetLayout(2, (False, True), (True, False))
-    assert kohya_unet_name("down_blocks.1.attentions.1.transformer_blocks.1.attn1.to_k", "sgm", layout_from_keys(keys)) == (
-        "lora_unet_input_blocks_5_1_transformer_blocks_1_attn1_to_k"
-    )
+    assert kohya_unet_name(
+        "down_blocks.1.attentions.1.transformer_blocks.1.attn1.to_k", "sgm", layout_from_keys(keys)
+    ) == ("lora_unet_input_blocks_5_1_transformer_blocks_1_attn1_to_k")
 
 
 def test_bad_inputs_name_the_argument() -> None:
     with pytest.raises(ValueError, match="`layers_per_block`"):
-        layout_from_config({"layers_per_block": [2, 2], "down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"]})
+        layout_from_config(
+            {"layers_per_block": [2, 2], "down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"]}
+        )
     with pytest.raises(ValueError, match="`module`"):
         sgm_module_name("time_proj.weight", SDXL)
     with pytest.raises(ValueError, match="`module`.*layout"):

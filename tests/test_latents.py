@@ -74,7 +74,9 @@ def dataset(tmp_path: Path) -> Path:
     return write_images(tmp_path / "src")
 
 
-def latents(images: Path, work: Path, state_dir: Path, model: ModelParams = SDXL, **params: Any) -> tuple[dict[str, Any], Path]:
+def latents(
+    images: Path, work: Path, state_dir: Path, model: ModelParams = SDXL, **params: Any
+) -> tuple[dict[str, Any], Path]:
     """Run the stage as the runner would: a fresh output folder, a store that persists in `work`."""
     out = work / "latents"
     shutil.rmtree(out, ignore_errors=True)
@@ -95,7 +97,14 @@ def tensors(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("resolution", "step", "lo", "hi"),
-    [(128, 32, 64, 256), (128, 8, 32, 512), (512, 64, 256, 1024), (1024, 64, 512, 2048), (1024, 32, 256, 4096), (128, 32, 40, 250)],
+    [
+        (128, 32, 64, 256),
+        (128, 8, 32, 512),
+        (512, 64, 256, 1024),
+        (1024, 64, 512, 2048),
+        (1024, 32, 256, 4096),
+        (128, 32, 40, 250),
+    ],
 )
 def test_make_buckets(resolution: int, step: int, lo: int, hi: int) -> None:
     buckets = make_buckets(resolution, step, lo, hi)
@@ -124,7 +133,7 @@ def test_make_buckets_sdxl_matches_kohya() -> None:
 
 def test_select_bucket() -> None:
     buckets = make_buckets(128, 32, 64, 256)
-    for (size, bucket) in IMAGES.values():
+    for size, bucket in IMAGES.values():
         assert select_bucket(*size, buckets, 128, 32) == bucket
     assert select_bucket(2000, 1000, buckets, 128, 32) == (160, 96)  # 2.0: 1.67 is closer than 3.0 (in log space)
     assert select_bucket(1000, 3000, buckets, 128, 32) == (64, 192)
@@ -202,7 +211,10 @@ def test_flip_doubles_items_with_mirrored_latents(dataset: Path, tmp_path: Path,
     images = ingest(dataset, work, state_dir)
     latents(images, work, state_dir)
     summary, out = latents(images, work, state_dir, flip=True)
-    assert summary["items"] == 8 and (summary["computed"], summary["reused"]) == (4, 4)  # only the mirrored ones are new
+    assert summary["items"] == 8 and (summary["computed"], summary["reused"]) == (
+        4,
+        4,
+    )  # only the mirrored ones are new
     rows = read_jsonl(out / "manifest.jsonl")
     assert [r["flip"] for r in rows] == [False, True] * 4
     vae = load_vae(resolve_model(SDXL, state_dir), torch.device("cpu"))
@@ -246,7 +258,9 @@ def test_another_vae_re_encodes_everything(dataset: Path, tmp_path: Path, state_
     assert (summary["computed"], summary["reused"]) == (0, 4)  # the SDXL entries are still there
 
 
-def test_vae_identity_is_its_weights_not_its_name(dataset: Path, tmp_path: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vae_identity_is_its_weights_not_its_name(
+    dataset: Path, tmp_path: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import loraforge.models
 
     work = tmp_path / "work"
@@ -280,7 +294,9 @@ def test_upscale_settings_reach_the_latent_keys(tmp_path: Path, state_dir: Path)
     for min_side in (150, 160, 150):
         shutil.rmtree(up, ignore_errors=True)
         up.mkdir()
-        upscale_stage.run(upscale_stage.Params(model=SDXL, min_side=min_side), Paths(images=images), Paths(images=up), env)
+        upscale_stage.run(
+            upscale_stage.Params(model=SDXL, min_side=min_side), Paths(images=images), Paths(images=up), env
+        )
         summary, out = latents(up, work, state_dir)
         buckets.append(read_jsonl(out / "manifest.jsonl")[0]["bucket"])
         if min_side == 160:
@@ -306,5 +322,7 @@ def test_params_are_validated(repo_root: Path) -> None:
 
 
 def test_min_bucket_above_max_bucket_is_refused_by_name():
-    with pytest.raises(pydantic.ValidationError, match=r"`latents.min_bucket` \(512\) must not exceed `latents.max_bucket` \(256\)"):
+    with pytest.raises(
+        pydantic.ValidationError, match=r"`latents.min_bucket` \(512\) must not exceed `latents.max_bucket` \(256\)"
+    ):
         Params(model=SDXL, min_bucket=512, max_bucket=256)

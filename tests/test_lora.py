@@ -458,7 +458,9 @@ def test_kohya_keys_look_right(case: Case) -> None:
         assert "lora_unet_input_blocks_5_1_transformer_blocks_1_attn2_to_v" in names
         assert "lora_unet_input_blocks_3_0_op" in names and "lora_unet_output_blocks_2_2_conv" in names
         assert "lora_unet_middle_block_1_proj_in" in names and "lora_unet_middle_block_2_emb_layers_1" in names
-        assert not any(n.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for n in names)
+        assert not any(
+            n.startswith(("lora_unet_down_blocks", "lora_unet_up_blocks", "lora_unet_mid_block")) for n in names
+        )
 
 
 def test_full_rank_lora_applied_to_base_gives_tuned(case: Case) -> None:
@@ -577,7 +579,10 @@ def test_lora_targets_name_each_architecture_as_kohya(components: dict[str, dict
 
 def test_modelspec_metadata() -> None:
     meta = L.modelspec_metadata("sdxl", "my-lora", date="2026-01-02T03:04:05+00:00", description="d")
-    assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert (
+        meta["modelspec.sai_model_spec"] == "1.0.0"
+        and meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    )
     assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert meta["modelspec.resolution"] == "1024x1024" and meta["modelspec.title"] == "my-lora"
     assert meta["modelspec.date"] == "2026-01-02T03:04:05+00:00" and meta["modelspec.description"] == "d"
@@ -593,14 +598,21 @@ def test_sshs_hashes_follow_kohya_and_ignore_metadata(tmp_path: Path) -> None:
 
     from safetensors.torch import save
 
-    tensors = {"lora_unet_a.lora_down.weight": torch.randn(4, 300_000, generator=_gen(20)), "lora_unet_a.alpha": torch.tensor(4.0)}
+    tensors = {
+        "lora_unet_a.lora_down.weight": torch.randn(4, 300_000, generator=_gen(20)),
+        "lora_unet_a.alpha": torch.tensor(4.0),
+    }
     a = L.save_lora(tmp_path / "a.safetensors", tensors, {"ss_network_dim": "4"})
-    b = L.save_lora(tmp_path / "b.safetensors", tensors, {"ss_network_dim": "4", "ss_note": "other metadata", "modelspec.title": "b"})
+    b = L.save_lora(
+        tmp_path / "b.safetensors",
+        tensors,
+        {"ss_network_dim": "4", "ss_note": "other metadata", "modelspec.title": "b"},
+    )
     _, meta_a = L.load_lora(a)
     _, meta_b = L.load_lora(b)
     # kohya: sha256 of the bytes after the header of safetensors.torch.save(tensors); legacy: 64 KiB at 1 MiB
     data = save(tensors, {"ss_network_dim": "4"})
-    body = data[8 + int.from_bytes(data[:8], "little"):]
+    body = data[8 + int.from_bytes(data[:8], "little") :]
     assert meta_a["sshs_model_hash"] == meta_b["sshs_model_hash"] == hashlib.sha256(body).hexdigest()
     assert meta_a["sshs_legacy_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     assert meta_b["sshs_legacy_hash"] != meta_a["sshs_legacy_hash"]  # the header (ss_ metadata) shifts the window

@@ -82,7 +82,9 @@ def test_common_words_are_one_or_two_tokens() -> None:
 
 
 def test_tokenizer_script_reproduces_committed_files(tmp_path: Path, repo_root: Path) -> None:
-    spec = importlib.util.spec_from_file_location("make_tiny_tokenizer", repo_root / "scripts" / "make_tiny_tokenizer.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_tiny_tokenizer", repo_root / "scripts" / "make_tiny_tokenizer.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.write(tmp_path, script.VOCAB_SIZE)
@@ -193,10 +195,20 @@ def test_hub_id_offline_fails_with_model_base(tmp_path: Path) -> None:
 
 def test_hub_patterns_skip_variants_and_other_formats() -> None:
     patterns = hub_patterns(("unet", "tokenizer"), pickle=False)
-    wanted = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-              "unet/diffusion_pytorch_model-00001-of-00002.safetensors", "tokenizer/merges.txt"]
-    unwanted = ["unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin",
-                "unet/model.onnx", "vae/config.json", "safety_checker/model.safetensors"]
+    wanted = [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "tokenizer/merges.txt",
+    ]
+    unwanted = [
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "unet/model.onnx",
+        "vae/config.json",
+        "safety_checker/model.safetensors",
+    ]
     assert all(any(fnmatch(f, p) for p in patterns) for f in wanted)
     assert not any(fnmatch(f, p) for f in unwanted for p in patterns)
 
@@ -240,7 +252,9 @@ def test_weight_files_follow_shard_index_and_skip_variants(sd15_copy: Path, tmp_
 # --- hashes ----------------------------------------------------------------------------------
 
 
-def test_component_hash_is_cached_and_tracks_weights(sd15_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_component_hash_is_cached_and_tracks_weights(
+    sd15_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     state = tmp_path / "state"
     info = resolve_model(ModelParams(base=str(sd15_copy)), state)
     reads: list[Path] = []

@@ -34,7 +34,9 @@ def test_first_repro_builds_a_kohya_lora_and_every_report(project):
         keys, meta = list(f.keys()), f.metadata()
     assert keys and all(k.startswith(("lora_unet_", "lora_te1_", "lora_te2_")) for k in keys)
     assert {k.rsplit(".", 2)[-2] + "." + k.rsplit(".", 1)[-1] for k in keys if not k.endswith(".alpha")} == {
-        "lora_down.weight", "lora_up.weight"}
+        "lora_down.weight",
+        "lora_up.weight",
+    }
     assert any(k.startswith("lora_te1_") for k in keys), "text encoder was trained and must be extracted"
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_network_dim"] == "8"
     assert (project / "reports" / "eval" / "index.html").is_file()

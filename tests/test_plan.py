@@ -90,7 +90,9 @@ def test_strength_and_lr_002() -> None:
 def test_scheduler_multipliers_002() -> None:
     # "constant - 1, linear/cosine/cosine_with_restarts-2, polynomial - ~2"
     assert p.scheduler_steps(1000, "constant") == 1000
-    assert [p.scheduler_steps(1000, s) for s in ("linear", "cosine", "cosine_with_restarts", "polynomial")] == [2000] * 4
+    assert [p.scheduler_steps(1000, s) for s in ("linear", "cosine", "cosine_with_restarts", "polynomial")] == [
+        2000
+    ] * 4
     with pytest.raises(ValueError, match="`lr_scheduler` must be one of"):
         p.scheduler_steps(1000, "step")
 
@@ -100,8 +102,19 @@ def test_scheduler_multipliers_002() -> None:
 
 def test_build_plan_applies_every_formula() -> None:
     rows = [{"repeats": 2}] * 5 + [{"repeats": 1}] * 5
-    plan = p.build_plan(rows, repeats=1, batch=2, ga=1, epochs=9, lr=1e-6, text_encoder=True, scheduler="cosine",
-                        resolution=768, base_resolution=512, target_steps=3500)
+    plan = p.build_plan(
+        rows,
+        repeats=1,
+        batch=2,
+        ga=1,
+        epochs=9,
+        lr=1e-6,
+        text_encoder=True,
+        scheduler="cosine",
+        resolution=768,
+        base_resolution=512,
+        target_steps=3500,
+    )
     assert plan["images"] == 10 and plan["samples_per_epoch"] == 15
     assert plan["steps_000"]["steps"] == 15 / 2 * 9 and plan["steps_000"]["kohya_steps"] == 8 * 9
     assert plan["steps_000"]["repeats_for_target"] == p.repeats_for_steps(3500, 10, 9, 2)
@@ -114,7 +127,18 @@ def test_build_plan_applies_every_formula() -> None:
     assert {"section": "dreambooth_002", "quantity": "rc", "value": 2.25} in rows_table
     assert "[steps_000]" in p.format_table(rows_table)
     with pytest.raises(ValueError, match="holds no images"):
-        p.build_plan([], repeats=1, batch=1, ga=1, epochs=1, lr=1e-6, text_encoder=False, scheduler="constant", resolution=512, base_resolution=512)
+        p.build_plan(
+            [],
+            repeats=1,
+            batch=1,
+            ga=1,
+            epochs=1,
+            lr=1e-6,
+            text_encoder=False,
+            scheduler="constant",
+            resolution=512,
+            base_resolution=512,
+        )
 
 
 def test_plan_command_writes_reports_plan_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -33,7 +33,9 @@ def test_pipeline_declares_the_eight_stages_in_order():
 
 
 def test_committed_dvc_yaml_is_not_stale():
-    result = subprocess.run([sys.executable, "-m", "loraforge", "sync-dvc", "--check"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "loraforge", "sync-dvc", "--check"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -45,7 +47,9 @@ def test_sync_dvc_check_detects_a_stale_file(tmp_path):
     spec["stages"]["resize"]["params"].append("model")
     (project / "pipeline.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     assert not sync(project, check=True)
-    result = subprocess.run([sys.executable, "-m", "loraforge", "sync-dvc", "--check"], cwd=project, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "loraforge", "sync-dvc", "--check"], cwd=project, capture_output=True, text=True
+    )
     assert result.returncode == 1 and "stale" in result.stderr
 
 
@@ -138,7 +142,9 @@ def test_bad_params_stop_the_stage_command_before_any_work(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["ingest"]["max_reject_ratio"] = -0.5
     project = make_project(tmp_path, params)
-    result = subprocess.run([sys.executable, "-m", "loraforge", "stage", "ingest"], cwd=project, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "loraforge", "stage", "ingest"], cwd=project, capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "ingest.max_reject_ratio" in result.stderr and "-0.5" in result.stderr
     assert not (project / "data").exists() and not (project / "reports").exists()

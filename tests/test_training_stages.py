@@ -24,9 +24,15 @@ PREP = ["ingest", "upscale", "caption", "latents"]
 def sd15(tmp_path_factory) -> Path:
     """A project on tiny SD1.5 with data prepared and finetune/extract/resize/evaluate run once."""
     project = make_project(tmp_path_factory.mktemp("sd15") / "p", git=False)
-    set_params(project, {"model": {"base": "builtin:tiny-sd15"},
-                         "finetune": {"epochs": 2, "save_every_n_epochs": 1, "save_dtype": "float32"},
-                         "extract": {"save_dtype": "float32"}, "resize": {"save_dtype": "float32"}})
+    set_params(
+        project,
+        {
+            "model": {"base": "builtin:tiny-sd15"},
+            "finetune": {"epochs": 2, "save_every_n_epochs": 1, "save_dtype": "float32"},
+            "extract": {"save_dtype": "float32"},
+            "resize": {"save_dtype": "float32"},
+        },
+    )
     for stage in [*PREP, "finetune", "extract", "resize", "evaluate"]:
         run_stage(project, stage)
     return project
@@ -84,7 +90,9 @@ def test_finetune_saves_a_checkpoint_per_epoch_that_moved_from_the_base(sd15):
     tuned = load_file(str(ckpts[-1] / "unet.safetensors"))
     assert base.keys() == tuned.keys()
     assert max((tuned[k] - base[k]).abs().max().item() for k in base) > 1e-4
-    assert (ckpts[-1] / "text_encoder.safetensors").is_file() and not (ckpts[-1] / "text_encoder_2.safetensors").exists()
+    assert (ckpts[-1] / "text_encoder.safetensors").is_file() and not (
+        ckpts[-1] / "text_encoder_2.safetensors"
+    ).exists()
     steps = (sd15 / "reports" / "finetune" / "steps.tsv").read_text().splitlines()
     r = report(sd15, "finetune")
     assert steps[0].split("\t") == ["step", "epoch", "loss", "lr"] and len(steps) - 1 == r["plan"]["steps"]
@@ -192,8 +200,17 @@ def test_extracted_lora_loads_in_diffusers_and_matters_only_at_weight_one(sd15):
     pipe = load_pipeline(info, torch.device("cpu"))
 
     def image(**kw):
-        return torch.from_numpy(pipe("lfxstyle", num_inference_steps=2, width=64, height=64, output_type="np",
-                                     generator=torch.Generator().manual_seed(0), **kw).images)
+        return torch.from_numpy(
+            pipe(
+                "lfxstyle",
+                num_inference_steps=2,
+                width=64,
+                height=64,
+                output_type="np",
+                generator=torch.Generator().manual_seed(0),
+                **kw,
+            ).images
+        )
 
     base = image()
     pipe.load_lora_weights(str(sd15 / "models"), weight_name="lora.safetensors", adapter_name="shipped")

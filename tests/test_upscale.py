@@ -99,7 +99,9 @@ def test_small_images_reach_min_side_and_big_ones_pass_through(ingested: Path, t
             # Downstream caches key on pixel_hash, so it must describe the upscaled pixels.
             assert row["pixel_hash"] == pixel_hash(img.convert("RGB"))
         assert row["pixel_hash"] != before[name]["pixel_hash"]
-        assert {k: row[k] for k in ("id", "file", "caption", "repeats")} == {k: before[name][k] for k in ("id", "file", "caption", "repeats")}
+        assert {k: row[k] for k in ("id", "file", "caption", "repeats")} == {
+            k: before[name][k] for k in ("id", "file", "caption", "repeats")
+        }
     # Images at or above min_side are never touched, never downscaled: the very same file.
     for name in ("edge.png", "big.png"):
         row = rows[name]
@@ -107,7 +109,14 @@ def test_small_images_reach_min_side_and_big_ones_pass_through(ingested: Path, t
         assert (row["width"], row["height"]) == SIZES[name]
         src, dst = ingested / row["file"], out / row["file"]
         assert src.stat().st_ino == dst.stat().st_ino or src.read_bytes() == dst.read_bytes()
-    assert summary == {"items": 4, "computed": 2, "reused": 0, "passed_through": 2, "min_side": 100, "method": "lanczos"}
+    assert summary == {
+        "items": 4,
+        "computed": 2,
+        "reused": 0,
+        "passed_through": 2,
+        "min_side": 100,
+        "method": "lanczos",
+    }
 
 
 def test_default_min_side_is_the_models_native_resolution(ingested: Path, tmp_path: Path, state_dir: Path) -> None:
@@ -196,7 +205,9 @@ def test_model_upscale_lands_on_min_side_and_tiles_seamlessly(scale: int) -> Non
     assert np.array_equal(np.asarray(whole), np.asarray(tiled))
 
 
-def test_model_method_with_a_stand_in_network(ingested: Path, tmp_path: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_method_with_a_stand_in_network(
+    ingested: Path, tmp_path: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import stages.upscale as upscale_module
 
     loads: list[Path] = []

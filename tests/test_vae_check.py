@@ -45,7 +45,7 @@ def test_window_mse_matches_a_brute_force_mean_at_every_position() -> None:
     assert means.shape == (9, 13)
     for top in range(9):
         for left in range(13):
-            assert means[top, left] == pytest.approx(error[top:top + 5, left:left + 5].mean())
+            assert means[top, left] == pytest.approx(error[top : top + 5, left : left + 5].mean())
 
 
 def test_worst_window_finds_the_damaged_patch_and_its_psnr() -> None:
@@ -67,7 +67,7 @@ def test_the_sheet_is_original_reconstruction_and_error_enlarged() -> None:
     sheet = side_by_side(original, Image.fromarray(changed), (0, 0, 32, 32))
     scale = 6  # 32 px enlarged to at least 192
     assert sheet.size == (3 * 32 * scale + 8, 32 * scale)
-    panel = lambda i: np.asarray(sheet)[:, i * (32 * scale + 4): i * (32 * scale + 4) + 32 * scale]  # noqa: E731
+    panel = lambda i: np.asarray(sheet)[:, i * (32 * scale + 4) : i * (32 * scale + 4) + 32 * scale]  # noqa: E731
     assert np.array_equal(panel(0)[::scale, ::scale], np.asarray(original)[:32, :32])
     assert np.array_equal(panel(1)[::scale, ::scale], changed[:32, :32])
     error = panel(2)[::scale, ::scale, 0]
@@ -83,7 +83,9 @@ def dataset(tmp_path: Path) -> Path:
     return write_images(tmp_path / "src")
 
 
-def latents(images: Path, work: Path, state_dir: Path, publish: Any = None, **params: Any) -> tuple[dict[str, Any], Path, Path]:
+def latents(
+    images: Path, work: Path, state_dir: Path, publish: Any = None, **params: Any
+) -> tuple[dict[str, Any], Path, Path]:
     out, check = work / "latents", work / "vae_check"
     for folder in (out, check):
         shutil.rmtree(folder, ignore_errors=True)
@@ -96,7 +98,9 @@ def latents(images: Path, work: Path, state_dir: Path, publish: Any = None, **pa
     return summary, out, check
 
 
-def test_psnr_per_image_is_decode_of_the_cached_latent_against_its_crop(dataset: Path, tmp_path: Path, state_dir: Path) -> None:
+def test_psnr_per_image_is_decode_of_the_cached_latent_against_its_crop(
+    dataset: Path, tmp_path: Path, state_dir: Path
+) -> None:
     work = tmp_path / "work"
     images = ingest(dataset, work, state_dir)
     publish = RecordingPublisher()
@@ -121,7 +125,9 @@ def test_psnr_per_image_is_decode_of_the_cached_latent_against_its_crop(dataset:
     assert section["mean_psnr_db"] == pytest.approx(sum(dbs) / 4, abs=0.01)
     # The worst two are on disk, named by rank, listed in index.json and the report.
     assert [w["id"] for w in section["worst"]] == [e["id"] for e in section["per_image"][:2]]
-    assert sorted(p.name for p in check.iterdir()) == sorted(["index.json", *[Path(w["sheet"]).name for w in section["worst"]]])
+    assert sorted(p.name for p in check.iterdir()) == sorted(
+        ["index.json", *[Path(w["sheet"]).name for w in section["worst"]]]
+    )
     assert json.loads((check / "index.json").read_text()) == section
     for w in section["worst"]:
         with Image.open(check / Path(w["sheet"]).name) as sheet:
@@ -129,7 +135,9 @@ def test_psnr_per_image_is_decode_of_the_cached_latent_against_its_crop(dataset:
     assert [r["source"] for r in publish.tables["vae-reconstruction"]] == [e["source"] for e in section["per_image"]]
 
 
-def test_the_check_reruns_only_for_new_images_and_a_changed_window(dataset: Path, tmp_path: Path, state_dir: Path) -> None:
+def test_the_check_reruns_only_for_new_images_and_a_changed_window(
+    dataset: Path, tmp_path: Path, state_dir: Path
+) -> None:
     work = tmp_path / "work"
     images = ingest(dataset, work, state_dir)
     first = latents(images, work, state_dir)[0]["vae_check"]
@@ -145,10 +153,14 @@ def test_the_check_reruns_only_for_new_images_and_a_changed_window(dataset: Path
 
     wider = latents(images, work, state_dir, vae_check_window=48)[0]
     assert (wider["computed"], wider["vae_check"]["computed"]) == (0, 5)  # latents reused, windows measured again
-    assert {e["psnr_db"] for e in wider["vae_check"]["per_image"]} == {e["psnr_db"] for e in more["vae_check"]["per_image"]}
+    assert {e["psnr_db"] for e in wider["vae_check"]["per_image"]} == {
+        e["psnr_db"] for e in more["vae_check"]["per_image"]
+    }
 
 
-def test_off_by_default_writes_an_empty_index_and_decodes_nothing(dataset: Path, tmp_path: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_off_by_default_writes_an_empty_index_and_decodes_nothing(
+    dataset: Path, tmp_path: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import stages.latents as latents_stage
 
     def fail(*args: Any) -> None:
@@ -162,16 +174,24 @@ def test_off_by_default_writes_an_empty_index_and_decodes_nothing(dataset: Path,
 
 
 def test_the_evaluation_page_shows_the_worst_sheets_with_their_psnr() -> None:
-    report = {"vae_check": {"images": 5, "mean_psnr_db": 21.5, "worst": [
-        {"source": "cat.png", "psnr_db": 12.25, "worst_window_psnr_db": 8.5, "sheet": "vae_check/01-abc.png"}]}}
+    report = {
+        "vae_check": {
+            "images": 5,
+            "mean_psnr_db": 21.5,
+            "worst": [
+                {"source": "cat.png", "psnr_db": 12.25, "worst_window_psnr_db": 8.5, "sheet": "vae_check/01-abc.png"}
+            ],
+        }
+    }
     html = evaluate.vae_section(report)
     assert "What the VAE loses" in html and 'src="../vae_check/01-abc.png"' in html
     assert "cat.png: 12.25 dB (worst window 8.5 dB)" in html and "21.5 dB over 5 images" in html
     assert evaluate.vae_section({"vae_check": {"worst": []}}) == "" and evaluate.vae_section({}) == ""
 
 
-def test_a_cold_run_reads_each_image_once_for_encoding_and_checking(dataset: Path, tmp_path: Path, state_dir: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cold_run_reads_each_image_once_for_encoding_and_checking(
+    dataset: Path, tmp_path: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import stages.latents as latents_stage
 
     real, calls = latents_stage.crop_for, {"n": 0}

@@ -25,7 +25,8 @@ class EMA:
         self.decay = decay
         self.components = components
         self.shadow: dict[str, dict[str, torch.Tensor]] = {
-            name: {k: p.detach().float().clone() for k, p in m.named_parameters() if p.requires_grad} for name, m in components.items()
+            name: {k: p.detach().float().clone() for k, p in m.named_parameters() if p.requires_grad}
+            for name, m in components.items()
         }
 
     @torch.no_grad()

@@ -60,22 +60,31 @@ def read_accelerate_config(path: Path, param_processes: int, mixed_precision: st
         raise ValueError(f"{where}: expected a mapping of accelerate settings, got {type(config).__name__}")
     kind = str(config.get("distributed_type", "NO")).upper()
     if kind not in SUPPORTED_TYPES:
-        raise ValueError(f"{where}: `distributed_type: {kind}` is not supported; loraforge runs {', '.join(SUPPORTED_TYPES)} "
-                         "(data-parallel on one machine)")
+        raise ValueError(
+            f"{where}: `distributed_type: {kind}` is not supported; loraforge runs {', '.join(SUPPORTED_TYPES)} "
+            "(data-parallel on one machine)"
+        )
     if int(config.get("num_machines", 1)) != 1:
         raise ValueError(f"{where}: `num_machines: {config['num_machines']}`: multi-machine training is not supported")
     precision = str(config.get("mixed_precision", "no"))
     if precision not in ("no", mixed_precision):
-        raise ValueError(f"{where}: `mixed_precision: {precision}` differs from `finetune.mixed_precision: {mixed_precision}`; "
-                         "set it in params.yaml only")
+        raise ValueError(
+            f"{where}: `mixed_precision: {precision}` differs from `finetune.mixed_precision: {mixed_precision}`; "
+            "set it in params.yaml only"
+        )
     processes = int(config.get("num_processes", 1))
     if processes < 1:
         raise ValueError(f"{where}: `num_processes: {processes}` must be at least 1")
     if param_processes > 1 and processes != param_processes:
-        raise ValueError(f"{where}: `num_processes: {processes}` differs from `finetune.num_processes: {param_processes}`; set one")
+        raise ValueError(
+            f"{where}: `num_processes: {processes}` differs from `finetune.num_processes: {param_processes}`; set one"
+        )
     gpu_ids = str(config.get("gpu_ids", "all")).strip()
-    return LaunchConfig(processes=processes, port=int(config.get("main_process_port") or 0),
-                        gpu_ids=None if gpu_ids in ("all", "", "None") else gpu_ids)
+    return LaunchConfig(
+        processes=processes,
+        port=int(config.get("main_process_port") or 0),
+        gpu_ids=None if gpu_ids in ("all", "", "None") else gpu_ids,
+    )
 
 
 def free_port() -> int:
@@ -85,8 +94,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(train: Callable[..., dict[str, Any]], config: LaunchConfig, params: Any, inputs: "Paths", outputs: "Paths",
-           env: "StageEnv") -> dict[str, Any]:
+def launch(
+    train: Callable[..., dict[str, Any]],
+    config: LaunchConfig,
+    params: Any,
+    inputs: "Paths",
+    outputs: "Paths",
+    env: "StageEnv",
+) -> dict[str, Any]:
     """Run `train(params, inputs, outputs, env)` in `config.processes` processes; return the first
     process's summary.
 
@@ -104,7 +119,17 @@ def launch(train: Callable[..., dict[str, Any]], config: LaunchConfig, params: A
 
     worker_env = StageEnv(store=env.store, state_dir=env.state_dir, show_progress=env.show_progress)
     queue = mp.get_context("spawn").SimpleQueue()
-    args = (train, config.processes, config.port or free_port(), config.gpu_ids, params, inputs, outputs, worker_env, queue)
+    args = (
+        train,
+        config.processes,
+        config.port or free_port(),
+        config.gpu_ids,
+        params,
+        inputs,
+        outputs,
+        worker_env,
+        queue,
+    )
     context = mp.spawn(train_rank, args=args, nprocs=config.processes, join=False)
     messages: dict[str, Any] = {}
     try:
@@ -160,8 +185,18 @@ class QueuePublisher:
         self.queue.put(("progress", (fraction, description)))
 
 
-def train_rank(rank: int, train: Callable[..., dict[str, Any]], world: int, port: int, gpu_ids: str | None, params: Any,
-               inputs: "Paths", outputs: "Paths", env: "StageEnv", queue: Any) -> None:
+def train_rank(
+    rank: int,
+    train: Callable[..., dict[str, Any]],
+    world: int,
+    port: int,
+    gpu_ids: str | None,
+    params: Any,
+    inputs: "Paths",
+    outputs: "Paths",
+    env: "StageEnv",
+    queue: Any,
+) -> None:
     """One spawned process: join the process group as `rank` and train. The first process shows
     the bar, publishes through the queue and hands back the summary; any process's error goes
     to the queue before it is raised.
@@ -178,7 +213,9 @@ def train_rank(rank: int, train: Callable[..., dict[str, Any]], world: int, port
         env: item store, state folder (no publisher).
         queue: the messages to the parent.
     """
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     if gpu_ids is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_ids
     if rank == 0:

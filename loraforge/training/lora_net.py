@@ -30,13 +30,26 @@ class LoRAModule(nn.Module):
         module_dropout: skips the whole adapter for a step with this probability.
     """
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if isinstance(base, nn.Conv2d):
-            self.down: nn.Module = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.down: nn.Module = nn.Conv2d(
+                base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False
+            )
             self.up: nn.Module = nn.Conv2d(rank, base.out_channels, 1, bias=False)
         elif isinstance(base, nn.Linear):
-            self.down, self.up = nn.Linear(base.in_features, rank, bias=False), nn.Linear(rank, base.out_features, bias=False)
+            self.down, self.up = (
+                nn.Linear(base.in_features, rank, bias=False),
+                nn.Linear(rank, base.out_features, bias=False),
+            )
         else:
             raise TypeError(f"LoRA needs an nn.Linear or nn.Conv2d, got {type(base).__name__}")
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
@@ -80,8 +93,18 @@ class LoRANetwork(nn.Module):
         dropout, rank_dropout, module_dropout: see `LoRAModule`.
     """
 
-    def __init__(self, model: nn.Module, targets: dict[str, str], dim: int, alpha: float, conv_dim: int, conv_alpha: float,
-                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        targets: dict[str, str],
+        dim: int,
+        alpha: float,
+        conv_dim: int,
+        conv_alpha: float,
+        dropout: float = 0.0,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         layers = {}
         for module_name, kohya in targets.items():
@@ -104,7 +127,9 @@ class LoRANetwork(nn.Module):
         out = {}
         for name, m in self.layers.items():
             out[f"{name}.lora_down.weight"] = state[f"layers.{name}.down.weight"].detach()
-            out[f"{name}.lora_up.weight"] = state[f"layers.{name}.up.weight"].detach() * (m.alpha / alpha)  # loaders apply alpha/rank
+            out[f"{name}.lora_up.weight"] = state[f"layers.{name}.up.weight"].detach() * (
+                m.alpha / alpha
+            )  # loaders apply alpha/rank
             out[f"{name}.alpha"] = torch.tensor(float(alpha))
         return out
 
@@ -123,7 +148,17 @@ def add_lora(model: nn.Module, arch: str, component: str, p: Any) -> LoRANetwork
     model.requires_grad_(False)
     config = dict(model.config) if component == "unet" else None
     targets = lora_targets(arch, component, model.state_dict().keys(), conv=p.conv_dim > 0, unet_config=config)  # type: ignore[arg-type]
-    return LoRANetwork(model, targets, p.network_dim, p.network_alpha, p.conv_dim, p.conv_alpha, p.network_dropout, p.rank_dropout, p.module_dropout)
+    return LoRANetwork(
+        model,
+        targets,
+        p.network_dim,
+        p.network_alpha,
+        p.conv_dim,
+        p.conv_alpha,
+        p.network_dropout,
+        p.rank_dropout,
+        p.module_dropout,
+    )
 
 
 @torch.no_grad()

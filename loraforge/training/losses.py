@@ -45,7 +45,9 @@ class LossSettings:
     ip_noise_gamma: float = 0.0
 
 
-def offset_noise(latents: torch.Tensor, gen: torch.Generator, strength: float, random_strength: bool, adaptive_scale: float) -> torch.Tensor:
+def offset_noise(
+    latents: torch.Tensor, gen: torch.Generator, strength: float, random_strength: bool, adaptive_scale: float
+) -> torch.Tensor:
     """(B, C, 1, 1) per-channel constant noise: it lets the model shift overall brightness.
 
     Args:
@@ -58,7 +60,9 @@ def offset_noise(latents: torch.Tensor, gen: torch.Generator, strength: float, r
     b, c = latents.shape[:2]
     s: Any = strength * torch.rand(1, generator=gen).item() if random_strength else strength
     if adaptive_scale:
-        s = (s + adaptive_scale * latents.float().mean(dim=(2, 3), keepdim=True).abs().cpu()).clamp(min=0)  # (B, C, 1, 1)
+        s = (s + adaptive_scale * latents.float().mean(dim=(2, 3), keepdim=True).abs().cpu()).clamp(
+            min=0
+        )  # (B, C, 1, 1)
     return s * torch.randn(b, c, 1, 1, generator=gen)
 
 
@@ -136,11 +140,15 @@ def make_noise(latents: torch.Tensor, gen: torch.Generator, s: LossSettings) -> 
     if s.multires_noise_iterations:
         noise = pyramid_noise(noise, gen, s.multires_noise_iterations, s.multires_noise_discount)
     if s.noise_offset:
-        noise = noise + offset_noise(latents, gen, s.noise_offset, s.noise_offset_random_strength, s.adaptive_noise_scale)
+        noise = noise + offset_noise(
+            latents, gen, s.noise_offset, s.noise_offset_random_strength, s.adaptive_noise_scale
+        )
     return noise
 
 
-def diffusion_loss(unet: Any, scheduler: Any, latents: torch.Tensor, cond: dict[str, Any], gen: torch.Generator, s: LossSettings) -> torch.Tensor:
+def diffusion_loss(
+    unet: Any, scheduler: Any, latents: torch.Tensor, cond: dict[str, Any], gen: torch.Generator, s: LossSettings
+) -> torch.Tensor:
     """Weighted loss between the UNet's prediction and the target for one batch (a scalar).
 
     Args:

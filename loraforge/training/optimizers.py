@@ -24,7 +24,9 @@ OPTIMIZERS: dict[str, tuple[str, str, str]] = {
 }
 ADAPTIVE = {"Prodigy", "DAdaptAdam"}  # learn a step size d shared by all param groups
 # Adafactor with an external LR schedule: its own relative step size must be off.
-DEFAULT_ARGS: dict[str, dict[str, Any]] = {"Adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False}}
+DEFAULT_ARGS: dict[str, dict[str, Any]] = {
+    "Adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+}
 
 
 def optimizer_class(name: str, device_type: str) -> type:
@@ -40,11 +42,15 @@ def optimizer_class(name: str, device_type: str) -> type:
         module_name, cls_name = name.rsplit(".", 1)
         package = module_name.split(".")[0]
     else:
-        raise ValueError(f"`finetune.optimizer` = {name!r}: not one of {', '.join(OPTIMIZERS)} and not a `module.Class` path")
+        raise ValueError(
+            f"`finetune.optimizer` = {name!r}: not one of {', '.join(OPTIMIZERS)} and not a `module.Class` path"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"`finetune.optimizer: {name}` needs the `{package}` package (pip install {package}): {e}") from e
+        raise ValueError(
+            f"`finetune.optimizer: {name}` needs the `{package}` package (pip install {package}): {e}"
+        ) from e
     cls = getattr(module, cls_name, None)
     if not isinstance(cls, type):
         raise ValueError(f"`finetune.optimizer` = {name!r}: {module_name} has no class {cls_name}")
@@ -56,7 +62,9 @@ def yaml_to_kwargs(args: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
 
 
-def make_optimizer(name: str, groups: list[dict[str, Any]], args: dict[str, Any], weight_decay: float, device_type: str) -> "torch.optim.Optimizer":
+def make_optimizer(
+    name: str, groups: list[dict[str, Any]], args: dict[str, Any], weight_decay: float, device_type: str
+) -> "torch.optim.Optimizer":
     """Build the optimizer over named param groups (`{"name", "params", "lr"}`).
 
     Args:
@@ -80,4 +88,6 @@ def applied_lrs(optimizer: Any) -> dict[str, float]:
     Args:
         optimizer: a torch optimizer (or accelerate's wrapper) whose groups carry a `name`.
     """
-    return {g.get("name", str(i)): float(g["lr"]) * float(g.get("d", 1.0)) for i, g in enumerate(optimizer.param_groups)}
+    return {
+        g.get("name", str(i)): float(g["lr"]) * float(g.get("d", 1.0)) for i, g in enumerate(optimizer.param_groups)
+    }

@@ -36,12 +36,22 @@ class MixedPrecision:
         growth_interval: clean steps before the scale doubles.
     """
 
-    def __init__(self, mixed_precision: str, device: torch.device, accelerator: Any,
-                 init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+    def __init__(
+        self,
+        mixed_precision: str,
+        device: torch.device,
+        accelerator: Any,
+        init_scale: float = 2.0**16,
+        growth_interval: int = 2000,
+    ) -> None:
         self.fp16 = mixed_precision == "fp16"
         self.device = device
         self.accelerator = accelerator
-        self.scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, growth_interval=growth_interval) if self.fp16 else None
+        self.scaler = (
+            torch.amp.GradScaler(device.type, init_scale=init_scale, growth_interval=growth_interval)
+            if self.fp16
+            else None
+        )
         self.skipped = 0
 
     def autocast(self) -> Any:

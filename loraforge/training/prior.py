@@ -44,7 +44,9 @@ def class_image_count(requested: int | None, images: int, train_text_encoder: bo
     return requested if requested is not None else images * (100 if train_text_encoder else 200)
 
 
-def class_latents(info: Any, prompt: str, count: int, seed: int, steps: int, store: Any, state_dir: Path, device: torch.device) -> list[dict[str, Any]]:
+def class_latents(
+    info: Any, prompt: str, count: int, seed: int, steps: int, store: Any, state_dir: Path, device: torch.device
+) -> list[dict[str, Any]]:
     """`count` class examples for `prompt` (see the module doc); generated with the base model only on a cache miss.
 
     Args:
@@ -70,11 +72,20 @@ def class_latents(info: Any, prompt: str, count: int, seed: int, steps: int, sto
         if path is None:
             pipe = pipe or load_pipeline(info, device)  # the base weights: generated before training starts
             gen = torch.Generator().manual_seed(seed + i)
-            latent = pipe(prompt, num_inference_steps=steps, height=size, width=size, generator=gen, output_type="latent").images[0]
+            latent = pipe(
+                prompt, num_inference_steps=steps, height=size, width=size, generator=gen, output_type="latent"
+            ).images[0]
             entry = {"latent": latent.float().cpu().contiguous()}  # (4, h, w), already × scaling_factor
             path = store.put("class-latent", key, ".safetensors", lambda p: save_file(entry, str(p)))
-        out.append({"latent": load_file(str(path))["latent"], "caption": prompt, "bucket": [size, size],
-                    "original_size": [size, size], "crop_top_left": [0, 0]})
+        out.append(
+            {
+                "latent": load_file(str(path))["latent"],
+                "caption": prompt,
+                "bucket": [size, size],
+                "original_size": [size, size],
+                "crop_top_left": [0, 0],
+            }
+        )
     return out
 
 
@@ -105,7 +116,9 @@ def reg_image_files(folder: Path) -> list[Path]:
     return files
 
 
-def reg_latents(info: Any, folder: Path, store: Any, state_dir: Path, device: torch.device) -> tuple[list[dict[str, Any]], int]:
+def reg_latents(
+    info: Any, folder: Path, store: Any, state_dir: Path, device: torch.device
+) -> tuple[list[dict[str, Any]], int]:
     """Class examples from a folder of regularisation images, VAE-encoded only on a cache miss.
 
     Returns the examples (see the module doc) and how many images were encoded now.
@@ -138,17 +151,30 @@ def reg_latents(info: Any, folder: Path, store: Any, state_dir: Path, device: to
         with Image.open(it["path"]) as img:
             crop, top_left, original = resize_cover_crop(img.convert("RGB"), *it["bucket"])
         latent = encode_batch(vae, [crop], [False], torch.float32)[0]  # (4, h/8, w/8), unscaled
-        entry = {"latent": latent.contiguous(), "original_size": torch.tensor(original), "crop_top_left": torch.tensor(top_left)}
+        entry = {
+            "latent": latent.contiguous(),
+            "original_size": torch.tensor(original),
+            "crop_top_left": torch.tensor(top_left),
+        }
         store.put("reg-latent", it["key"], ".safetensors", lambda p, e=entry: save_file(e, str(p)))
     out = []
     for it in items:
         entry = load_file(str(store.get("reg-latent", it["key"], ".safetensors")))
-        out.append({"latent": entry["latent"] * info.scaling_factor, "caption": reg_caption(it["path"]), "bucket": list(it["bucket"]),
-                    "original_size": entry["original_size"].tolist(), "crop_top_left": entry["crop_top_left"].tolist()})
+        out.append(
+            {
+                "latent": entry["latent"] * info.scaling_factor,
+                "caption": reg_caption(it["path"]),
+                "bucket": list(it["bucket"]),
+                "original_size": entry["original_size"].tolist(),
+                "crop_top_left": entry["crop_top_left"].tolist(),
+            }
+        )
     return out, len(pending)
 
 
-def class_batch(examples: list[dict[str, Any]], step: int, batch_size: int) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+def class_batch(
+    examples: list[dict[str, Any]], step: int, batch_size: int
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """The step's class batch: (B, 4, h, w) latents taken in turn from the bucket of the step's
     first pick (latents must stack), and their example dicts for conditioning.
 

@@ -48,8 +48,16 @@ def _atomic_dir(final: Path, fill: Any) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_state(folder: Path, epoch: int, trained: dict[str, torch.nn.Module], optimizer: Any, schedule: Any,
-               ema: Any, scaler: Any, progress: dict[str, Any]) -> Path:
+def save_state(
+    folder: Path,
+    epoch: int,
+    trained: dict[str, torch.nn.Module],
+    optimizer: Any,
+    schedule: Any,
+    ema: Any,
+    scaler: Any,
+    progress: dict[str, Any],
+) -> Path:
     """Write `state-epoch-NNNN` and delete older states.
 
     Args:
@@ -71,11 +79,16 @@ def save_state(folder: Path, epoch: int, trained: dict[str, torch.nn.Module], op
             save_file(state, str(tmp / f"{name}.safetensors"))
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.to_save().items()}, str(tmp / "ema.safetensors"))
-        torch.save({
-            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-        }, tmp / "training.pt")
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+            },
+            tmp / "training.pt",
+        )
         (tmp / "progress.json").write_text(json.dumps(progress))
 
     final = folder / f"{STATE_PREFIX}{epoch:04d}"
@@ -86,7 +99,9 @@ def save_state(folder: Path, epoch: int, trained: dict[str, torch.nn.Module], op
     return final
 
 
-def load_state(path: Path, trained: dict[str, torch.nn.Module], optimizer: Any, schedule: Any, ema: Any, scaler: Any) -> dict[str, Any]:
+def load_state(
+    path: Path, trained: dict[str, torch.nn.Module], optimizer: Any, schedule: Any, ema: Any, scaler: Any
+) -> dict[str, Any]:
     """Restore everything `save_state` wrote into the live objects; returns the loop progress.
 
     Args:

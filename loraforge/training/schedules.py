@@ -23,7 +23,9 @@ def warmup_steps(steps: int, ratio: float, total: int) -> int:
     return steps if steps else round(ratio * total)
 
 
-def make_lr_schedule(name: Schedule, optimizer: "torch.optim.Optimizer", warmup: int, total: int, num_cycles: int, power: float) -> Any:
+def make_lr_schedule(
+    name: Schedule, optimizer: "torch.optim.Optimizer", warmup: int, total: int, num_cycles: int, power: float
+) -> Any:
     """A LambdaLR over every param group (each keeps its own base LR).
 
     Args:
@@ -37,5 +39,9 @@ def make_lr_schedule(name: Schedule, optimizer: "torch.optim.Optimizer", warmup:
     from diffusers.optimization import get_scheduler
 
     if name == "constant" and warmup:
-        raise ValueError("`finetune.lr_scheduler: constant` has no warmup; use `constant_with_warmup` with `finetune.lr_warmup_steps`")
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total, num_cycles=num_cycles, power=power)
+        raise ValueError(
+            "`finetune.lr_scheduler: constant` has no warmup; use `constant_with_warmup` with `finetune.lr_warmup_steps`"
+        )
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=total, num_cycles=num_cycles, power=power
+    )

@@ -67,5 +67,7 @@ class CachedEncode:
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         entries = [self.one(c) for c in captions]
         hidden = torch.stack([e["hidden"] for e in entries]).to(self.device)  # (B, 77, D)
-        pooled = torch.stack([e["pooled"] for e in entries]).to(self.device) if "pooled" in entries[0] else None  # (B, P)
+        pooled = (
+            torch.stack([e["pooled"] for e in entries]).to(self.device) if "pooled" in entries[0] else None
+        )  # (B, P)
         return hidden, pooled
