@@ -17,19 +17,9 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from loraforge.params import ParamsError, load_all_params
-from loraforge.spec import PIPELINE_FILE, SpecError, load_pipeline
-
-
-def find_root(start: Path | None = None) -> Path:
-    """The project folder: the nearest folder at or above `start` holding pipeline.yaml."""
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / PIPELINE_FILE).is_file():
-            return folder
-    raise SystemExit(f"loraforge: no {PIPELINE_FILE} in {here} or any parent folder")
+from loraforge.spec import PIPELINE_FILE, SpecError, find_root, load_pipeline
 
 
 def cmd_stage(args: argparse.Namespace) -> int:

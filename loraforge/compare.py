@@ -336,7 +336,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     Args:
         args: parsed arguments (`experiments`, `out`, `root`).
     """
-    from loraforge.cli import find_root
+    from loraforge.spec import find_root
 
     root = Path(args.root) if args.root else find_root()
     try:

@@ -1,5 +1,7 @@
 """Content fingerprints (xxh3-128) shared by the item store and the Prefect cache policy.
 
+Item keys are built in one place only, `loraforge.store.ItemStore.item`, from these hashes.
+
 Every cache decision in loraforge is one of these hashes: of bytes, of a file, of a folder
 tree, or of a canonical JSON rendering of parameters. Hex digests are 32 characters.
 """
@@ -75,9 +77,3 @@ def hash_json(obj: Any) -> str:
     """Hash of the canonical JSON rendering of `obj` (sorted keys, no whitespace)."""
     text = json.dumps(canonical(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hash_bytes(text.encode())
-
-
-def item_key(kind: str, version: int, **ingredients: Any) -> str:
-    """Key of one item in the store: the kind of item, its format version and everything that
-    changes the result (input bytes hash, parameters, model weight hashes)."""
-    return hash_json({"kind": kind, "version": version, **ingredients})

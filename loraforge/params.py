@@ -1,7 +1,7 @@
 """`params.yaml` loaded into typed, frozen, validated per-stage params.
 
-Each stage module defines `Params`, a frozen pydantic dataclass for its own section (built with
-`section`). Shared sections (`model`) are defined here and handed to every stage that lists them
+Each stage's `Params`, a frozen pydantic dataclass for its own section (built with `section`),
+lives in `stages/<name>_params.py`, beside the stage and importable without torch. Shared sections (`model`) are defined here and handed to every stage that lists them
 in pipeline.yaml: the stage's params get them as a field of the same name.
 
 Validation happens before any work; an unknown key, a wrong type or an out-of-range value raises
@@ -115,8 +115,9 @@ def read_params_file(root: Path) -> dict[str, Any]:
 
 
 def stage_params_class(stage: StageSpec) -> type:
-    """The stage module's `Params` class (the module imports without torch)."""
-    module = importlib.import_module(stage.module_name)
+    """The stage's `Params` class, from its params module (`stages/<name>_params.py`), which
+    imports neither torch nor the stage's code."""
+    module = importlib.import_module(stage.params_module_name)
     return module.Params
 
 

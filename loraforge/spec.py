@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import yaml
 
+from loraforge.codedeps import code_dependencies, installed_code_root
+
 PIPELINE_FILE = "pipeline.yaml"
 PARAMS_FILE = "params.yaml"
 STAGE_ORDER = ("ingest", "upscale", "caption", "latents", "finetune", "extract", "resize", "evaluate")
@@ -44,7 +46,10 @@ class StageSpec:
     Attributes:
         name: stage name, also its `params.yaml` section.
         module: path of the stage's module, e.g. `stages/latents.py`.
-        uses: library files the stage depends on (DVC deps, and part of the Prefect cache key).
+        code: the stage module, then every project file it imports, transitively (derived from
+            the code by `loraforge.codedeps`, never written by hand): its DVC deps and part of its
+            Prefect cache key. Project-relative; absolute paths of the installed loraforge when
+            the project holds no copy of the code (a folder with just the YAML files and data).
         inputs: named input paths; `${section.key}` refers to a params.yaml value.
         outputs: named outputs.
         params: params.yaml sections the stage reads (its own first).
@@ -54,7 +59,7 @@ class StageSpec:
 
     name: str
     module: str
-    uses: tuple[str, ...]
+    code: tuple[str, ...]
     inputs: dict[str, str]
     outputs: dict[str, OutputSpec]
     params: tuple[str, ...]
@@ -67,9 +72,15 @@ class StageSpec:
         return self.module.removesuffix(".py").replace("/", ".")
 
     @property
-    def code(self) -> tuple[str, ...]:
-        """Every source file whose change should rerun this stage."""
-        return (self.module, *self.uses)
+    def params_module_name(self) -> str:
+        """Dotted import name of the stage's params schema (`stages.latents_params`): the stage's
+        `Params`, importable without torch or the stage's code."""
+        return f"{self.module_name}_params"
+
+    @property
+    def uses(self) -> tuple[str, ...]:
+        """The files of `code` other than the stage module."""
+        return self.code[1:]
 
     @property
     def report(self) -> str:
@@ -114,10 +125,14 @@ def _output(stage: str, key: str, raw: Any) -> OutputSpec:
     raise SpecError(f"{PIPELINE_FILE}: stage `{stage}` output `{key}` must be a path or a mapping with `path`")
 
 
-def _stage(name: str, raw: Any) -> StageSpec:
+def _stage(root: Path, name: str, raw: Any) -> StageSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{PIPELINE_FILE}: stage `{name}` must be a mapping")
-    allowed = {"module", "uses", "inputs", "outputs", "params", "gpu", "description"}
+    allowed = {"module", "inputs", "outputs", "params", "gpu", "description"}
+    if "uses" in raw:
+        raise SpecError(
+            f"{PIPELINE_FILE}: stage `{name}` lists `uses`; it is derived from the module's imports now, remove it"
+        )
     unknown = set(raw) - allowed
     if unknown:
         raise SpecError(
@@ -132,13 +147,30 @@ def _stage(name: str, raw: Any) -> StageSpec:
     return StageSpec(
         name=name,
         module=raw["module"],
-        uses=tuple(raw.get("uses", ())),
+        code=_code_files(root, name, raw["module"]),
         inputs={k: str(v) for k, v in (raw.get("inputs") or {}).items()},
         outputs={k: _output(name, k, v) for k, v in raw["outputs"].items()},
         params=params,
         gpu=bool(raw.get("gpu", False)),
         description=str(raw.get("description", "")),
     )
+
+
+def _code_files(root: Path, name: str, module: str) -> tuple[str, ...]:
+    base = root if (root / module).is_file() else installed_code_root(module)
+    if base is None:
+        raise SpecError(f"{PIPELINE_FILE}: stage `{name}` module `{module}` not found in {root} nor installed")
+    files = (module, *code_dependencies(base, module))
+    return files if base == root else tuple((base / f).as_posix() for f in files)
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The project folder: the nearest folder at or above `start` holding pipeline.yaml."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / PIPELINE_FILE).is_file():
+            return folder
+    raise SystemExit(f"loraforge: no {PIPELINE_FILE} in {here} or any parent folder")
 
 
 def load_pipeline(root: Path) -> Pipeline:
@@ -149,7 +181,7 @@ def load_pipeline(root: Path) -> Pipeline:
     stages_raw = raw.get("stages")
     if not isinstance(stages_raw, dict) or not stages_raw:
         raise SpecError(f"{path}: needs a non-empty `stages` mapping")
-    pipeline = Pipeline({name: _stage(name, body) for name, body in stages_raw.items()})
+    pipeline = Pipeline({name: _stage(Path(root), name, body) for name, body in stages_raw.items()})
     _check_graph(pipeline)
     return pipeline
 

@@ -29,98 +29,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from pydantic import Field, field_validator
-
 from loraforge.evalmetrics import Limits, recommend
-from loraforge.fingerprint import hash_file, hash_json, hash_tree, item_key
+from loraforge.fingerprint import hash_file, hash_json, hash_tree
 from loraforge.images import read_jsonl
-from loraforge.params import ModelParams, section
+from stages.evaluate_params import Params
 
 if TYPE_CHECKING:
+    from loraforge.store import Item, ItemStore
     import numpy as np
     from PIL import Image
 
     from loraforge.runner import Paths, StageEnv
-
-FORMAT_VERSION = 1
-METRICS_VERSION = 1
-SUBJECTS = (
-    "a mountain landscape at dawn",
-    "a cat sleeping on a sofa",
-    "a city street at night in the rain",
-    "a bowl of fruit on a wooden table",
-    "an old sailing ship on a stormy sea",
-    "a portrait of an elderly man",
-    "a red sports car in a desert",
-    "a cozy library with tall bookshelves",
-    "a forest path in autumn",
-    "a lighthouse on a cliff",
-    "a plate of sushi",
-    "a castle in the snow",
-)
-
-
-@section
-class Params:
-    """The `evaluate` section.
-
-    Attributes:
-        prompts: the fixed prompts; `{trigger}` becomes the caption trigger. The first is the
-            simple one (likeness is measured on it), then a complex one with context absent from
-            the dataset (004 guide).
-        seeds: fixed seeds, the same for every epoch and experiment.
-        weights: the LoRA-weight sweep (0 = the base model; the 003 guide checks > 1.2).
-        random_prompts: how many random prompts (`{trigger}, <subject from random_pool>`) to render.
-        random_seed: seeds the draw of the random prompts and their recorded seeds.
-        random_pool: subjects the random prompts are drawn from.
-        caption_prompts: how many training captions to prompt 1:1 (memorisation check).
-        steps: sampler steps.
-        guidance_scale: classifier-free guidance.
-        size: image side in pixels; null = the model's native resolution.
-        negative_prompt: used for every image.
-        clip_model: a local CLIP model folder (transformers `CLIPModel` + tokenizer + image
-            processor config), relative to the project; null = the pixel-thumbnail fallback,
-            and no CLIP score.
-        check_weight: the LoRA weight at which overfit signs are judged.
-        saturation_limit: largest allowed relative colourfulness rise vs weight 0 at `check_weight`.
-        high_freq_limit: largest allowed relative high-frequency rise vs weight 0 at `check_weight`.
-        clipped_limit: largest allowed clipped-pixel share rise (absolute) at `check_weight`.
-        memorisation_ratio: an epoch memorises when its caption images' nearest-training-image
-            distance falls below this fraction of the base model's.
-    """
-
-    model: ModelParams
-    prompts: tuple[str, ...] = ("{trigger}", "{trigger} riding a bicycle on the moon, detailed")
-    seeds: tuple[int, ...] = (1, 2, 3, 4)
-    weights: tuple[float, ...] = (0.0, 0.5, 1.0, 1.2, 1.5)
-    random_prompts: int = Field(4, ge=0)
-    random_seed: int = 1234
-    random_pool: tuple[str, ...] = SUBJECTS
-    caption_prompts: int = Field(4, ge=0)
-    steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(5.0, ge=0)
-    size: int | None = Field(None, ge=64)
-    negative_prompt: str = ""
-    clip_model: str | None = None
-    check_weight: float = Field(1.2, ge=0)
-    saturation_limit: float = Field(0.25, ge=0)
-    high_freq_limit: float = Field(0.25, ge=0)
-    clipped_limit: float = Field(0.05, ge=0)
-    memorisation_ratio: float = Field(0.5, gt=0, le=1)
-
-    @field_validator("prompts", "seeds", "weights", "random_pool")
-    @classmethod
-    def _not_empty(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
-        if not value:
-            raise ValueError("must list at least one value")
-        return value
-
-    @field_validator("weights")
-    @classmethod
-    def _non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if any(w < 0 for w in value):
-            raise ValueError(f"weights must be ≥ 0, got {list(value)}")
-        return value
 
 
 def limits_of(params: Params) -> Limits:
@@ -226,12 +145,20 @@ def lora_content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def image_key(
-    model_hash: str, lora_hash: str | None, prompt: str, seed: int, weight: float, params: Params, size: int
-) -> str:
-    """Store key of one evaluation image; weight 0 does not depend on the LoRA.
+def image_item(
+    store: "ItemStore",
+    model_hash: str,
+    lora_hash: str | None,
+    prompt: str,
+    seed: int,
+    weight: float,
+    params: Params,
+    size: int,
+) -> "Item":
+    """Store entry of one evaluation image; weight 0 does not depend on the LoRA.
 
     Args:
+        store: the item store.
         model_hash: hash of the base model's weighted components.
         lora_hash: `lora_content_hash` of the LoRA file.
         prompt: the rendered prompt.
@@ -240,9 +167,8 @@ def image_key(
         params: sampler settings come from here.
         size: image side in pixels.
     """
-    return item_key(
+    return store.item(
         "eval-image",
-        FORMAT_VERSION,
         model=model_hash,
         lora=lora_hash if weight else None,
         prompt=prompt,
@@ -306,14 +232,14 @@ class Renderer:
             seed: generator seed.
             weight: LoRA weight (0 = base model).
         """
-        key = image_key(self.model_hash, lora_hash, prompt, seed, weight, self.params, self.size)
-        entry = self.env.store.get("eval-image", key, ".png")
+        item = image_item(self.env.store, self.model_hash, lora_hash, prompt, seed, weight, self.params, self.size)
+        key, entry = item.key, item.get(".png")
         if entry is not None:
             self.reused += 1
             return entry, key
         image = self._generate(lora if weight else None, prompt, seed, weight)
         self.computed += 1
-        return self.env.store.put("eval-image", key, ".png", lambda p: image.save(p, format="PNG")), key
+        return item.put(".png", lambda p: image.save(p, format="PNG")), key
 
     def _generate(self, lora: Path | None, prompt: str, seed: int, weight: float) -> "Image.Image":
         import torch
@@ -630,9 +556,8 @@ def cached_metrics(ctx: Context, env: "StageEnv", shots: dict[str, Any], epoch: 
         epoch: the epoch number.
         train_id: hash of the training images (or "none").
     """
-    key = item_key(
+    item = env.store.item(
         "eval-metrics",
-        METRICS_VERSION,
         images=shots["keys"],
         train=train_id,
         embedder=ctx.embedder.identity,
@@ -640,11 +565,11 @@ def cached_metrics(ctx: Context, env: "StageEnv", shots: dict[str, Any], epoch: 
         epoch=epoch,
         check_weight=ctx.params.check_weight,
     )
-    entry = env.store.get("eval-metrics", key, ".json")
+    entry = item.get(".json")
     if entry is not None:
         return json.loads(entry.read_text())
     metrics = epoch_metrics(ctx, shots, epoch)
-    env.store.put_bytes("eval-metrics", key, ".json", json.dumps(metrics).encode())
+    item.put_bytes(".json", json.dumps(metrics).encode())
     return metrics
 
 

@@ -26,7 +26,7 @@ Cleaned images, sectors and per-image metrics are item-store entries keyed by th
 and settings, so a rerun measures nothing twice.
 
 Caching: each source file's normalised PNG is an item-store entry keyed by the file's bytes, the
-background colour, the Pillow version and `VERSION`, with a small JSON entry beside it holding
+background colour, the Pillow version and the kind's version (`loraforge.store.KINDS`), with a small JSON entry beside it holding
 width, height and pixel hash (written after the PNG, so it also marks the pair complete). A rerun
 over unchanged files only hashes them. Rejected files are not cached: they are few, and a
 transient read error must not stick.
@@ -46,18 +46,17 @@ from typing import Any, Callable
 
 import PIL
 from PIL import Image
-from pydantic import Field
 
 from loraforge import dataset as craft
-from loraforge.fingerprint import hash_file, item_key, iter_files
+from loraforge.fingerprint import hash_file, iter_files
 from loraforge.images import ImageRejected, decode_image, parse_color, pixel_hash, save_png, write_jsonl
-from loraforge.params import DatasetParams, ModelParams, section
+from loraforge.params import DatasetParams, ModelParams
 from loraforge.runner import Paths, StageEnv
-from loraforge.store import ItemStore, materialize
+from loraforge.store import Item, ItemStore, materialize
+from stages.ingest_params import Params
 
 log = logging.getLogger(__name__)
 
-VERSION = 1  # bump when decoding/normalisation changes: every stored image is then redone
 KIND = "ingested-image"
 CAPTION_SUFFIXES = (".txt", ".caption")  # in order of precedence when both exist
 # Notes and tool files that live beside datasets; listed under `ignored` in the report, not rejected.
@@ -66,30 +65,6 @@ IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
 REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: `10_sks dog` → 10 repeats, class token `sks dog`
 ROOT_FOLDER = "."
 SHOWN_REASONS = 5  # how many reject reasons the stop message quotes
-
-
-@section
-class Params:
-    """The `ingest` section of params.yaml.
-
-    Attributes:
-        source: folder of source images, relative to the project root.
-        max_reject_ratio: stop the run when rejected files / all image files exceeds this.
-        background: `#rrggbb` colour that transparent pixels are flattened onto.
-        dedupe: drop exact duplicates (same decoded pixels and size), keeping the first by path.
-        clean_adversarial: run the anti-AI-filter cleanup (003 guide) on every image; off by default
-            because it slightly softens every image.
-        dataset: the shared `dataset` section (DSB, tiling, quality gates).
-        model: the shared `model` section (only `base`, for the minimum-resolution gate).
-    """
-
-    source: str = Field("data/demo", min_length=1)
-    max_reject_ratio: float = Field(0.2, ge=0, le=1)
-    background: str = Field("#ffffff", pattern=r"^#[0-9a-fA-F]{6}$")
-    dedupe: bool = True
-    clean_adversarial: bool = False
-    dataset: DatasetParams = Field(default_factory=DatasetParams)
-    model: ModelParams = Field(default_factory=ModelParams)
 
 
 @dataclass(frozen=True)
@@ -228,20 +203,21 @@ def read_caption(path: Path) -> str | None:
     return text or None
 
 
-def image_key(source_hash: str, background: str) -> str:
-    """Item-store key of one normalised image.
+def image_item(store: ItemStore, source_hash: str, background: str) -> Item:
+    """Item-store entry of one normalised image.
 
     Args:
+        store: the item store.
         source_hash: `hash_file` of the source file.
         background: the `#rrggbb` flatten colour (lower-case).
     """
     # Pillow's version is an ingredient: a new decoder may produce different pixels.
-    return item_key(KIND, VERSION, source=source_hash, background=background, decoder=f"pillow-{PIL.__version__}")
+    return store.item(KIND, source=source_hash, background=background, decoder=f"pillow-{PIL.__version__}")
 
 
-def _stored(store: ItemStore, key: str) -> tuple[Path, dict[str, Any]] | None:
+def _stored(entry: Item) -> tuple[Path, dict[str, Any]] | None:
     # The JSON entry is written after the PNG: both present and readable means complete.
-    png, meta_path = store.get(KIND, key, ".png"), store.get(KIND, key, ".json")
+    png, meta_path = entry.get(".png"), entry.get(".json")
     if png is None or meta_path is None:
         return None
     try:
@@ -263,35 +239,30 @@ def ingest_one(src: SourceImage, store: ItemStore, background: str) -> Ingested:
         ImageRejected: the file (or its caption) cannot be used; the reason says why.
     """
     caption = read_caption(src.caption_file) if src.caption_file else None
-    key = image_key(hash_file(src.path), background)
-    hit = _stored(store, key)
+    entry = image_item(store, hash_file(src.path), background)
+    hit = _stored(entry)
     if hit is None:
         img = decode_image(src.path, parse_color(background))
         meta = {"width": img.width, "height": img.height, "pixel_hash": pixel_hash(img)}
-        png = store.put(KIND, key, ".png", lambda p: save_png(img, p))
-        store.put_bytes(KIND, key, ".json", json.dumps(meta).encode())
+        png = entry.put(".png", lambda p: save_png(img, p))
+        entry.put_bytes(".json", json.dumps(meta).encode())
     else:
         png, meta = hit
     return Ingested(src, png, meta["width"], meta["height"], meta["pixel_hash"], caption, reused=hit is not None)
 
 
-CRAFT_VERSION = 1  # bump when cleanup, tiling or a metric changes: those entries are then redone
 CLEAN_SCALE, CLEAN_MEDIAN = 0.5, 3  # `clean_adversarial`'s resample factor and median size (003 guide)
 
 
-def _derived(
-    store: ItemStore, kind: str, key: str, make: Callable[[], tuple[Image.Image, dict[str, Any]]]
-) -> tuple[Path, dict[str, Any], bool]:
+def _derived(entry: Item, make: Callable[[], tuple[Image.Image, dict[str, Any]]]) -> tuple[Path, dict[str, Any], bool]:
     """A derived image (cleaned, sector) through the item store: (png, meta, reused).
 
     Args:
-        store: the item store.
-        kind: the entry kind.
-        key: its key (input pixel hash + settings + `CRAFT_VERSION`).
+        entry: its store entry (keyed by the input pixel hash and the settings).
         make: builds (image, extra meta) when the entry is missing; width, height and pixel hash
             are added to the meta here.
     """
-    png, meta_path = store.get(kind, key, ".png"), store.get(kind, key, ".json")
+    png, meta_path = entry.get(".png"), entry.get(".json")
     if png is not None and meta_path is not None:
         try:
             return png, json.loads(meta_path.read_text(encoding="utf-8")), True
@@ -299,8 +270,8 @@ def _derived(
             pass  # unreadable entry: recompute and overwrite it
     img, extra = make()
     meta = {"width": img.width, "height": img.height, "pixel_hash": pixel_hash(img), **extra}
-    png = store.put(kind, key, ".png", lambda p: save_png(img, p))
-    store.put_bytes(kind, key, ".json", json.dumps(meta).encode())  # after the PNG: marks the pair complete
+    png = entry.put(".png", lambda p: save_png(img, p))
+    entry.put_bytes(".json", json.dumps(meta).encode())  # after the PNG: marks the pair complete
     return png, meta, False
 
 
@@ -318,8 +289,8 @@ def clean_one(item: Ingested, store: ItemStore) -> tuple[Ingested, float]:
         cleaned = craft.clean_adversarial(original, CLEAN_SCALE, CLEAN_MEDIAN)
         return cleaned, {"psnr": craft.psnr(original, cleaned)}
 
-    key = item_key("cleaned-image", CRAFT_VERSION, image=item.pixel_hash, scale=CLEAN_SCALE, median=CLEAN_MEDIAN)
-    png, meta, reused = _derived(store, "cleaned-image", key, make)
+    entry = store.item("cleaned-image", image=item.pixel_hash, scale=CLEAN_SCALE, median=CLEAN_MEDIAN)
+    png, meta, reused = _derived(entry, make)
     cleaned = dataclasses.replace(
         item,
         png=png,
@@ -364,8 +335,8 @@ def tile_one(item: Ingested, rows: int, cols: int, store: ItemStore) -> list[Ing
 
     sectors = []
     for index, box in enumerate(boxes):
-        key = item_key("tile-sector", CRAFT_VERSION, image=item.pixel_hash, rows=rows, cols=cols, index=index)
-        png, meta, reused = _derived(store, "tile-sector", key, sector(box))
+        entry = store.item("tile-sector", image=item.pixel_hash, rows=rows, cols=cols, index=index)
+        png, meta, reused = _derived(entry, sector(box))
         name = f"r{index // cols + 1}c{index % cols + 1}"
         sectors.append(
             dataclasses.replace(
@@ -388,8 +359,8 @@ def image_metrics(item: Ingested, store: ItemStore) -> dict[str, Any]:
         item: the image.
         store: the item store.
     """
-    key = item_key("image-metrics", CRAFT_VERSION, image=item.pixel_hash)
-    path = store.get("image-metrics", key, ".json")
+    entry = store.item("image-metrics", image=item.pixel_hash)
+    path = entry.get(".json")
     if path is not None:
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -403,7 +374,7 @@ def image_metrics(item: Ingested, store: ItemStore) -> dict[str, Any]:
         "clipped": craft.clipped_share(img),
         "dhash": f"{craft.dhash(img):016x}",
     }
-    store.put_bytes("image-metrics", key, ".json", json.dumps(metrics).encode())
+    entry.put_bytes(".json", json.dumps(metrics).encode())
     return metrics
 
 

@@ -15,164 +15,67 @@ per latent, so only new or changed images are decoded.
 
 from __future__ import annotations
 
-import math
+import json
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, model_validator
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from loraforge.fingerprint import item_key
+from loraforge.buckets import Bucket, BucketGrid
 from loraforge.images import read_jsonl, resize_cover_crop, write_jsonl
-from loraforge.params import ModelParams, section
+from loraforge.models import component_hash, load_vae, resolve_device, resolve_model
 from loraforge.store import materialize
+from loraforge.vae import encode_batch
 from loraforge.vaecheck import check as vae_check_image
 from loraforge.vaecheck import decode_latent
+from stages.latents_params import Params
 
 if TYPE_CHECKING:
     from loraforge.runner import Paths, StageEnv
+    from loraforge.store import ItemStore
 
-FORMAT_VERSION = 1
-VAE_CHECK_VERSION = 1
-Bucket = tuple[int, int]  # (width, height) in pixels
-
-
-@section
-class Params:
-    """The `latents` section.
-
-    Attributes:
-        resolution: bucket area is resolution²; null = the model's native resolution.
-        bucket_step: bucket sides are multiples of this (64 for real models; at least 8).
-        min_bucket: smallest bucket side; null = max(bucket_step, resolution / 2).
-        max_bucket: largest bucket side; null = 2 × resolution.
-        flip: also cache a horizontally flipped copy of every image (doubles the latents).
-        batch_size: images per VAE call (same bucket).
-        vae_dtype: keep float32 for SDXL's VAE ("no half VAE" in the 001 guide): fp16 overflows to NaN.
-        vae_check: decode every latent again and report what the VAE loses (PSNR per image,
-            worst windows side by side; 003 guide). One extra VAE decode per new image.
-        vae_check_worst: how many of the worst-reconstructed images to show.
-        vae_check_window: side, in pixels, of the worst window shown per image.
-    """
-
-    model: ModelParams
-    resolution: int | None = Field(None, ge=64)
-    bucket_step: int = Field(64, ge=8)
-    min_bucket: int | None = Field(None, ge=8)
-    max_bucket: int | None = Field(None, ge=8)
-    flip: bool = False
-    batch_size: int = Field(4, ge=1)
-    vae_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    vae_check: bool = False
-    vae_check_worst: int = Field(4, ge=1)
-    vae_check_window: int = Field(64, ge=8)
-
-    @model_validator(mode="after")
-    def _step_multiple_of_8(self) -> "Params":
-        if self.bucket_step % 8:
-            raise ValueError(f"`latents.bucket_step` must be a multiple of 8 (the VAE's scale), got {self.bucket_step}")
-        if self.min_bucket and self.max_bucket and self.min_bucket > self.max_bucket:
-            raise ValueError(
-                f"`latents.min_bucket` ({self.min_bucket}) must not exceed `latents.max_bucket` ({self.max_bucket})"
-            )
-        return self
-
-
-def make_buckets(resolution: int, step: int, min_side: int, max_side: int) -> list[Bucket]:
-    """Every (w, h) with sides multiples of `step` in [min_side, max_side] and the largest height
-    that keeps w·h ≤ resolution² (kohya's scheme), both orientations, sorted by aspect ratio."""
-    area = resolution * resolution
-    min_side, max_side = -(-min_side // step) * step, max_side // step * step  # limits on the step grid
-    buckets: set[Bucket] = set()
-    width = min_side
-    while width <= max_side:
-        height = min(max_side, (area // width) // step * step)
-        if height >= min_side:
-            buckets.add((width, height))
-            buckets.add((height, width))
-        width += step
-    return sorted(buckets, key=lambda b: b[0] / b[1])
-
-
-def select_bucket(width: int, height: int, buckets: list[Bucket], resolution: int, step: int) -> Bucket:
-    """The bucket for a `width`×`height` image: closest aspect ratio (in log space). An image
-    smaller than the bucket area gets its own step-aligned size instead, so it is never upscaled."""
-    if width * height < resolution * resolution:
-        return (max(step, width // step * step), max(step, height // step * step))
-    aspect = math.log(width / height)
-    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - aspect), -b[0] * b[1]))
-
-
-def image_to_tensor(image: Any, flip: bool) -> Any:
-    """PIL RGB image -> (3, H, W) float tensor in [-1, 1], optionally mirrored."""
-    import numpy as np
-    import torch
-
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    if flip:
-        array = array[:, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
-
-
-def encode_batch(vae: Any, images: list[Any], flips: list[bool], dtype: Any) -> Any:
-    """VAE posterior means for same-size images: (B, 4, H/8, W/8), unscaled (the trainer applies
-    `scaling_factor`). The mean, not a sample, so a cached latent is deterministic."""
-    import torch
-
-    batch = torch.stack([image_to_tensor(im, f) for im, f in zip(images, flips)]).to(vae.device, dtype)
-    with torch.inference_mode():
-        return vae.encode(batch).latent_dist.mean.float().cpu()
+LATENT = ".safetensors"
 
 
 def plan_items(
-    rows: list[dict[str, Any]], params: Params, resolution: int, buckets: list[Bucket], vae_hash: str
+    rows: list[dict[str, Any]], params: Params, grid: BucketGrid, vae_hash: str, store: "ItemStore"
 ) -> list[dict[str, Any]]:
-    """One work item per image (and per flipped copy): its bucket and store key."""
+    """One work item per image (and per flipped copy): its bucket and store entry (`item`, `key`)."""
     items = []
     for row in rows:
-        bucket = select_bucket(row["width"], row["height"], buckets, resolution, params.bucket_step)
+        bucket = grid.select(row["width"], row["height"])
         for flip in (False, True) if params.flip else (False,):
-            key = item_key(
-                "latent",
-                FORMAT_VERSION,
-                image=row["pixel_hash"],
-                bucket=bucket,
-                flip=flip,
-                vae=vae_hash,
-                dtype=params.vae_dtype,
+            entry = store.item(
+                "latent", image=row["pixel_hash"], bucket=bucket, flip=flip, vae=vae_hash, dtype=params.vae_dtype
             )
-            items.append({"row": row, "bucket": bucket, "flip": flip, "key": key})
+            items.append({"row": row, "bucket": bucket, "flip": flip, "item": entry, "key": entry.key})
     return items
 
 
 def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
-    """Encode missing latents into the store; materialise all of them into `outputs.latents`;
-    with `vae_check`, measure the reconstructions into `outputs.vae_check`."""
-    import torch
-
-    from loraforge.models import component_hash, load_vae, resolve_device, resolve_model
-
+    """Encode missing latents into the store; materialise all of them into `outputs.latents`
+    (with the bucket grid, `buckets.json`); with `vae_check`, measure the reconstructions into
+    `outputs.vae_check`."""
     info = resolve_model(params.model, env.state_dir)
     resolution = params.resolution or info.native_resolution
-    min_side = params.min_bucket or max(params.bucket_step, resolution // 2)
-    buckets = make_buckets(resolution, params.bucket_step, min_side, params.max_bucket or 2 * resolution)
+    grid = BucketGrid.resolve(resolution, params.bucket_step, params.min_bucket, params.max_bucket)
     rows = read_jsonl(inputs.images / "manifest.jsonl")
-    items = plan_items(rows, params, resolution, buckets, component_hash(info, "vae", env.state_dir))
-    pending = [it for it in items if env.store.get("latent", it["key"], ".safetensors") is None]
-    unchecked = [
-        it for it in vae_check_items(items, params) if env.store.get("vae-check", it["check_key"], ".json") is None
-    ]
+    items = plan_items(rows, params, grid, component_hash(info, "vae", env.state_dir), env.store)
+    pending = [it for it in items if it["item"].get(LATENT) is None]
+    unchecked = [it for it in vae_check_items(items, params, env.store) if it["check"].get(".json") is None]
 
     if pending or unchecked:
         dtype = getattr(torch, params.vae_dtype)
         vae = load_vae(info, resolve_device(params.model.device), dtype)
         encode_pending(vae, pending, params, inputs, env, dtype, {it["key"] for it in unchecked})
-        check_pending(
-            vae, [it for it in unchecked if not env.store.get("vae-check", it["check_key"], ".json")], inputs, env
-        )
+        check_pending(vae, [it for it in unchecked if not it["check"].get(".json")], inputs, env)
 
     out_rows, bucket_counts = [], defaultdict(int)
     for it in items:
-        entry = env.store.get("latent", it["key"], ".safetensors")
+        entry = it["item"].get(LATENT)
         name = f"{it['row']['id']}{'-flip' if it['flip'] else ''}.safetensors"
         materialize(entry, outputs.latents / name)
         meta = read_latent_meta(entry)
@@ -189,6 +92,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
             }
         )
     write_jsonl(outputs.latents / "manifest.jsonl", out_rows)
+    grid.save(outputs.latents)
     env.publish.table(
         "buckets", [{"bucket": b, "images": n} for b, n in sorted(bucket_counts.items())], "Aspect-ratio buckets"
     )
@@ -201,7 +105,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     }
     if "vae_check" in outputs:
         summary["vae_check"] = write_vae_check(
-            vae_check_items(items, params), params, outputs.vae_check, env, len(unchecked)
+            vae_check_items(items, params, env.store), params, outputs.vae_check, env, len(unchecked)
         )
     return summary
 
@@ -213,8 +117,6 @@ def crop_for(item: dict[str, Any], folder: Any) -> tuple[Any, tuple[int, int], t
         item: a work item from `plan_items`.
         folder: the input images folder.
     """
-    from PIL import Image
-
     with Image.open(folder / item["row"]["file"]) as img:
         return resize_cover_crop(img.convert("RGB"), *item["bucket"])
 
@@ -240,8 +142,6 @@ def encode_pending(
         dtype: the VAE's dtype.
         check: latent keys of the items to VAE-check.
     """
-    from safetensors.torch import save_file
-
     if not pending:
         return
     by_bucket: dict[Bucket, list[dict[str, Any]]] = defaultdict(list)
@@ -263,12 +163,8 @@ def encode_pending(
                     "crop_top_left": f"{it['crop_top_left'][0]}x{it['crop_top_left'][1]}",
                     "flip": str(it["flip"]),
                 }
-                env.store.put(
-                    "latent",
-                    it["key"],
-                    ".safetensors",
-                    lambda p, t=latent.contiguous(), m=meta: save_file({"latent": t}, str(p), metadata=m),
-                )
+                tensor = latent.contiguous()
+                it["item"].put(LATENT, lambda p, t=tensor, m=meta: save_file({"latent": t}, str(p), metadata=m))
                 if it["key"] in check:
                     store_check(vae, it, crop, latent, env)
             bar.update(len(chunk))
@@ -279,21 +175,22 @@ def encode_pending(
 # ---------------------------------------------------------------- the VAE reconstruction check
 
 
-def vae_check_items(items: list[dict[str, Any]], params: Params) -> list[dict[str, Any]]:
+def vae_check_items(items: list[dict[str, Any]], params: Params, store: "ItemStore") -> list[dict[str, Any]]:
     """The items the check covers (unflipped ones; none when `vae_check` is off), each given its
-    `check_key`: the latent's key + the window size, so a cached result is reused exactly when
-    the latent is.
+    `check` entry: keyed by the latent's key + the window size, so a cached result is reused
+    exactly when the latent is.
 
     Args:
         items: the work items from `plan_items`.
         params: the `latents` section.
+        store: the item store.
     """
     if not params.vae_check:
         return []
     checked = [it for it in items if not it["flip"]]
     for it in checked:
         it["window"] = params.vae_check_window
-        it["check_key"] = item_key("vae-check", VAE_CHECK_VERSION, latent=it["key"], window=it["window"])
+        it["check"] = store.item("vae-check", latent=it["key"], window=it["window"])
     return checked
 
 
@@ -308,13 +205,9 @@ def store_check(vae: Any, item: dict[str, Any], crop: Any, latent: Any, env: "St
         latent: (4, h, w) unscaled posterior mean.
         env: the stage environment.
     """
-    import json
-
     stats, sheet = vae_check_image(crop, decode_latent(vae, latent), item["window"])
-    env.store.put("vae-check", item["check_key"], ".png", lambda p: sheet.save(p, format="PNG"))
-    env.store.put_bytes(
-        "vae-check", item["check_key"], ".json", json.dumps(stats).encode()
-    )  # after the PNG: marks it complete
+    item["check"].put(".png", lambda p: sheet.save(p, format="PNG"))
+    item["check"].put_bytes(".json", json.dumps(stats).encode())  # after the PNG: marks it complete
 
 
 def check_pending(vae: Any, unchecked: list[dict[str, Any]], inputs: "Paths", env: "StageEnv") -> None:
@@ -326,13 +219,11 @@ def check_pending(vae: Any, unchecked: list[dict[str, Any]], inputs: "Paths", en
         inputs: the stage inputs (`images`).
         env: the stage environment.
     """
-    from safetensors.torch import load_file
-
     if not unchecked:
         return
     bar = env.bar(total=len(unchecked), desc="VAE check", unit="img")
     for n, it in enumerate(unchecked, 1):
-        latent = load_file(str(env.store.get("latent", it["key"], ".safetensors")))["latent"]
+        latent = load_file(str(it["item"].get(LATENT)))["latent"]
         store_check(vae, it, crop_for(it, inputs.images)[0], latent, env)
         bar.update(1)
         env.publish.progress(n / len(unchecked), "VAE reconstruction check")
@@ -352,18 +243,16 @@ def write_vae_check(
         env: the stage environment.
         computed: how many were decoded this run.
     """
-    import json
-
-    keys, images = {}, []
+    entries, images = {}, []
     for it in checked:
-        keys[it["row"]["id"]] = it["check_key"]
-        stats = json.loads(env.store.get("vae-check", it["check_key"], ".json").read_text())
+        entries[it["row"]["id"]] = it["check"]
+        stats = json.loads(it["check"].get(".json").read_text())
         images.append({"id": it["row"]["id"], "source": it["row"].get("source", it["row"]["id"]), **stats})
     images.sort(key=lambda r: (r["psnr_db"], r["id"]))
     worst = []
     for rank, row in enumerate(images[: params.vae_check_worst], 1):
         name = f"{rank:02d}-{row['id']}.png"
-        materialize(env.store.get("vae-check", keys[row["id"]], ".png"), folder / name)
+        materialize(entries[row["id"]].get(".png"), folder / name)
         worst.append({**row, "sheet": f"vae_check/{name}"})
     section = {
         "enabled": params.vae_check,
@@ -388,8 +277,6 @@ def write_vae_check(
 
 def read_latent_meta(path: Any) -> dict[str, list[int]]:
     """Original size (h, w) and crop top-left (top, left) recorded with a cached latent."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     return {k: [int(v) for v in meta[k].split("x")] for k in ("original_size", "crop_top_left")}

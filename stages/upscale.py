@@ -8,42 +8,19 @@ ESRGAN-family network loaded by spandrel. Results are cached per image in the it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
-
-from loraforge.fingerprint import hash_file, item_key
+from loraforge.fingerprint import hash_file
 from loraforge.images import lanczos_upscale, pixel_hash, read_jsonl, save_png, write_jsonl
-from loraforge.params import ModelParams, section
 from loraforge.store import materialize
+from stages.upscale_params import Params
 
 if TYPE_CHECKING:
     from PIL import Image
 
     from loraforge.runner import Paths, StageEnv
 
-FORMAT_VERSION = 2  # 2: model upscales land exactly on min_side (a 4x net used to overshoot)
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
-
-
-@section
-class Params:
-    """The `upscale` section.
-
-    Attributes:
-        min_side: images with a shorter side are upscaled; null = the model's native resolution.
-        method: `lanczos`, or `model` for an ESRGAN-family network (`model_path`) via spandrel.
-        model_path: local weights file for `method: model` (.safetensors; .pth only with `allow_pickle`).
-        allow_pickle: allow a pickle `.pth` upscaler file (loaded by spandrel with torch.load).
-        tile: tile size in pixels for `method: model`, bounding memory on large images.
-    """
-
-    model: ModelParams
-    min_side: int | None = Field(None, ge=8)
-    method: Literal["lanczos", "model"] = "lanczos"
-    model_path: str | None = None
-    allow_pickle: bool = False
-    tile: int = Field(256, ge=32)
 
 
 def needs_upscale(width: int, height: int, min_side: int) -> bool:
@@ -131,15 +108,14 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
             passed += 1
             out_rows.append({**row, "upscaled_from": None})
             continue
-        key = item_key(
+        item = env.store.item(
             "upscaled",
-            FORMAT_VERSION,
             image=row["pixel_hash"],
             min_side=min_side,
             method=upscaler_id,
             tile=params.tile if params.method == "model" else None,
         )
-        entry = env.store.get("upscaled", key, ".png")
+        entry = item.get(".png")
         if entry is None:
             with PILImage.open(src) as img:
                 img = img.convert("RGB")
@@ -148,7 +124,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
                     big = model_upscale(img, upscaler, min_side, params.tile)
                 else:
                     big = lanczos_upscale(img, min_side)
-            entry = env.store.put("upscaled", key, ".png", lambda p, im=big: save_png(im, p))
+            entry = item.put(".png", lambda p, im=big: save_png(im, p))
             computed += 1
         else:
             reused += 1

@@ -22,7 +22,9 @@ from loraforge.spec import load_pipeline
 from loraforge.store import ItemStore
 from stages import ingest as ingest_stage
 from stages import upscale as upscale_stage
-from stages.latents import Params, encode_batch, make_buckets, run, select_bucket
+from loraforge.buckets import make_buckets, select_bucket
+from loraforge.vae import encode_batch
+from stages.latents import Params, run
 
 SDXL = ModelParams(base="builtin:tiny-sdxl", device="cpu")
 SD15 = ModelParams(base="builtin:tiny-sd15", device="cpu")
@@ -261,22 +263,22 @@ def test_another_vae_re_encodes_everything(dataset: Path, tmp_path: Path, state_
 def test_vae_identity_is_its_weights_not_its_name(
     dataset: Path, tmp_path: Path, state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import loraforge.models
+    import stages.latents
 
     work = tmp_path / "work"
     images = ingest(dataset, work, state_dir)
     latents(images, work, state_dir)
-    real = loraforge.models.component_hash
+    real = stages.latents.component_hash
     asked: list[str] = []
 
     def retrained(info: Any, component: str, state: Path) -> str:  # same name, new weights
         asked.append(component)
         return "0" * 32 if component == "vae" else real(info, component, state)
 
-    monkeypatch.setattr(loraforge.models, "component_hash", retrained)
+    monkeypatch.setattr(stages.latents, "component_hash", retrained)
     summary, _ = latents(images, work, state_dir)
     assert asked == ["vae"] and (summary["computed"], summary["reused"]) == (4, 0)
-    monkeypatch.setattr(loraforge.models, "component_hash", real)
+    monkeypatch.setattr(stages.latents, "component_hash", real)
     summary, _ = latents(images, work, state_dir)
     assert (summary["computed"], summary["reused"]) == (0, 4)
 

@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
-from loraforge.fingerprint import hash_bytes, item_key
+from loraforge.buckets import BucketGrid
+from loraforge.fingerprint import hash_bytes
+from loraforge.store import ItemStore
 
-VERSION = 1
-REG_VERSION = 1
+LATENT = ".safetensors"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -45,7 +46,7 @@ def class_image_count(requested: int | None, images: int, train_text_encoder: bo
 
 
 def class_latents(
-    info: Any, prompt: str, count: int, seed: int, steps: int, store: Any, state_dir: Path, device: torch.device
+    info: Any, prompt: str, count: int, seed: int, steps: int, store: ItemStore, state_dir: Path, device: torch.device
 ) -> list[dict[str, Any]]:
     """`count` class examples for `prompt` (see the module doc); generated with the base model only on a cache miss.
 
@@ -67,16 +68,18 @@ def class_latents(
     size = info.native_resolution
     pipe, out = None, []
     for i in range(count):
-        key = item_key("class-latent", VERSION, prompt=prompt, seed=seed + i, steps=steps, size=size, model=model)
-        path = store.get("class-latent", key, ".safetensors")
-        if path is None:
+        ingredients = {"prompt": prompt, "seed": seed + i, "steps": steps, "size": size, "model": model}
+
+        def generate(tmp: Path, i: int = i) -> None:
+            nonlocal pipe
             pipe = pipe or load_pipeline(info, device)  # the base weights: generated before training starts
             gen = torch.Generator().manual_seed(seed + i)
             latent = pipe(
                 prompt, num_inference_steps=steps, height=size, width=size, generator=gen, output_type="latent"
             ).images[0]
-            entry = {"latent": latent.float().cpu().contiguous()}  # (4, h, w), already × scaling_factor
-            path = store.put("class-latent", key, ".safetensors", lambda p: save_file(entry, str(p)))
+            save_file({"latent": latent.float().cpu().contiguous()}, str(tmp))  # (4, h, w), already × scaling_factor
+
+        path, _ = store.cached("class-latent", ingredients, LATENT, generate)
         out.append(
             {
                 "latent": load_file(str(path))["latent"],
@@ -117,7 +120,7 @@ def reg_image_files(folder: Path) -> list[Path]:
 
 
 def reg_latents(
-    info: Any, folder: Path, store: Any, state_dir: Path, device: torch.device
+    info: Any, folder: Path, grid: BucketGrid, store: ItemStore, state_dir: Path, device: torch.device
 ) -> tuple[list[dict[str, Any]], int]:
     """Class examples from a folder of regularisation images, VAE-encoded only on a cache miss.
 
@@ -126,6 +129,7 @@ def reg_latents(
     Args:
         info: the resolved base model.
         folder: the `finetune.reg_images` folder, resolved.
+        grid: the latents stage's bucket grid (its `buckets.json`): the same buckets as the instance images.
         store: the item store.
         state_dir: loraforge's private folder (weight-hash cache).
         device: where to encode.
@@ -135,17 +139,15 @@ def reg_latents(
 
     from loraforge.images import resize_cover_crop
     from loraforge.models import component_hash, load_vae
-    from stages.latents import encode_batch, make_buckets, select_bucket
+    from loraforge.vae import encode_batch
 
-    res, step = info.native_resolution, 64  # the latents stage's defaults
-    buckets = make_buckets(res, step, max(step, res // 2), 2 * res)
     vae_hash, items = component_hash(info, "vae", state_dir), []
     for path in reg_image_files(folder):
         with Image.open(path) as img:
-            bucket = select_bucket(img.width, img.height, buckets, res, step)
-        key = item_key("reg-latent", REG_VERSION, image=hash_bytes(path.read_bytes()), bucket=bucket, vae=vae_hash)
-        items.append({"path": path, "bucket": bucket, "key": key})
-    pending = [it for it in items if store.get("reg-latent", it["key"], ".safetensors") is None]
+            bucket = grid.select(img.width, img.height)
+        entry = store.item("reg-latent", image=hash_bytes(path.read_bytes()), bucket=bucket, vae=vae_hash)
+        items.append({"path": path, "bucket": bucket, "item": entry})
+    pending = [it for it in items if it["item"].get(LATENT) is None]
     vae = load_vae(info, device, torch.float32) if pending else None  # float32: SDXL's VAE overflows in fp16
     for it in pending:
         with Image.open(it["path"]) as img:
@@ -156,10 +158,10 @@ def reg_latents(
             "original_size": torch.tensor(original),
             "crop_top_left": torch.tensor(top_left),
         }
-        store.put("reg-latent", it["key"], ".safetensors", lambda p, e=entry: save_file(e, str(p)))
+        it["item"].put(LATENT, lambda p, e=entry: save_file(e, str(p)))
     out = []
     for it in items:
-        entry = load_file(str(store.get("reg-latent", it["key"], ".safetensors")))
+        entry = load_file(str(it["item"].get(LATENT)))
         out.append(
             {
                 "latent": entry["latent"] * info.scaling_factor,

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from loraforge.fingerprint import item_key
+from loraforge.store import ItemStore
 
-VERSION = 1
 Encode = Callable[[list[str]], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
@@ -42,27 +42,27 @@ class CachedEncode:
         device: where returned tensors go.
     """
 
-    def __init__(self, encode: Encode, store: Any, model_key: dict[str, Any], device: Any) -> None:
+    def __init__(self, encode: Encode, store: ItemStore, model_key: dict[str, Any], device: Any) -> None:
         self.encode, self.store, self.model_key, self.device = encode, store, model_key, device
         self.hits = self.misses = 0
 
     def one(self, caption: str) -> dict[str, torch.Tensor]:
         """The cached entry of one caption (encoded and stored on a miss)."""
-        from safetensors.torch import load_file, save_file
 
-        key = item_key("text-embedding", VERSION, caption=caption, model=self.model_key)
-        path = self.store.get("text-embedding", key, ".safetensors")
-        if path is not None:
-            self.hits += 1
-            return load_file(str(path))
-        self.misses += 1
-        with torch.no_grad():
-            hidden, pooled = self.encode([caption])
-        entry = {"hidden": hidden[0].float().cpu().contiguous()}
-        if pooled is not None:
-            entry["pooled"] = pooled[0].float().cpu().contiguous()
-        self.store.put("text-embedding", key, ".safetensors", lambda p: save_file(entry, str(p)))
-        return entry
+        def encode(tmp: Any) -> None:
+            with torch.no_grad():
+                hidden, pooled = self.encode([caption])
+            entry = {"hidden": hidden[0].float().cpu().contiguous()}
+            if pooled is not None:
+                entry["pooled"] = pooled[0].float().cpu().contiguous()
+            save_file(entry, str(tmp))
+
+        path, made = self.store.cached(
+            "text-embedding", {"caption": caption, "model": self.model_key}, ".safetensors", encode
+        )
+        self.misses += made
+        self.hits += not made
+        return load_file(str(path))
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         entries = [self.one(c) for c in captions]

@@ -1,0 +1,31 @@
+"""The `ingest` section of params.yaml: typed, frozen, validated (no torch, no stage code)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from loraforge.params import DatasetParams, ModelParams, section
+
+
+@section
+class Params:
+    """The `ingest` section of params.yaml.
+
+    Attributes:
+        source: folder of source images, relative to the project root.
+        max_reject_ratio: stop the run when rejected files / all image files exceeds this.
+        background: `#rrggbb` colour that transparent pixels are flattened onto.
+        dedupe: drop exact duplicates (same decoded pixels and size), keeping the first by path.
+        clean_adversarial: run the anti-AI-filter cleanup (003 guide) on every image; off by default
+            because it slightly softens every image.
+        dataset: the shared `dataset` section (DSB, tiling, quality gates).
+        model: the shared `model` section (only `base`, for the minimum-resolution gate).
+    """
+
+    source: str = Field("data/demo", min_length=1)
+    max_reject_ratio: float = Field(0.2, ge=0, le=1)
+    background: str = Field("#ffffff", pattern=r"^#[0-9a-fA-F]{6}$")
+    dedupe: bool = True
+    clean_adversarial: bool = False
+    dataset: DatasetParams = Field(default_factory=DatasetParams)
+    model: ModelParams = Field(default_factory=ModelParams)
