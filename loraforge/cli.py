@@ -18,18 +18,17 @@ import os
 import subprocess
 import sys
 
-from loraforge.params import ParamsError, load_all_params
-from loraforge.spec import PIPELINE_FILE, SpecError, find_root, load_pipeline
+from loraforge.errors import StopRun
+from loraforge.params import load_all_params
+from loraforge.spec import PIPELINE_FILE, find_root, load_pipeline
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
     from loraforge.runner import run_stage
 
     manifest = run_stage(find_root(), args.name)
-    report = manifest["report"]
-    print(
-        f"{args.name}: {report['items']} items, {report['computed']} computed, {report['reused']} reused, {report['seconds']:.1f}s"
-    )
+    r = manifest["report"]
+    print(f"{args.name}: {r['items']} items, {r['computed']} computed, {r['reused']} reused, {r['seconds']:.1f}s")
     return 0
 
 
@@ -61,6 +60,10 @@ def cmd_sync_dvc(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     root = find_root()
     load_all_params(root, load_pipeline(root))
+    if args.mark:  # dvc.yaml's guard stage: a marker whose content never changes
+        mark = root / args.mark
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text('{"params": "valid"}\n', encoding="utf-8")
     print("params.yaml is valid for every stage")
     return 0
 
@@ -92,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sync_dvc)
 
     p = sub.add_parser("check", help="validate params.yaml")
+    p.add_argument("--mark", metavar="FILE", help="write a fixed marker file when valid (dvc.yaml's `check` stage)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("ui", help="start the Prefect server and UI on 127.0.0.1")
@@ -110,10 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; an expected stop (`loraforge.errors.StopRun`) is printed as
+    `loraforge: <message>` with exit code 2, and no traceback unless `LORAFORGE_DEBUG=1`."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ParamsError, SpecError) as e:
+    except StopRun as e:
+        if os.environ.get("LORAFORGE_DEBUG") == "1":
+            raise
         print(f"loraforge: {e}", file=sys.stderr)
         return 2
 

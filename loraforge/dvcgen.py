@@ -1,4 +1,12 @@
-"""Derive `dvc.yaml` from `pipeline.yaml` (`loraforge sync-dvc`)."""
+"""Derive `dvc.yaml` from `pipeline.yaml` (`loraforge sync-dvc`).
+
+Besides the pipeline's stages, dvc.yaml gets one guard stage, `check`, that every stage depends
+on: it validates the whole params.yaml (`loraforge check --mark`) and writes a marker whose
+content never changes. DVC deletes a stage's outputs just before running it, so a bad value must
+stop `dvc repro` before any stage runs: `check` is first in every run that a params.yaml edit
+triggers, and when it fails nothing else starts; when it passes, its unchanged marker reruns
+nothing by itself.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,12 @@ from typing import Any
 
 import yaml
 
-from loraforge.spec import PIPELINE_FILE, Pipeline, StageSpec, load_pipeline
+from loraforge.codedeps import code_dependencies, installed_code_root
+from loraforge.spec import PARAMS_FILE, PIPELINE_FILE, Pipeline, StageSpec, load_pipeline
 
 DVC_FILE = "dvc.yaml"
+CHECK_STAGE = "check"
+CHECK_MARK = "reports/check.json"
 HEADER = (
     "# Generated from pipeline.yaml by `loraforge sync-dvc`; do not edit by hand.\n"
     "# `loraforge sync-dvc --check` (run in the tests) fails when this file is stale.\n"
@@ -20,11 +31,36 @@ def _out_entry(path: str, cache: bool) -> Any:
     return path if cache else {path: {"cache": False}}
 
 
+def schema_files(root: Path, pipeline: Pipeline) -> list[str]:
+    """The params schema: every stage's params module and what it imports (e.g. loraforge/params.py)."""
+    files: list[str] = []
+    for stage in pipeline.stages.values():
+        module = stage.params_module_name.replace(".", "/") + ".py"
+        base = root if (root / module).is_file() else installed_code_root(module)
+        if base is None:
+            continue
+        for path in (module, *code_dependencies(base, module)):
+            path = path if base == root else (base / path).as_posix()
+            if path not in files:
+                files.append(path)
+    return files
+
+
+def check_block(root: Path, pipeline: Pipeline) -> dict[str, Any]:
+    """The guard stage: validates params.yaml before any stage can delete its outputs."""
+    return {
+        "cmd": f"loraforge check --mark {CHECK_MARK}",
+        "deps": [PARAMS_FILE, PIPELINE_FILE, *schema_files(root, pipeline)],
+        "outs": [_out_entry(CHECK_MARK, False)],
+        "desc": "Validate every section of params.yaml before any stage touches its outputs",
+    }
+
+
 def stage_block(stage: StageSpec) -> dict[str, Any]:
-    """The dvc.yaml block of one stage: cmd, deps (code + inputs), params, outs, metrics, plots."""
+    """The dvc.yaml block of one stage: cmd, deps (code + inputs + the check mark), params, outs, metrics, plots."""
     block: dict[str, Any] = {
         "cmd": f"loraforge stage {stage.name}",
-        "deps": [*stage.code, *stage.inputs.values()],
+        "deps": [*stage.code, *stage.inputs.values(), CHECK_MARK],
         "params": list(stage.params),
     }
     groups: dict[str, list[Any]] = {"outs": [], "metrics": [], "plots": []}
@@ -38,9 +74,11 @@ def stage_block(stage: StageSpec) -> dict[str, Any]:
     return block
 
 
-def render(pipeline: Pipeline, plots: list[Any] | None = None) -> str:
+def render(root: Path, pipeline: Pipeline, plots: list[Any] | None = None) -> str:
     """dvc.yaml text for `pipeline` (deterministic, so `--check` can compare bytes)."""
-    doc: dict[str, Any] = {"stages": {name: stage_block(s) for name, s in pipeline.stages.items()}}
+    stages = {CHECK_STAGE: check_block(Path(root), pipeline)}
+    stages.update({name: stage_block(s) for name, s in pipeline.stages.items()})
+    doc: dict[str, Any] = {"stages": stages}
     if plots:
         doc["plots"] = plots
     return HEADER + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=100)
@@ -55,7 +93,7 @@ def top_level_plots(root: Path) -> list[Any] | None:
 def sync(root: Path, check: bool = False) -> bool:
     """Write dvc.yaml (or, with `check`, only compare). Returns True when it is up to date."""
     root = Path(root)
-    text = render(load_pipeline(root), top_level_plots(root))
+    text = render(root, load_pipeline(root), top_level_plots(root))
     target = root / DVC_FILE
     current = target.read_text(encoding="utf-8") if target.exists() else None
     if check:

@@ -18,6 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
+from loraforge.errors import InputError
 from loraforge.fingerprint import hash_bytes
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ _WITH_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
-class ImageRejected(ValueError):
+class ImageRejected(InputError):
     """A file that cannot enter the dataset; `reason` says why in a few words."""
 
     def __init__(self, reason: str) -> None:

@@ -1,8 +1,9 @@
 """`params.yaml` loaded into typed, frozen, validated per-stage params.
 
 Each stage's `Params`, a frozen pydantic dataclass for its own section (built with `section`),
-lives in `stages/<name>_params.py`, beside the stage and importable without torch. Shared sections (`model`) are defined here and handed to every stage that lists them
-in pipeline.yaml: the stage's params get them as a field of the same name.
+lives in `stages/<name>_params.py`, beside the stage and importable without torch. Shared
+sections (`model`, `dataset`) are defined here and handed to every stage that lists them in
+pipeline.yaml: the stage's params get them as a field of the same name.
 
 Validation happens before any work; an unknown key, a wrong type or an out-of-range value raises
 `ParamsError` naming the key, the value and what is allowed.
@@ -18,6 +19,7 @@ import pydantic
 import yaml
 from pydantic import ConfigDict, Field
 
+from loraforge.errors import InputError
 from loraforge.spec import PARAMS_FILE, Pipeline, StageSpec
 
 SECTION_CONFIG = ConfigDict(extra="forbid")
@@ -28,7 +30,7 @@ def section(cls: type) -> type:
     return pydantic.dataclasses.dataclass(frozen=True, config=SECTION_CONFIG)(cls)
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     """params.yaml failed validation; the message lists every problem."""
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from loraforge.fingerprint import canonical, hash_tree
-from loraforge.params import load_stage_params, read_params_file
+from loraforge.params import load_all_params, read_params_file
 from loraforge.spec import Pipeline, StageSpec, load_pipeline, param_ref
 from loraforge.store import ItemStore
 
@@ -138,7 +138,7 @@ def run_stage(
     if name not in pipeline.stages:
         raise KeyError(f"no stage `{name}` in pipeline.yaml (have: {', '.join(pipeline.stages)})")
     stage = pipeline.stages[name]
-    params = load_stage_params(root, pipeline, name)  # fails before any work
+    params = load_all_params(root, pipeline)[name]  # the whole file is valid, or nothing is touched
     inputs = resolve_inputs(root, stage, read_params_file(root))
     outputs = prepare_outputs(root, stage)
     env = StageEnv(

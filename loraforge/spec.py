@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
+from loraforge.errors import InputError
 from loraforge.codedeps import code_dependencies, installed_code_root
 
 PIPELINE_FILE = "pipeline.yaml"
@@ -20,7 +21,7 @@ STAGE_ORDER = ("ingest", "upscale", "caption", "latents", "finetune", "extract",
 _PARAM_REF = re.compile(r"^\$\{([a-z_][a-z0-9_.]*)\}$")
 
 
-class SpecError(ValueError):
+class SpecError(InputError):
     """pipeline.yaml is malformed; the message names the stage and key."""
 
 

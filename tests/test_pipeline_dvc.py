@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from loraforge.fingerprint import hash_tree
 from tests.helpers import make_project, ran_stages, run, set_params
 
 pytestmark = pytest.mark.slow
@@ -52,6 +53,27 @@ def test_second_repro_runs_nothing(project):
     result = run(["dvc", "repro"], project)
     assert ran_stages(result.stdout) == []
     assert run(["dvc", "status"], project).stdout.strip() == "Data and pipelines are up to date."
+
+
+def test_a_bad_param_stops_before_any_output_is_touched_and_the_fix_reruns_nothing(project):
+    """issue 10: a typo in params.yaml must not cost the finished run (DVC deletes a stage's
+    outputs just before running it; the `check` guard stage fails first)."""
+    outputs = ["models/checkpoints", "models/lora.safetensors", "reports/finetune", "data/latents"]
+    before = {path: hash_tree(project / path) for path in outputs}
+    lock, good = (project / "dvc.lock").read_text(), (project / "params.yaml").read_text()
+    set_params(project, {"finetune": {"lr": -1}})
+    result = run(["dvc", "repro"], project, check=False)
+    assert result.returncode != 0
+    assert ran_stages(result.stdout, guard=True) == ["check"]
+    assert "`finetune.lr` = -1: Input should be greater than 0" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert {path: hash_tree(project / path) for path in outputs} == before
+    assert (project / "dvc.lock").read_text() == lock
+
+    (project / "params.yaml").write_text(good)
+    result = run(["dvc", "repro"], project)
+    assert ran_stages(result.stdout, guard=True) == ["check"]  # only the guard, whose mark is unchanged
+    assert {path: hash_tree(project / path) for path in outputs} == before
 
 
 def test_changing_the_trigger_reruns_caption_and_downstream_only(project):

@@ -1,4 +1,7 @@
-"""The same pipeline as a real Prefect flow (ephemeral server): cached reruns and cache safety."""
+"""The same pipeline as a real Prefect flow (ephemeral server): cached reruns and cache safety.
+
+The module fixture runs the flow once on a fresh project; every test starts from that finished
+run and leaves the project finished, so each passes alone and in any order."""
 
 from __future__ import annotations
 
@@ -14,14 +17,23 @@ ALL = ["ingest", "upscale", "caption", "latents", "finetune", "extract", "resize
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    return make_project(tmp_path_factory.mktemp("prefect") / "project", git=False)
-
-
-def test_second_run_is_cached_for_every_stage(project):
+def first_run(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A project after its first flow run, and that run's statuses."""
     from flows.pipeline import run_pipeline
 
-    first = run_pipeline(project)
+    project = make_project(tmp_path_factory.mktemp("prefect") / "project", git=False)
+    return project, run_pipeline(project)
+
+
+@pytest.fixture
+def project(first_run) -> Path:
+    return first_run[0]
+
+
+def test_first_run_computes_and_second_run_is_cached_for_every_stage(first_run):
+    from flows.pipeline import run_pipeline
+
+    project, first = first_run
     assert first == {name: "computed" for name in ALL}
     assert (project / "models" / "lora.safetensors").is_file()
     second = run_pipeline(project)
@@ -36,6 +48,7 @@ def test_deleted_outputs_are_recomputed_not_trusted(project):
     assert statuses["resize"] == "computed"
     assert statuses["extract"] == "cached"
     assert (project / "models" / "loras").is_dir()
+    assert run_pipeline(project) == {name: "cached" for name in ALL}  # leaves a finished, cached project
 
 
 def test_cli_run_prints_one_line_per_stage(project):

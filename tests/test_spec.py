@@ -53,7 +53,7 @@ def test_sync_dvc_check_detects_a_stale_file(tmp_path):
 
 
 def test_dvc_stage_blocks_carry_code_inputs_params_and_report():
-    doc = yaml.safe_load(render(load_pipeline(REPO), top_level_plots(REPO)))
+    doc = yaml.safe_load(render(REPO, load_pipeline(REPO), top_level_plots(REPO)))
     latents = doc["stages"]["latents"]
     assert latents["cmd"] == "loraforge stage latents"
     assert "stages/latents.py" in latents["deps"] and "data/upscaled" in latents["deps"]
@@ -134,3 +134,47 @@ def test_spec_params_and_flow_import_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_stage_command_validates_the_whole_file(tmp_path):
+    """What `dvc repro` runs must refuse a misspelt section too, not only `loraforge check`."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["injest"] = {"source": "data/demo"}
+    params["finetune"]["lr"] = -1  # another stage's section: still refused by `stage upscale`
+    project = make_project(tmp_path, params)
+    result = subprocess.run(
+        [sys.executable, "-m", "loraforge", "stage", "upscale"], cwd=project, capture_output=True, text=True
+    )
+    assert result.returncode == 2, result.stderr
+    assert "`injest` is not a known section" in result.stderr and "`finetune.lr` = -1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (project / "data").exists()
+
+
+def test_check_mark_is_written_only_when_valid_and_never_changes(tmp_path):
+    project = make_project(tmp_path)
+    mark = project / "reports" / "check.json"
+    subprocess.run([sys.executable, "-m", "loraforge", "check", "--mark", "reports/check.json"], cwd=project, check=True)
+    first = mark.read_bytes()
+    text = (project / "params.yaml").read_text().replace("lr: 0.0003", "lr: 0.0001")
+    (project / "params.yaml").write_text(text)
+    subprocess.run([sys.executable, "-m", "loraforge", "check", "--mark", "reports/check.json"], cwd=project, check=True)
+    assert mark.read_bytes() == first  # a valid edit leaves downstream stages' dep unchanged
+    mark.unlink()
+    (project / "params.yaml").write_text(text.replace("lr: 0.0001", "lr: -1"))
+    result = subprocess.run(
+        [sys.executable, "-m", "loraforge", "check", "--mark", "reports/check.json"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and not mark.exists()
+
+
+def test_every_stage_depends_on_the_check_guard():
+    doc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert list(doc["stages"])[0] == "check"
+    assert "params.yaml" in doc["stages"]["check"]["deps"]
+    assert "stages/finetune_params.py" in doc["stages"]["check"]["deps"]
+    for name in STAGE_ORDER:
+        assert "reports/check.json" in doc["stages"][name]["deps"], name
