@@ -24,7 +24,9 @@ from prefect.artifacts import (
 from prefect.context import TaskRunContext
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
 
+from loraforge.filedeps import file_fingerprints
 from loraforge.fingerprint import canonical, hash_file, hash_json, hash_tree
+from loraforge.models import HASH_CACHE, HashCache
 from loraforge.params import load_all_params, load_stage_params, read_params_file
 from loraforge.runner import STATE_DIR, resolve_inputs, run_stage
 from loraforge.spec import load_pipeline
@@ -55,16 +57,22 @@ class PrefectPublisher:
 
 
 def stage_fingerprint(root: Path, name: str) -> str:
-    """xxh3 of what decides a stage's result: its code files, its validated params, its inputs."""
+    """xxh3 of what decides a stage's result: its code files, its validated params, its inputs'
+    content and the content of the files its params point at."""
     pipeline = load_pipeline(root)
     stage = pipeline.stages[name]
-    inputs = resolve_inputs(root, stage, read_params_file(root))
+    raw = read_params_file(root)
+    inputs = resolve_inputs(root, stage, raw)
+    cache = HashCache(root / STATE_DIR / HASH_CACHE)
+    files = file_fingerprints(root, stage, raw, cache)
+    cache.save()
     return hash_json(
         {
             "stage": name,
             "code": {path: hash_file(root / path) for path in stage.code},
             "params": canonical(load_stage_params(root, pipeline, name)),
-            "inputs": {key: hash_tree(path) for key, path in inputs.items()},
+            "inputs": {key: hash_tree(inputs[key]) for key in stage.inputs},
+            "files": files,
         }
     )
 

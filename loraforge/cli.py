@@ -59,11 +59,17 @@ def cmd_sync_dvc(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     root = find_root()
-    load_all_params(root, load_pipeline(root))
-    if args.mark:  # dvc.yaml's guard stage: a marker whose content never changes
-        mark = root / args.mark
-        mark.parent.mkdir(parents=True, exist_ok=True)
-        mark.write_text('{"params": "valid"}\n', encoding="utf-8")
+    pipeline = load_pipeline(root)
+    load_all_params(root, pipeline)
+    if args.fingerprint:  # dvc.yaml's guard stage: the hashes of the files params point at
+        from loraforge.filedeps import write_fingerprints
+        from loraforge.models import HASH_CACHE, HashCache
+        from loraforge.params import read_params_file
+        from loraforge.runner import STATE_DIR
+
+        cache = HashCache(root / STATE_DIR / HASH_CACHE)
+        write_fingerprints(root, list(pipeline.stages.values()), read_params_file(root), cache)
+        cache.save()
     print("params.yaml is valid for every stage")
     return 0
 
@@ -95,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sync_dvc)
 
     p = sub.add_parser("check", help="validate params.yaml")
-    p.add_argument("--mark", metavar="FILE", help="write a fixed marker file when valid (dvc.yaml's `check` stage)")
+    p.add_argument(
+        "--fingerprint", action="store_true", help="also write reports/inputs/<stage>.json (dvc.yaml's `check` stage)"
+    )
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("ui", help="start the Prefect server and UI on 127.0.0.1")

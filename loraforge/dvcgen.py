@@ -1,11 +1,13 @@
 """Derive `dvc.yaml` from `pipeline.yaml` (`loraforge sync-dvc`).
 
-Besides the pipeline's stages, dvc.yaml gets one guard stage, `check`, that every stage depends
-on: it validates the whole params.yaml (`loraforge check --mark`) and writes a marker whose
-content never changes. DVC deletes a stage's outputs just before running it, so a bad value must
-stop `dvc repro` before any stage runs: `check` is first in every run that a params.yaml edit
-triggers, and when it fails nothing else starts; when it passes, its unchanged marker reruns
-nothing by itself.
+Besides the pipeline's stages, dvc.yaml gets one guard stage, `check`, that runs first on every
+`dvc repro` (`always_changed`) and that every stage depends on:
+
+- it validates the whole params.yaml: DVC deletes a stage's outputs just before running it, so
+  a bad value must stop the run before any stage starts, and it does, since `check` fails first;
+- it writes `reports/inputs/<stage>.json`, the content hashes of the files that stage's params
+  point at (`loraforge.filedeps`); each is a dep of its stage, so replacing a model file at the
+  same path reruns exactly the stages that use it, and an unchanged one reruns nothing.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from typing import Any
 import yaml
 
 from loraforge.codedeps import code_dependencies, installed_code_root
+from loraforge.filedeps import INPUTS_DIR
 from loraforge.spec import PARAMS_FILE, PIPELINE_FILE, Pipeline, StageSpec, load_pipeline
 
 DVC_FILE = "dvc.yaml"
 CHECK_STAGE = "check"
-CHECK_MARK = "reports/check.json"
 HEADER = (
     "# Generated from pipeline.yaml by `loraforge sync-dvc`; do not edit by hand.\n"
     "# `loraforge sync-dvc --check` (run in the tests) fails when this file is stale.\n"
@@ -46,21 +48,29 @@ def schema_files(root: Path, pipeline: Pipeline) -> list[str]:
     return files
 
 
+def inputs_file(stage: str) -> str:
+    """The `check` stage's record of the hashes of `stage`'s file params."""
+    return f"{INPUTS_DIR}/{stage}.json"
+
+
 def check_block(root: Path, pipeline: Pipeline) -> dict[str, Any]:
-    """The guard stage: validates params.yaml before any stage can delete its outputs."""
+    """The guard stage: validates params.yaml before any stage can delete its outputs, and hashes
+    the files params point at."""
     return {
-        "cmd": f"loraforge check --mark {CHECK_MARK}",
+        "cmd": "loraforge check --fingerprint",
         "deps": [PARAMS_FILE, PIPELINE_FILE, *schema_files(root, pipeline)],
-        "outs": [_out_entry(CHECK_MARK, False)],
-        "desc": "Validate every section of params.yaml before any stage touches its outputs",
+        "outs": [_out_entry(inputs_file(name), False) for name in pipeline.stages],
+        "always_changed": True,
+        "desc": "Validate params.yaml before any stage touches its outputs; hash the files params name",
     }
 
 
 def stage_block(stage: StageSpec) -> dict[str, Any]:
-    """The dvc.yaml block of one stage: cmd, deps (code + inputs + the check mark), params, outs, metrics, plots."""
+    """The dvc.yaml block of one stage: cmd, deps (code, inputs, its file-param hashes), params, outs,
+    metrics, plots."""
     block: dict[str, Any] = {
         "cmd": f"loraforge stage {stage.name}",
-        "deps": [*stage.code, *stage.inputs.values(), CHECK_MARK],
+        "deps": [*stage.code, *stage.inputs.values(), inputs_file(stage.name)],
         "params": list(stage.params),
     }
     groups: dict[str, list[Any]] = {"outs": [], "metrics": [], "plots": []}

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from loraforge.errors import InputError
+from loraforge.filedeps import param_value, stage_files
 from loraforge.fingerprint import canonical, hash_tree
 from loraforge.params import load_all_params, read_params_file
 from loraforge.spec import Pipeline, StageSpec, load_pipeline, param_ref
@@ -83,20 +85,20 @@ class StageEnv:
 
 
 def resolve_inputs(root: Path, stage: StageSpec, raw_params: dict[str, Any]) -> Paths:
-    """Input paths, with `${section.key}` taken from params.yaml and made absolute."""
+    """Input paths, with `${section.key}` taken from params.yaml and made absolute; plus the
+    stage's `files` whose param names an existing file or folder."""
     resolved = Paths()
     for name, value in stage.inputs.items():
         ref = param_ref(value)
         if ref is not None:
-            node: Any = raw_params
-            for part in ref.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
+            node = param_value(raw_params, ref)
             if not isinstance(node, str):
-                raise ValueError(
+                raise InputError(
                     f"pipeline.yaml: stage `{stage.name}` input `{name}` needs params.yaml `{ref}` set to a path"
                 )
             value = node
         resolved[name] = (root / value).resolve()
+    resolved.update(stage_files(root, stage, raw_params))
     return resolved
 
 

@@ -52,6 +52,9 @@ class StageSpec:
             Prefect cache key. Project-relative; absolute paths of the installed loraforge when
             the project holds no copy of the code (a folder with just the YAML files and data).
         inputs: named input paths; `${section.key}` refers to a params.yaml value.
+        files: named files or folders that params point at (`${upscale.model_path}`), each
+            optional (null = not used): their content, not just the path, decides a rerun. The
+            runner hands the stage the ones that exist under `inputs`, as absolute paths.
         outputs: named outputs.
         params: params.yaml sections the stage reads (its own first).
         gpu: whether the stage benefits from a GPU.
@@ -62,6 +65,7 @@ class StageSpec:
     module: str
     code: tuple[str, ...]
     inputs: dict[str, str]
+    files: dict[str, str]
     outputs: dict[str, OutputSpec]
     params: tuple[str, ...]
     gpu: bool = False
@@ -129,7 +133,7 @@ def _output(stage: str, key: str, raw: Any) -> OutputSpec:
 def _stage(root: Path, name: str, raw: Any) -> StageSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{PIPELINE_FILE}: stage `{name}` must be a mapping")
-    allowed = {"module", "inputs", "outputs", "params", "gpu", "description"}
+    allowed = {"module", "inputs", "files", "outputs", "params", "gpu", "description"}
     if "uses" in raw:
         raise SpecError(
             f"{PIPELINE_FILE}: stage `{name}` lists `uses`; it is derived from the module's imports now, remove it"
@@ -150,11 +154,18 @@ def _stage(root: Path, name: str, raw: Any) -> StageSpec:
         module=raw["module"],
         code=_code_files(root, name, raw["module"]),
         inputs={k: str(v) for k, v in (raw.get("inputs") or {}).items()},
+        files=_files(name, raw.get("files") or {}),
         outputs={k: _output(name, k, v) for k, v in raw["outputs"].items()},
         params=params,
         gpu=bool(raw.get("gpu", False)),
         description=str(raw.get("description", "")),
     )
+
+
+def _files(name: str, raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict) or not all(isinstance(v, str) and param_ref(v) for v in raw.values()):
+        raise SpecError(f"{PIPELINE_FILE}: stage `{name}` `files` must map names to `${{section.key}}` param refs")
+    return dict(raw)
 
 
 def _code_files(root: Path, name: str, module: str) -> tuple[str, ...]:

@@ -10,17 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import spandrel
+import torch
+from PIL import Image
+
+from loraforge.errors import InputError, MissingInput
 from loraforge.fingerprint import hash_file
 from loraforge.images import lanczos_upscale, pixel_hash, read_jsonl, save_png, write_jsonl
+from loraforge.models import resolve_device, resolve_model
+from loraforge.safetensors_io import load_tensors, refuse_pickle
 from loraforge.store import materialize
 from stages.upscale_params import Params
 
 if TYPE_CHECKING:
-    from PIL import Image
-
     from loraforge.runner import Paths, StageEnv
-
-PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
 def needs_upscale(width: int, height: int, min_side: int) -> bool:
@@ -28,125 +32,129 @@ def needs_upscale(width: int, height: int, min_side: int) -> bool:
     return min(width, height) < min_side
 
 
-def check_upscaler_path(params: Params) -> Path:
-    """The upscaler weights file, refusing a missing file or an unopted-in pickle."""
+def upscaler_file(params: Params, inputs: "Paths") -> Path:
+    """The upscaler weights file (the runner hands it as `inputs.upscaler` when it exists)."""
     if not params.model_path:
-        raise ValueError("`upscale.model_path` must name a weights file when `upscale.method` is `model`")
-    path = Path(params.model_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"`upscale.model_path`: no file at {path}")
-    if path.suffix.lower() in PICKLE_SUFFIXES and not params.allow_pickle:
-        raise ValueError(
-            f"`upscale.model_path` {path} is a pickle file; convert it to .safetensors or set `upscale.allow_pickle: true`"
-        )
-    return path
+        raise InputError("`upscale.model_path` must name a weights file when `upscale.method` is `model`")
+    if "upscaler" not in inputs:
+        raise MissingInput(f"`upscale.model_path` = {params.model_path!r}: no such file in the project")
+    refuse_pickle(inputs["upscaler"], params.allow_pickle, "upscale.allow_pickle")  # before any work
+    return Path(inputs["upscaler"])
 
 
-def model_upscale(image: "Image.Image", model: Any, min_side: int, tile: int) -> "Image.Image":
-    """Run a spandrel model tile by tile (tiles overlap-free; ESRGAN nets are local), then Lanczos
-    to the exact target if the network's scale overshoots or undershoots."""
-    import numpy as np
-    import torch
-    from PIL import Image as PILImage
+def target_size(width: int, height: int, min_side: int) -> tuple[int, int]:
+    """The size `lanczos_upscale` gives: short side exactly `min_side`, aspect kept."""
+    short = min(width, height)
+    if width <= height:
+        return min_side, max(min_side, round(height * min_side / short))
+    return max(min_side, round(width * min_side / short)), min_side
 
+
+def model_upscale(image: Image.Image, model: Any, min_side: int, tile: int, overlap: int = 0) -> Image.Image:
+    """Run a super-resolution network tile by tile, then Lanczos to the exact target size if
+    the network's scale overshoots or undershoots it.
+
+    Each tile is run with `overlap` pixels of its neighbours around it (clipped at the image
+    border) and only its own area is kept, so every output pixel saw the same context it would
+    have seen in one whole-image pass, up to the overlap: no seams at tile borders.
+
+    Args:
+        image: RGB input.
+        model: a callable (1, 3, h, w) in [0, 1] -> (1, 3, h·scale, w·scale), with `scale` and `device`.
+        min_side: the short side wanted.
+        tile: tile side in input pixels.
+        overlap: context pixels around each tile.
+    """
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
     x = x.to(model.device)
-    scale = model.scale
-    out = torch.zeros(1, 3, x.shape[2] * scale, x.shape[3] * scale, device=x.device)
+    s, (height, width) = model.scale, x.shape[2:]
+    out = torch.zeros(1, 3, height * s, width * s, device=x.device)
     with torch.inference_mode():
-        for top in range(0, x.shape[2], tile):
-            for left in range(0, x.shape[3], tile):
-                patch = x[:, :, top : top + tile, left : left + tile]
-                out[
-                    :, :, top * scale : (top + patch.shape[2]) * scale, left * scale : (left + patch.shape[3]) * scale
-                ] = model(patch)
+        for top in range(0, height, tile):
+            for left in range(0, width, tile):
+                bottom, right = min(top + tile, height), min(left + tile, width)
+                t0, l0 = max(0, top - overlap), max(0, left - overlap)
+                patch = model(x[:, :, t0 : min(height, bottom + overlap), l0 : min(width, right + overlap)])
+                keep = patch[:, :, (top - t0) * s : (bottom - t0) * s, (left - l0) * s : (right - l0) * s]
+                out[:, :, top * s : bottom * s, left * s : right * s] = keep
     array = (out[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0).round().astype("uint8")
-    big = PILImage.fromarray(array)
-    # The exact size `lanczos_upscale` would give: a 4x net on a 100 px image overshoots 128 px.
-    w, h = image.size
-    short = min(w, h)
-    target = (
-        (min_side, max(min_side, round(h * min_side / short)))
-        if w <= h
-        else (max(min_side, round(w * min_side / short)), min_side)
-    )
-    return big if big.size == target else big.resize(target, PILImage.Resampling.LANCZOS)
+    big = Image.fromarray(array)
+    target = target_size(*image.size, min_side)  # a 4x net on a 100 px image overshoots 128 px
+    return big if big.size == target else big.resize(target, Image.Resampling.LANCZOS)
 
 
-def load_upscaler(path: Path, device: str) -> Any:
-    """An ESRGAN-family network from a local file, via spandrel."""
+def load_upscaler(path: Path, device: str, allow_pickle: bool) -> Any:
+    """A super-resolution network from a weights file: tensors read by loraforge's one loader
+    (safetensors; pickle only with `upscale.allow_pickle`), architecture detected by spandrel.
+
+    Args:
+        path: the weights file.
+        device: where the network runs.
+        allow_pickle: `upscale.allow_pickle`.
+    """
+    state = load_tensors(path, allow_pickle=allow_pickle, opt_in="upscale.allow_pickle")
     try:
-        import spandrel
-    except ImportError as e:
-        raise ImportError(
-            "`upscale.method: model` needs spandrel: `pip install 'loraforge[upscale]'` (it needs a torchvision "
-            f"built for your torch). Import failed: {e}"
-        ) from e
-    descriptor = spandrel.ModelLoader(device=device).load_from_file(str(path))
-    return descriptor.eval()
+        descriptor = spandrel.ModelLoader(device=device).load_from_state_dict(state)
+    except spandrel.UnsupportedModelError:
+        raise InputError(f"`upscale.model_path` {path}: not an architecture spandrel knows") from None
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor) or descriptor.scale < 2:
+        kind = f"{descriptor.architecture.name} ({descriptor.purpose}, scale {descriptor.scale})"
+        raise InputError(f"`upscale.model_path` {path} is {kind}, not a super-resolution model")
+    if descriptor.input_channels != 3 or descriptor.output_channels != 3:
+        raise InputError(f"`upscale.model_path` {path}: needs an RGB model, got {descriptor.input_channels} channels")
+    return descriptor.to(device).eval()
 
 
 def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
     """Upscale small images from `inputs.images` into `outputs.images`."""
-    from PIL import Image as PILImage
-
-    from loraforge.models import resolve_device, resolve_model
-
     min_side = params.min_side or resolve_model(params.model, env.state_dir).native_resolution
-    upscaler, upscaler_id = None, "lanczos"
-    if params.method == "model":
-        weights = check_upscaler_path(params)
-        upscaler_id = hash_file(weights)
+    weights = upscaler_file(params, inputs) if params.method == "model" else None
+    upscaler = Upscaler(params, weights, str(resolve_device(params.model.device)))
     rows = read_jsonl(inputs.images / "manifest.jsonl")
-    computed = reused = passed = 0
+    counts = {"computed": 0, "reused": 0, "passed_through": 0}
     out_rows = []
     for row in env.bar(rows, desc="upscale", unit="img"):
-        src = inputs.images / row["file"]
-        dst = outputs.images / row["file"]
+        src, dst = inputs.images / row["file"], outputs.images / row["file"]
         if not needs_upscale(row["width"], row["height"], min_side):
             materialize(src, dst)
-            passed += 1
+            counts["passed_through"] += 1
             out_rows.append({**row, "upscaled_from": None})
             continue
-        item = env.store.item(
-            "upscaled",
-            image=row["pixel_hash"],
-            min_side=min_side,
-            method=upscaler_id,
-            tile=params.tile if params.method == "model" else None,
-        )
-        entry = item.get(".png")
-        if entry is None:
-            with PILImage.open(src) as img:
-                img = img.convert("RGB")
-                if params.method == "model":
-                    upscaler = upscaler or load_upscaler(weights, str(resolve_device(params.model.device)))
-                    big = model_upscale(img, upscaler, min_side, params.tile)
-                else:
-                    big = lanczos_upscale(img, min_side)
-            entry = item.put(".png", lambda p, im=big: save_png(im, p))
-            computed += 1
-        else:
-            reused += 1
+        entry, made = env.store.cached(
+            "upscaled", {"image": row["pixel_hash"], "min_side": min_side, **upscaler.identity}, ".png",
+            lambda tmp, src=src: save_png(upscaler(src, min_side), tmp),
+        )  # fmt: skip
+        counts["computed" if made else "reused"] += 1
         materialize(entry, dst)
-        with PILImage.open(entry) as img:
-            width, height = img.size
-            digest = pixel_hash(img.convert("RGB"))  # new pixels: later stages key their caches on this
-        out_rows.append(
-            {
-                **row,
-                "width": width,
-                "height": height,
-                "pixel_hash": digest,
-                "upscaled_from": [row["width"], row["height"]],
-            }
-        )
+        with Image.open(entry) as img:
+            size, digest = img.size, pixel_hash(img.convert("RGB"))  # new pixels: later caches key on this
+        out_rows.append({**row, "width": size[0], "height": size[1], "pixel_hash": digest,
+                         "upscaled_from": [row["width"], row["height"]]})  # fmt: skip
     write_jsonl(outputs.images / "manifest.jsonl", out_rows)
-    return {
-        "items": len(rows),
-        "computed": computed,
-        "reused": reused,
-        "passed_through": passed,
-        "min_side": min_side,
-        "method": params.method,
-    }
+    return {"items": len(rows), **counts, "min_side": min_side, "method": params.method}
+
+
+class Upscaler:
+    """Lanczos, or the network of `upscale.model_path` (loaded on first use, once).
+
+    Args:
+        params: the `upscale` section.
+        weights: the network's weights file (method `model`), else None.
+        device: where the network runs.
+    """
+
+    def __init__(self, params: Params, weights: Path | None, device: str) -> None:
+        self.params, self.weights, self.device, self.net = params, weights, device, None
+        if weights is None:  # the store key: what decides the upscaled pixels
+            self.identity: dict[str, Any] = {"method": "lanczos", "tile": None}
+        else:
+            self.identity = {"method": hash_file(weights), "tile": params.tile, "overlap": params.tile_overlap}
+
+    def __call__(self, src: Path, min_side: int) -> Image.Image:
+        """The upscaled image of the file `src`."""
+        with Image.open(src) as opened:
+            img = opened.convert("RGB")
+        if self.weights is None:
+            return lanczos_upscale(img, min_side)
+        self.net = self.net or load_upscaler(self.weights, self.device, self.params.allow_pickle)
+        return model_upscale(img, self.net, min_side, self.params.tile, self.params.tile_overlap)

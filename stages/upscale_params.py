@@ -16,9 +16,13 @@ class Params:
     Attributes:
         min_side: images with a shorter side are upscaled; null = the model's native resolution.
         method: `lanczos`, or `model` for an ESRGAN-family network (`model_path`) via spandrel.
-        model_path: local weights file for `method: model` (.safetensors; .pth only with `allow_pickle`).
-        allow_pickle: allow a pickle `.pth` upscaler file (loaded by spandrel with torch.load).
+        model_path: weights file for `method: model`, relative to the project: any single-image
+            super-resolution architecture spandrel reads (ESRGAN, RealESRGAN, SwinIR, SPAN...);
+            .safetensors, or .pth only with `allow_pickle`. Its content is part of the cache key.
+        allow_pickle: allow a pickle `.pth` upscaler file (read with torch.load(weights_only=True)).
         tile: tile size in pixels for `method: model`, bounding memory on large images.
+        tile_overlap: pixels of context added around each tile and cropped off after (the
+            network's receptive field: without it, tile borders show seams).
     """
 
     model: ModelParams
@@ -27,3 +31,4 @@ class Params:
     model_path: str | None = None
     allow_pickle: bool = False
     tile: int = Field(256, ge=32)
+    tile_overlap: int = Field(16, ge=0, le=256)

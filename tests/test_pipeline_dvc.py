@@ -116,3 +116,26 @@ def test_a_wd14_captioner_runs_under_dvc_and_a_threshold_change_reruns_no_model(
     assert ran_stages(result.stdout) == ["caption"]
     again = report(project, "caption")
     assert again["generated"] == 0 and again["reused"] == first["items"]  # tags re-selected from cached scores
+
+
+def test_replacing_a_file_a_param_names_reruns_the_stage_that_uses_it(tmp_path):
+    """issue 11: `upscale.model_path` is a real input: same path, new weights -> upscale reruns;
+    the same bytes rewritten (new mtime) -> nothing reruns."""
+    from tests.test_upscale import esrgan_file
+
+    project = make_project(tmp_path / "p")
+    (project / "upscalers").mkdir()
+    weights = esrgan_file(project / "upscalers" / "4x.safetensors", "realesrgan")
+    set_params(project, {"upscale": {"method": "model", "model_path": "upscalers/4x.safetensors", "tile": 64}})
+    result = run(["dvc", "repro", "upscale"], project)
+    assert ran_stages(result.stdout) == ["ingest", "upscale"]
+    assert report(project, "upscale")["computed"] >= 1
+    inputs = json.loads((project / "reports" / "inputs" / "upscale.json").read_text())
+    assert list(inputs["files"]) == ["upscale.model_path"]
+
+    weights.write_bytes(weights.read_bytes())  # same content, new mtime
+    assert ran_stages(run(["dvc", "repro", "upscale"], project).stdout) == []
+    esrgan_file(weights, "realesrgan", seed=1)  # same path, new weights
+    result = run(["dvc", "repro", "upscale"], project)
+    assert ran_stages(result.stdout) == ["upscale"]
+    assert report(project, "upscale")["reused"] == 0

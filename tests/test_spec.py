@@ -151,30 +151,37 @@ def test_the_stage_command_validates_the_whole_file(tmp_path):
     assert not (project / "data").exists()
 
 
-def test_check_mark_is_written_only_when_valid_and_never_changes(tmp_path):
+def test_check_fingerprints_the_files_params_name_and_writes_nothing_when_invalid(tmp_path):
     project = make_project(tmp_path)
-    mark = project / "reports" / "check.json"
-    subprocess.run([sys.executable, "-m", "loraforge", "check", "--mark", "reports/check.json"], cwd=project, check=True)
-    first = mark.read_bytes()
-    text = (project / "params.yaml").read_text().replace("lr: 0.0003", "lr: 0.0001")
-    (project / "params.yaml").write_text(text)
-    subprocess.run([sys.executable, "-m", "loraforge", "check", "--mark", "reports/check.json"], cwd=project, check=True)
-    assert mark.read_bytes() == first  # a valid edit leaves downstream stages' dep unchanged
-    mark.unlink()
-    (project / "params.yaml").write_text(text.replace("lr: 0.0001", "lr: -1"))
-    result = subprocess.run(
-        [sys.executable, "-m", "loraforge", "check", "--mark", "reports/check.json"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2 and not mark.exists()
+    (project / "nets").mkdir()
+    (project / "nets" / "4x.safetensors").write_bytes(b"weights v1")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["upscale"]["model_path"] = "nets/4x.safetensors"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    check = [sys.executable, "-m", "loraforge", "check", "--fingerprint"]
+    subprocess.run(check, cwd=project, check=True, capture_output=True)
+    record = project / "reports" / "inputs" / "upscale.json"
+    first = record.read_bytes()
+    assert list(yaml.safe_load(first)["files"]) == ["upscale.model_path"]
+    assert yaml.safe_load((project / "reports" / "inputs" / "resize.json").read_text()) == {"files": {}}
+    subprocess.run(check, cwd=project, check=True, capture_output=True)
+    assert record.read_bytes() == first  # nothing changed: same bytes, so DVC reruns nothing
+    (project / "nets" / "4x.safetensors").write_bytes(b"weights v2")
+    subprocess.run(check, cwd=project, check=True, capture_output=True)
+    assert record.read_bytes() != first
+    shutil.rmtree(project / "reports")
+    params["finetune"]["lr"] = -1
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    result = subprocess.run(check, cwd=project, capture_output=True, text=True)
+    assert result.returncode == 2 and "`finetune.lr` = -1" in result.stderr
+    assert not (project / "reports").exists()
 
 
 def test_every_stage_depends_on_the_check_guard():
     doc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    assert list(doc["stages"])[0] == "check"
-    assert "params.yaml" in doc["stages"]["check"]["deps"]
-    assert "stages/finetune_params.py" in doc["stages"]["check"]["deps"]
+    check = doc["stages"]["check"]
+    assert list(doc["stages"])[0] == "check" and check["always_changed"] is True
+    assert "params.yaml" in check["deps"] and "stages/finetune_params.py" in check["deps"]
     for name in STAGE_ORDER:
-        assert "reports/check.json" in doc["stages"][name]["deps"], name
+        assert f"reports/inputs/{name}.json" in doc["stages"][name]["deps"], name
+        assert {f"reports/inputs/{name}.json": {"cache": False}} in check["outs"]

@@ -1,9 +1,8 @@
 """Stage `upscale`: small images up to `min_side` (aspect kept), big ones untouched, per-image caching,
-upscaler-file safety, and the model path with a stand-in network (spandrel is optional)."""
+upscaler-file safety, tiling, and ESRGAN-family networks loaded through spandrel's own loader."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,10 @@ def upscale(ingested: Path, work: Path, state_dir: Path, **params: Any) -> tuple
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     env = StageEnv(store=ItemStore(work / "store"), state_dir=state_dir, show_progress=False)
-    summary = run(Params(model=MODEL, **params), Paths(images=ingested), Paths(images=out), env)
+    inputs = Paths(images=ingested)
+    if params.get("model_path") and Path(params["model_path"]).exists():  # as the runner hands `files`
+        inputs["upscaler"] = Path(params["model_path"])
+    summary = run(Params(model=MODEL, **params), inputs, Paths(images=out), env)
     return summary, out
 
 
@@ -172,15 +174,6 @@ def test_missing_upscaler_file_is_named(ingested: Path, tmp_path: Path, state_di
     assert str(missing) in str(e.value)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("spandrel") is not None, reason="spandrel is installed here")
-def test_model_method_without_spandrel_says_what_to_install(ingested: Path, tmp_path: Path, state_dir: Path) -> None:
-    weights = tmp_path / "4x.pth"
-    weights.write_bytes(b"opted-in pickle")
-    with pytest.raises(ImportError, match=r"loraforge\[upscale\]"):
-        upscale(ingested, tmp_path / "work", state_dir, method="model", model_path=str(weights), allow_pickle=True)
-    assert not list((tmp_path / "work" / "store").rglob("*.png"))  # nothing half-done was stored
-
-
 def test_params_are_validated() -> None:
     with pytest.raises(pydantic.ValidationError, match="method"):
         Params(model=MODEL, method="bicubic")
@@ -212,7 +205,7 @@ def test_model_method_with_a_stand_in_network(
 
     loads: list[Path] = []
 
-    def fake_loader(path: Path, device: str) -> NearestNet:
+    def fake_loader(path: Path, device: str, allow_pickle: bool) -> NearestNet:
         loads.append(path)
         return NearestNet(4)
 
@@ -234,3 +227,100 @@ def test_model_method_with_a_stand_in_network(
     weights.write_bytes(b"weights v2")  # same name, other weights: the key is the file's hash
     changed, _ = upscale(ingested, work, state_dir, min_side=100, method="model", model_path=str(weights))
     assert changed["computed"] == 2
+
+
+# ---------------------------------------------------------------- real ESRGAN-family files
+
+
+def esrgan_file(path: Path, layout: str, seed: int = 0) -> Path:
+    """A small 4x RRDB network (8 filters, 1 block) as a safetensors file, in the original ESRGAN
+    key layout (`model.0.weight`, ...) or xinntao's RealESRGAN layout (`conv_first.weight`, `body.0.rdb1...`)."""
+    import torch
+    from safetensors.torch import save_file
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(seed)
+    if layout == "esrgan":  # spandrel's own class, so the keys are exactly the old-arch names
+        state = ESRGAN(num_filters=8, num_blocks=1, scale=4).state_dict()
+    else:
+        nf, gc, state = 8, 32, {}
+
+        def conv(name: str, out: int, cin: int) -> None:  # weights big enough that context matters
+            state[f"{name}.weight"] = torch.randn(out, cin, 3, 3) * 0.1
+            state[f"{name}.bias"] = torch.randn(out) * 0.01
+
+        conv("conv_first", nf, 3)
+        for r in (1, 2, 3):
+            for c in range(1, 6):
+                conv(f"body.0.rdb{r}.conv{c}", gc if c < 5 else nf, nf + (c - 1) * gc)
+        for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr"):
+            conv(name, nf, nf)
+        conv("conv_last", 3, nf)
+        state["conv_last.bias"] = torch.full((3,), 0.5)  # mid-grey output, so nothing clamps to black
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["esrgan", "realesrgan"])
+def test_an_esrgan_file_upscales_through_spandrels_loader(
+    layout: str, ingested: Path, tmp_path: Path, state_dir: Path
+) -> None:
+    from stages.upscale import load_upscaler
+
+    weights = esrgan_file(tmp_path / f"4x_{layout}.safetensors", layout)
+    net = load_upscaler(weights, "cpu", allow_pickle=False)
+    assert net.architecture.name == "ESRGAN" and net.scale == 4  # detected by spandrel from the keys
+    work = tmp_path / "work"
+    summary, out = upscale(ingested, work, state_dir, min_side=100, method="model", model_path=str(weights))
+    assert (summary["computed"], summary["passed_through"]) == (2, 2)
+    rows = by_source(out)
+    assert (rows["wide.png"]["width"], rows["wide.png"]["height"]) == (133, 100)  # 4x, then down to exactly 100
+    with Image.open(ingested / rows["wide.png"]["file"]) as small, Image.open(out / rows["wide.png"]["file"]) as big:
+        lanczos = np.asarray(small.convert("RGB").resize(big.size, Image.Resampling.LANCZOS), dtype=np.int16)
+        assert np.abs(np.asarray(big, dtype=np.int16) - lanczos).mean() > 5  # the network's pixels, not Lanczos
+    again, _ = upscale(ingested, work, state_dir, min_side=100, method="model", model_path=str(weights))
+    assert (again["computed"], again["reused"]) == (0, 2)
+    esrgan_file(weights, layout, seed=1)  # the same path, new weights: the cache key is the file's content
+    third, _ = upscale(ingested, work, state_dir, min_side=100, method="model", model_path=str(weights))
+    assert (third["computed"], third["reused"]) == (2, 0)
+
+
+def test_overlapping_tiles_remove_the_seams_of_a_real_network(tmp_path: Path) -> None:
+    from stages.upscale import load_upscaler
+
+    net = load_upscaler(esrgan_file(tmp_path / "4x.safetensors", "realesrgan"), "cpu", allow_pickle=False)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    whole = np.asarray(model_upscale(image, net, min_side=192, tile=256), dtype=np.int16)  # one pass
+    seams = np.asarray(model_upscale(image, net, min_side=192, tile=32, overlap=0), dtype=np.int16)
+    joined = np.asarray(model_upscale(image, net, min_side=192, tile=32, overlap=32), dtype=np.int16)
+    assert whole.shape == seams.shape == joined.shape == (192, 256, 3)
+    assert np.abs(seams - whole).max() > 20  # tile borders without context differ visibly
+    assert np.abs(joined - whole).max() <= 1  # with context, the same as one pass (±1 from float rounding)
+
+
+def test_a_pickle_upscaler_loads_only_with_allow_pickle(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from stages.upscale import load_upscaler
+
+    pth = tmp_path / "4x.pth"
+    torch.save(load_file(str(esrgan_file(tmp_path / "4x.safetensors", "esrgan"))), pth)  # a real pickle
+    with pytest.raises(ValueError, match="upscale.allow_pickle"):
+        load_upscaler(pth, "cpu", allow_pickle=False)
+    assert load_upscaler(pth, "cpu", allow_pickle=True).scale == 4  # read with weights_only=True
+
+
+def test_a_file_that_is_not_an_upscaler_is_refused_by_name(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from stages.upscale import load_upscaler
+
+    other = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(4, 8)}, str(other))
+    with pytest.raises(
+        ValueError, match=r"`upscale.model_path` .*lora.safetensors: not an architecture spandrel knows"
+    ):
+        load_upscaler(other, "cpu", allow_pickle=False)
