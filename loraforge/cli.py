@@ -9,6 +9,7 @@ loraforge plan              the guides' steps arithmetic for the ingested datase
 loraforge compare EXP...    side-by-side page of DVC experiments or run folders (reports/compare/)
 loraforge extract --base A --tuned B --out X   a LoRA from two models, outside the pipeline
 loraforge resize IN --rank N --out Y           resize any kohya LoRA, outside the pipeline
+loraforge import-kohya CONFIG [--dataset-config TOML] [--dry-run]   params.yaml from a kohya_ss / sd-scripts config
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ui)
 
     from loraforge.compare import add_compare_command
+    from loraforge.kohya_import import add_import_kohya_command
     from loraforge.lora_cli import add_extract_command, add_resize_command
     from loraforge.plan import add_plan_command
 
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_command(sub)
     add_extract_command(sub)
     add_resize_command(sub)
+    add_import_kohya_command(sub)
     return parser
 
 
