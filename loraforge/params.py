@@ -98,7 +98,47 @@ class DatasetParams:
     min_sharpness: float = Field(0.0, ge=0)
 
 
+@section
+class StoreParams:
+    """The `store` section: where the content-addressed item store lives. Where an entry is
+    stored never changes what it holds, so no stage reruns when this changes.
+
+    Attributes:
+        url: null = `<project>/.loraforge/store`; an fsspec URL (`s3://bucket/prefix`) = a store
+            shared by workers and teammates (a local copy of what this machine used stays in
+            `.loraforge/store`). Credentials come from the usual `AWS_*` variables, never from here.
+        endpoint_url: the S3 endpoint of an S3-compatible server (MinIO, SeaweedFS, R2...);
+            null = AWS (or `AWS_ENDPOINT_URL`).
+    """
+
+    url: str | None = Field(None, min_length=1)
+    endpoint_url: str | None = Field(None, min_length=1)
+
+
+@section
+class RunnerParams:
+    """The `runner` section: where per-item work runs. Results are identical either way, so no
+    stage reruns when this changes.
+
+    Attributes:
+        task_runner: `local` (in the stage's process) or `dask` (chunks of items as tasks on a
+            Dask cluster, through Prefect's DaskTaskRunner under `loraforge run`).
+        address: the Dask scheduler (`tcp://host:8786`); null with `dask` = a local cluster of
+            `workers` processes started for the stage.
+        workers: processes of the local cluster.
+        chunk_size: items per task (a worker, e.g. one GPU, takes one chunk at a time).
+    """
+
+    task_runner: Literal["local", "dask"] = "local"
+    address: str | None = Field(None, min_length=1)
+    workers: int = Field(2, ge=1)
+    chunk_size: int = Field(16, ge=1)
+
+
 SHARED_SECTIONS: dict[str, type] = {"model": ModelParams, "dataset": DatasetParams}
+# Sections that configure how the pipeline runs, not what it computes: validated with the rest,
+# handed to the runner, read by no stage (so DVC reruns nothing when they change).
+SETTINGS_SECTIONS: dict[str, type] = {"store": StoreParams, "runner": RunnerParams}
 
 
 def read_params_file(root: Path) -> dict[str, Any]:
@@ -178,11 +218,26 @@ def load_stage_params(root: Path, pipeline: Pipeline, name: str) -> Any:
     return params
 
 
-def load_all_params(root: Path, pipeline: Pipeline) -> dict[str, Any]:
-    """Validated params for every stage; one error listing all problems across all sections."""
+def load_settings(root: Path) -> dict[str, Any]:
+    """The validated `store` and `runner` sections (defaults when absent)."""
     raw = read_params_file(root)
-    known = set(pipeline.stages) | set(SHARED_SECTIONS)
+    settings, problems = {}, []
+    for name, cls in SETTINGS_SECTIONS.items():
+        settings[name], found = _validate(cls, raw.get(name), name)
+        problems += found
+    if problems:
+        raise ParamsError(f"{Path(root) / PARAMS_FILE}:\n  " + "\n  ".join(problems))
+    return settings
+
+
+def load_all_params(root: Path, pipeline: Pipeline) -> dict[str, Any]:
+    """Validated params for every stage; one error listing all problems across all sections
+    (the `store` and `runner` settings included)."""
+    raw = read_params_file(root)
+    known = set(pipeline.stages) | set(SHARED_SECTIONS) | set(SETTINGS_SECTIONS)
     problems = [f"`{s}` is not a known section (known: {', '.join(sorted(known))})" for s in raw if s not in known]
+    for name, cls in SETTINGS_SECTIONS.items():
+        problems += _validate(cls, raw.get(name), name)[1]
     result = {}
     for name, stage in pipeline.stages.items():
         params, stage_problems = validate_stage(stage, raw)
