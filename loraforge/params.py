@@ -127,12 +127,15 @@ class RunnerParams:
             `workers` processes started for the stage.
         workers: processes of the local cluster.
         chunk_size: items per task (a worker, e.g. one GPU, takes one chunk at a time).
+        threads: torch threads per chunk; null = torch's default (all cores in the stage's
+            process, 1 in a Dask worker). CPU results are bitwise identical for the same count.
     """
 
     task_runner: Literal["local", "dask"] = "local"
     address: str | None = Field(None, min_length=1)
     workers: int = Field(2, ge=1)
     chunk_size: int = Field(16, ge=1)
+    threads: int | None = Field(None, ge=1)
 
 
 SHARED_SECTIONS: dict[str, type] = {"model": ModelParams, "dataset": DatasetParams}

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 from loraforge.errors import InputError
 from loraforge.filedeps import param_value, stage_files
 from loraforge.fingerprint import canonical, hash_tree
-from loraforge.params import load_all_params, read_params_file
+from loraforge.fanout import FanOut
+from loraforge.params import RunnerParams, load_all_params, load_settings, read_params_file
 from loraforge.spec import Pipeline, StageSpec, load_pipeline, param_ref
 from loraforge.store import ItemStore
 
@@ -68,12 +69,14 @@ class StageEnv:
         state_dir: loraforge's private folder (resolved builtin models live under it).
         publish: where tables and progress go (Prefect artifacts or nowhere).
         show_progress: whether to draw terminal progress bars.
+        fan_out: where per-item chunks run (`runner` section: this process, or a Dask cluster).
     """
 
     store: ItemStore
     state_dir: Path
     publish: Publisher = field(default_factory=NullPublisher)
     show_progress: bool = True
+    fan_out: FanOut = field(default_factory=FanOut)
 
     def bar(self, iterable: Any = None, **kwargs: Any) -> Any:
         """A tqdm progress bar; off when `show_progress` is False (TQDM_DISABLE=1 also turns it off)."""
@@ -127,6 +130,11 @@ def write_report(path: Path, report: dict[str, Any]) -> None:
     path.write_text(json.dumps(canonical(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def fan_out(runner: RunnerParams) -> FanOut:
+    """The `runner` section as the stages' `FanOut`."""
+    return FanOut(runner.task_runner, runner.address, runner.workers, runner.chunk_size, runner.threads)
+
+
 def run_stage(
     root: Path, name: str, publish: Publisher | None = None, pipeline: Pipeline | None = None
 ) -> dict[str, Any]:
@@ -144,7 +152,10 @@ def run_stage(
     inputs = resolve_inputs(root, stage, read_params_file(root))
     outputs = prepare_outputs(root, stage)
     env = StageEnv(
-        store=ItemStore(root / STATE_DIR / "store"), state_dir=root / STATE_DIR, publish=publish or NullPublisher()
+        store=ItemStore(root / STATE_DIR / "store"),
+        state_dir=root / STATE_DIR,
+        publish=publish or NullPublisher(),
+        fan_out=fan_out(load_settings(root)["runner"]),
     )
     module = importlib.import_module(stage.module_name)
 

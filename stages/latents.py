@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from loraforge.buckets import Bucket, BucketGrid
 from loraforge.images import read_jsonl, resize_cover_crop, write_jsonl
 from loraforge.models import component_hash, load_vae, resolve_device, resolve_model
-from loraforge.store import materialize
+from loraforge.fanout import chunked
+from loraforge.models import ModelInfo
+from loraforge.safetensors_io import save_tensors
+from loraforge.store import Item, materialize
 from loraforge.vae import encode_batch
 from loraforge.vaecheck import check as vae_check_image
 from loraforge.vaecheck import decode_latent
@@ -64,112 +69,151 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     grid = BucketGrid.resolve(resolution, params.bucket_step, params.min_bucket, params.max_bucket)
     rows = read_jsonl(inputs.images / "manifest.jsonl")
     items = plan_items(rows, params, grid, component_hash(info, "vae", env.state_dir), env.store)
+    checked = vae_check_items(items, params, env.store)
     pending = [it for it in items if it["item"].get(LATENT) is None]
-    unchecked = [it for it in vae_check_items(items, params, env.store) if it["check"].get(".json") is None]
-
-    if pending or unchecked:
-        dtype = getattr(torch, params.vae_dtype)
-        vae = load_vae(info, resolve_device(params.model.device), dtype)
-        encode_pending(vae, pending, params, inputs, env, dtype, {it["key"] for it in unchecked})
-        check_pending(vae, [it for it in unchecked if not it["check"].get(".json")], inputs, env)
+    unchecked = [it for it in checked if it["check"].get(".json") is None]
+    job = VaeJob(info, str(resolve_device(params.model.device)), params.vae_dtype, inputs.images, env.store)
+    encode_and_check(job, pending, unchecked, params.batch_size, env)
 
     out_rows, bucket_counts = [], defaultdict(int)
     for it in items:
         entry = it["item"].get(LATENT)
+        if entry is None:
+            raise RuntimeError(f"latent of {it['row']['file']} missing from the store after encoding")
         name = f"{it['row']['id']}{'-flip' if it['flip'] else ''}.safetensors"
         materialize(entry, outputs.latents / name)
         meta = read_latent_meta(entry)
         bucket_counts[f"{it['bucket'][0]}x{it['bucket'][1]}"] += 1
-        out_rows.append(
-            {
-                "id": it["row"]["id"],
-                "file": name,
-                "bucket": list(it["bucket"]),
-                "flip": it["flip"],
-                "original_size": meta["original_size"],
-                "crop_top_left": meta["crop_top_left"],
-                "repeats": it["row"].get("repeats", 1),
-            }
-        )
+        out_rows.append({"id": it["row"]["id"], "file": name, "bucket": list(it["bucket"]), "flip": it["flip"],
+                         "original_size": meta["original_size"], "crop_top_left": meta["crop_top_left"],
+                         "repeats": it["row"].get("repeats", 1)})  # fmt: skip
     write_jsonl(outputs.latents / "manifest.jsonl", out_rows)
     grid.save(outputs.latents)
     env.publish.table(
         "buckets", [{"bucket": b, "images": n} for b, n in sorted(bucket_counts.items())], "Aspect-ratio buckets"
     )
-    summary = {
-        "items": len(items),
-        "computed": len(pending),
-        "reused": len(items) - len(pending),
-        "resolution": resolution,
-        "buckets": dict(sorted(bucket_counts.items())),
-    }
+    summary = {"items": len(items), "computed": len(pending), "reused": len(items) - len(pending),
+               "resolution": resolution, "buckets": dict(sorted(bucket_counts.items()))}  # fmt: skip
     if "vae_check" in outputs:
-        summary["vae_check"] = write_vae_check(
-            vae_check_items(items, params, env.store), params, outputs.vae_check, env, len(unchecked)
-        )
+        summary["vae_check"] = write_vae_check(checked, params, outputs.vae_check, env, len(unchecked))
     return summary
 
 
-def crop_for(item: dict[str, Any], folder: Any) -> tuple[Any, tuple[int, int], tuple[int, int]]:
+@dataclass(frozen=True)
+class VaeJob:
+    """What every chunk of VAE work needs; sent once to each worker.
+
+    Attributes:
+        info: the resolved base model (its VAE is loaded once per process).
+        device: where the VAE runs.
+        dtype: `latents.vae_dtype`.
+        images: the input images folder.
+        store: the item store the results go to.
+    """
+
+    info: ModelInfo
+    device: str
+    dtype: str
+    images: Path
+    store: "ItemStore"
+
+
+_VAES: dict[tuple[str, str, str], Any] = {}  # per process: a worker loads the VAE once, not per chunk
+
+
+def job_vae(job: VaeJob) -> Any:
+    """The job's VAE, loaded on first use in this process."""
+    key = (str(job.info.path), job.device, job.dtype)
+    if key not in _VAES:
+        _VAES.clear()
+        _VAES[key] = load_vae(job.info, torch.device(job.device), getattr(torch, job.dtype))
+    return _VAES[key]
+
+
+def work_item(it: dict[str, Any]) -> dict[str, Any]:
+    """The plain, picklable part of a work item that a chunk needs (no store objects)."""
+    check = it.get("check")
+    return {"file": it["row"]["file"], "bucket": it["bucket"], "flip": it["flip"], "key": it["key"],
+            "check": check.key if check is not None else None, "window": it.get("window")}  # fmt: skip
+
+
+def encode_and_check(
+    job: VaeJob, pending: list[dict[str, Any]], unchecked: list[dict[str, Any]], batch_size: int, env: "StageEnv"
+) -> None:
+    """Encode `pending` (batched per bucket) and VAE-check `unchecked`, in chunks through
+    `env.fan_out`; everything lands in the item store.
+
+    Args:
+        job: the shared job.
+        pending: work items whose latent is not cached.
+        unchecked: work items whose VAE check is not cached.
+        batch_size: `latents.batch_size`.
+        env: the stage environment (fan-out, progress).
+    """
+    to_check = {it["key"] for it in unchecked}
+    by_bucket: dict[Bucket, list[dict[str, Any]]] = defaultdict(list)
+    for it in pending:
+        by_bucket[it["bucket"]].append(work_item(it) if it["key"] in to_check else {**work_item(it), "check": None})
+    # batches are fixed before chunking, so where a chunk runs never changes what a batch holds
+    batches = [g[i : i + batch_size] for _, g in sorted(by_bucket.items()) for i in range(0, len(g), batch_size)]
+    per_chunk = max(1, env.fan_out.chunk_size // batch_size)
+    encoded = {it["key"] for it in pending}
+    check_only = [work_item(it) for it in unchecked if it["key"] not in encoded]
+    total = len(pending) + len(check_only)
+    bar = env.bar(total=total, desc="latents", unit="img")
+
+    def progress(n: int) -> None:
+        bar.update(n)
+        env.publish.progress(bar.n / max(1, total), "VAE encoding")
+
+    env.fan_out.map(encode_chunk, job, chunked(batches, per_chunk), progress)
+    env.fan_out.map(check_chunk, job, chunked(check_only, env.fan_out.chunk_size), progress)
+    bar.close()
+
+
+def encode_chunk(job: VaeJob, batches: list[list[dict[str, Any]]]) -> int:
+    """VAE-encode each batch (one bucket each) into the store; check the items that ask for it
+    while their crop is at hand. Returns the number of images encoded."""
+    vae, dtype, done = job_vae(job), getattr(torch, job.dtype), 0
+    for batch in batches:
+        crops, boxes = [], []
+        for it in batch:
+            crop, top_left, original = crop_for(it, job.images)
+            crops.append(crop)
+            boxes.append((top_left, original))
+        latents = encode_batch(vae, crops, [it["flip"] for it in batch], dtype)  # (B, 4, h/8, w/8)
+        for it, crop, (top_left, original), latent in zip(batch, crops, boxes, latents):
+            w, h = it["bucket"]
+            meta = {"bucket": f"{w}x{h}", "original_size": f"{original[0]}x{original[1]}",
+                    "crop_top_left": f"{top_left[0]}x{top_left[1]}", "flip": str(it["flip"])}  # fmt: skip
+            tensor = latent.contiguous()
+            Item(job.store, "latent", it["key"]).put(
+                LATENT, lambda p, t=tensor, m=meta: save_tensors({"latent": t}, p, m)
+            )
+            if it["check"]:
+                store_check(vae, it, crop, latent, job.store)
+        done += len(batch)
+    return done
+
+
+def check_chunk(job: VaeJob, items: list[dict[str, Any]]) -> int:
+    """The VAE check of items whose latent was cached by an earlier run. Returns the count."""
+    vae = job_vae(job)
+    for it in items:
+        latent = load_file(str(Item(job.store, "latent", it["key"]).get(LATENT)))["latent"]
+        store_check(vae, it, crop_for(it, job.images)[0], latent, job.store)
+    return len(items)
+
+
+def crop_for(item: dict[str, Any], folder: Path) -> tuple[Any, tuple[int, int], tuple[int, int]]:
     """The exact bucket crop that item's latent encodes (Lanczos cover + centre crop, deterministic).
 
     Args:
-        item: a work item from `plan_items`.
+        item: a work item (`file`, `bucket`).
         folder: the input images folder.
     """
-    with Image.open(folder / item["row"]["file"]) as img:
+    with Image.open(folder / item["file"]) as img:
         return resize_cover_crop(img.convert("RGB"), *item["bucket"])
-
-
-def encode_pending(
-    vae: Any,
-    pending: list[dict[str, Any]],
-    params: Params,
-    inputs: "Paths",
-    env: "StageEnv",
-    dtype: Any,
-    check: set[str],
-) -> None:
-    """VAE-encode the items missing from the store, batched per bucket, into the store; run the
-    VAE check on those in `check` while their crop is at hand.
-
-    Args:
-        vae: the training VAE.
-        pending: work items whose latent is not cached.
-        params: the `latents` section.
-        inputs: the stage inputs (`images`).
-        env: the stage environment.
-        dtype: the VAE's dtype.
-        check: latent keys of the items to VAE-check.
-    """
-    if not pending:
-        return
-    by_bucket: dict[Bucket, list[dict[str, Any]]] = defaultdict(list)
-    for it in pending:
-        by_bucket[it["bucket"]].append(it)
-    bar = env.bar(total=len(pending), desc="latents", unit="img")
-    for bucket, group in sorted(by_bucket.items()):
-        for start in range(0, len(group), params.batch_size):
-            chunk = group[start : start + params.batch_size]
-            crops = []
-            for it in chunk:
-                crop, it["crop_top_left"], it["original_size"] = crop_for(it, inputs.images)
-                crops.append(crop)
-            latents = encode_batch(vae, crops, [it["flip"] for it in chunk], dtype)  # (B, 4, h/8, w/8)
-            for it, crop, latent in zip(chunk, crops, latents):
-                meta = {
-                    "bucket": f"{bucket[0]}x{bucket[1]}",
-                    "original_size": f"{it['original_size'][0]}x{it['original_size'][1]}",
-                    "crop_top_left": f"{it['crop_top_left'][0]}x{it['crop_top_left'][1]}",
-                    "flip": str(it["flip"]),
-                }
-                tensor = latent.contiguous()
-                it["item"].put(LATENT, lambda p, t=tensor, m=meta: save_file({"latent": t}, str(p), metadata=m))
-                if it["key"] in check:
-                    store_check(vae, it, crop, latent, env)
-            bar.update(len(chunk))
-            env.publish.progress(bar.n / len(pending), "VAE encoding")
-    bar.close()
 
 
 # ---------------------------------------------------------------- the VAE reconstruction check
@@ -194,40 +238,21 @@ def vae_check_items(items: list[dict[str, Any]], params: Params, store: "ItemSto
     return checked
 
 
-def store_check(vae: Any, item: dict[str, Any], crop: Any, latent: Any, env: "StageEnv") -> None:
+def store_check(vae: Any, item: dict[str, Any], crop: Any, latent: Any, store: "ItemStore") -> None:
     """Decode `latent`, compare it with `crop`, and store the stats (`.json`) and the
     worst-window sheet (`.png`) under the item's check key.
 
     Args:
         vae: the training VAE.
-        item: a work item from `vae_check_items`.
+        item: a work item (`check`: the check entry's key, `window`).
         crop: the image the latent encodes.
         latent: (4, h, w) unscaled posterior mean.
-        env: the stage environment.
+        store: the item store.
     """
     stats, sheet = vae_check_image(crop, decode_latent(vae, latent), item["window"])
-    item["check"].put(".png", lambda p: sheet.save(p, format="PNG"))
-    item["check"].put_bytes(".json", json.dumps(stats).encode())  # after the PNG: marks it complete
-
-
-def check_pending(vae: Any, unchecked: list[dict[str, Any]], inputs: "Paths", env: "StageEnv") -> None:
-    """The VAE check for items whose latent was cached before (encoding checks the rest).
-
-    Args:
-        vae: the training VAE.
-        unchecked: items whose check is not cached.
-        inputs: the stage inputs (`images`).
-        env: the stage environment.
-    """
-    if not unchecked:
-        return
-    bar = env.bar(total=len(unchecked), desc="VAE check", unit="img")
-    for n, it in enumerate(unchecked, 1):
-        latent = load_file(str(it["item"].get(LATENT)))["latent"]
-        store_check(vae, it, crop_for(it, inputs.images)[0], latent, env)
-        bar.update(1)
-        env.publish.progress(n / len(unchecked), "VAE reconstruction check")
-    bar.close()
+    entry = Item(store, "vae-check", item["check"])
+    entry.put(".png", lambda p: sheet.save(p, format="PNG"))
+    entry.put_bytes(".json", json.dumps(stats).encode())  # after the PNG: marks it complete
 
 
 def write_vae_check(
