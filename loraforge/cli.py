@@ -28,7 +28,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     manifest = run_stage(find_root(), args.name)
     report = manifest["report"]
     print(
-        f"{args.name}: {report['items']} items, {report['computed']} computed, {report['reused']} reused, {report['seconds']:.1f}s"
+        f"{args.name}: {report['items']} items, {report['computed']} computed, {report['reused']} reused, "
+        f"{report['seconds']:.1f}s"
     )
     return 0
 
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from loraforge.compare import add_compare_command
     from loraforge.lora_cli import add_extract_command, add_resize_command
-    from loraforge.plan import add_plan_command
+    from loraforge.plan_cli import add_plan_command
 
     add_plan_command(sub)
     add_compare_command(sub)
