@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     from loraforge.compare import add_compare_command
     from loraforge.kohya_import import add_import_kohya_command
     from loraforge.lora_cli import add_extract_command, add_resize_command
-    from loraforge.plan import add_plan_command
+    from loraforge.plan_cli import add_plan_command
 
     add_plan_command(sub)
     add_compare_command(sub)

@@ -6,16 +6,13 @@ research ("Full pass steps", "Resolution", "train_batch_size", "gradient_accumul
 Each formula is a pure function named after the guide's symbols (FN frames, SPF steps per frame,
 RC resolution factor, BS batch size, GA gradient accumulation, ADS incremental steps, F strength).
 
-`build_plan` gathers them into one dict; `loraforge plan` (see `add_plan_command`) prints it and
-writes `reports/plan.json`; `plan_table` gives the rows for a Prefect table artifact.
+`build_plan` gathers them into one dict (`plan_000`, `plan_002`); `plan_table` gives the rows for a
+Prefect table artifact. `loraforge plan` (in `loraforge.plan_cli`) prints it and writes `reports/plan.json`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from pathlib import Path
 from typing import Any, Sequence
 
 BASE_LR = 1e-5  # 002: the LR at which SPF = 200 (100 with the text encoder)
@@ -266,49 +263,80 @@ def build_plan(
     if fn == 0:
         raise ValueError("the dataset holds no images: run ingest first")
     samples = sum(int(r.get("repeats", 1)) * repeats for r in rows)  # images × repeats, per epoch
-    spf_base = spf(lr, text_encoder)
-    factor = rc(resolution, base_resolution)
-    spf_res = spf_base * factor
-    constant = max_train_steps(fn, spf_res, text_encoder, batch, ga)
-    plan: dict[str, Any] = {
+    settings = {
+        "repeats": repeats,
+        "batch": batch,
+        "ga": ga,
+        "epochs": epochs,
+        "lr": lr,
+        "text_encoder": text_encoder,
+        "scheduler": scheduler,
+        "resolution": resolution,
+        "base_resolution": base_resolution,
+    }
+    dreambooth = plan_002(fn, samples, settings, strength)  # first: it checks lr and resolution first, as ever
+    return {
         "images": fn,
         "samples_per_epoch": samples,
-        "steps_000": {
-            "steps": steps(fn, samples / fn, batch, epochs),  # 000: images × repeats / batch × epochs
-            "kohya_steps": kohya_steps(samples, 1, batch, epochs),  # partial last batch of an epoch still steps
-            "optimizer_steps": math.ceil(math.ceil(samples / batch) / ga) * epochs,
-        },
-        "dreambooth_002": {
-            "spf": spf_base,
-            "rc": factor,
-            "spf_at_resolution": spf_res,
-            "spf_a": spf_a(spf_res, text_encoder),
-            "ads": ads(spf_a(spf_res, text_encoder), batch),
-            "max_train_steps": round(constant),
-            "scheduler_multiplier": SCHEDULER_MULTIPLIER[scheduler],
-            "max_train_steps_with_scheduler": round(scheduler_steps(constant, scheduler)),
-            "num_class_images": num_class_images(fn, text_encoder),
-            "strength_f": strength,
-            "frames_for_strength": frames_for_strength(lr, strength),
-            "lr_for_frames": lr_for_frames(fn, strength),
-            "epochs_for_max_train_steps": max(1, round(constant / max(1, math.ceil(samples / batch)))),
-        },
-        "settings": {
-            "repeats": repeats,
-            "batch": batch,
-            "ga": ga,
-            "epochs": epochs,
-            "lr": lr,
-            "text_encoder": text_encoder,
-            "scheduler": scheduler,
-            "resolution": resolution,
-            "base_resolution": base_resolution,
-        },
+        "steps_000": plan_000(fn, samples, batch, ga, epochs, target_steps),
+        "dreambooth_002": dreambooth,
+        "settings": settings,
+    }
+
+
+def plan_000(fn: int, samples: int, batch: int, ga: int, epochs: int, target_steps: int | None) -> dict[str, Any]:
+    """The 000 guide's part of the plan: steps, as kohya counts them, optimizer steps, and the
+    repeats for a target step count.
+
+    Args:
+        fn: images in the dataset.
+        samples: images × repeats, per epoch.
+        batch: batch size.
+        ga: gradient accumulation steps.
+        epochs: epochs.
+        target_steps: a step count to reach, or None.
+    """
+    part: dict[str, Any] = {
+        "steps": steps(fn, samples / fn, batch, epochs),  # 000: images × repeats / batch × epochs
+        "kohya_steps": kohya_steps(samples, 1, batch, epochs),  # partial last batch of an epoch still steps
+        "optimizer_steps": math.ceil(math.ceil(samples / batch) / ga) * epochs,
     }
     if target_steps is not None:
-        plan["steps_000"]["target_steps"] = target_steps
-        plan["steps_000"]["repeats_for_target"] = repeats_for_steps(target_steps, fn, epochs, batch)
-    return plan
+        part["target_steps"] = target_steps
+        part["repeats_for_target"] = repeats_for_steps(target_steps, fn, epochs, batch)
+    return part
+
+
+def plan_002(fn: int, samples: int, settings: dict[str, Any], strength: float) -> dict[str, Any]:
+    """The 002 guide's part of the plan: SPF at the training resolution, max_train_steps (with the
+    scheduler's multiplier), class images, the strength suggestions and the epochs they take.
+
+    Args:
+        fn: FN, frames (images) in training.
+        samples: images × repeats, per epoch.
+        settings: the plan's `settings` (batch, ga, lr, text_encoder, scheduler, resolution, base_resolution).
+        strength: F for the LR suggestion.
+    """
+    lr, te, batch, scheduler = settings["lr"], settings["text_encoder"], settings["batch"], settings["scheduler"]
+    spf_base = spf(lr, te)
+    factor = rc(settings["resolution"], settings["base_resolution"])
+    spf_res = spf_base * factor
+    constant = max_train_steps(fn, spf_res, te, batch, settings["ga"])
+    return {
+        "spf": spf_base,
+        "rc": factor,
+        "spf_at_resolution": spf_res,
+        "spf_a": spf_a(spf_res, te),
+        "ads": ads(spf_a(spf_res, te), batch),
+        "max_train_steps": round(constant),
+        "scheduler_multiplier": SCHEDULER_MULTIPLIER[scheduler],
+        "max_train_steps_with_scheduler": round(scheduler_steps(constant, scheduler)),
+        "num_class_images": num_class_images(fn, te),
+        "strength_f": strength,
+        "frames_for_strength": frames_for_strength(lr, strength),
+        "lr_for_frames": lr_for_frames(fn, strength),
+        "epochs_for_max_train_steps": max(1, round(constant / max(1, math.ceil(samples / batch)))),
+    }
 
 
 def plan_table(plan: dict[str, Any]) -> list[dict[str, Any]]:
@@ -341,99 +369,3 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"[{section}]")
         lines.append(f"  {r['quantity']:<{width}}  {show(r['value'])}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- `loraforge plan`
-
-
-def plan_for_project(
-    root: Path, manifest: Path | None = None, strength: float = 1.0, target_steps: int | None = None
-) -> dict[str, Any]:
-    """The plan for a project: its ingested manifest and its validated `finetune` / `latents` params.
-
-    Args:
-        root: the project root (holds pipeline.yaml and params.yaml).
-        manifest: the ingest manifest; default `data/ingested/manifest.jsonl` under `root`.
-        strength: F for the LR suggestion.
-        target_steps: a step count for the reverse (repeats) formula.
-    """
-    from loraforge.images import read_jsonl
-    from loraforge.models import resolve_model
-    from loraforge.params import load_stage_params
-    from loraforge.runner import STATE_DIR
-    from loraforge.spec import load_pipeline
-
-    pipeline = load_pipeline(root)
-    ft = load_stage_params(root, pipeline, "finetune")
-    lat = load_stage_params(root, pipeline, "latents")
-    manifest = manifest or root / "data" / "ingested" / "manifest.jsonl"
-    if not manifest.is_file():
-        raise ValueError(f"{manifest} not found: run `loraforge stage ingest` (or `dvc repro ingest`) first")
-    native = resolve_model(ft.model, root / STATE_DIR).native_resolution
-    return build_plan(
-        read_jsonl(manifest),
-        repeats=ft.repeats,
-        batch=ft.batch_size,
-        ga=ft.gradient_accumulation,
-        epochs=ft.epochs,
-        lr=ft.lr,
-        text_encoder=ft.train_text_encoder,
-        scheduler=ft.lr_scheduler,
-        resolution=getattr(lat, "resolution", None) or native,
-        base_resolution=native,
-        strength=strength,
-        target_steps=target_steps,
-    )
-
-
-def parse_strength(value: str) -> float:
-    """F from a name of the 002 guide's list (`medium`, `hard`...) or a number.
-
-    Args:
-        value: the `--strength` argument.
-    """
-    if value in STRENGTH:
-        return STRENGTH[value]
-    try:
-        f = float(value)
-    except ValueError:
-        raise ValueError(f"`--strength` must be one of {', '.join(STRENGTH)} or a number > 0, got {value!r}") from None
-    _positive("--strength", f)
-    return f
-
-
-def _run_plan_command(args: argparse.Namespace) -> int:
-    import sys
-
-    root = Path(args.root).resolve()
-    try:
-        plan = plan_for_project(
-            root, Path(args.manifest) if args.manifest else None, parse_strength(args.strength), args.target_steps
-        )
-    except ValueError as e:  # ParamsError included: the message names the key or file
-        print(f"loraforge plan: {e}", file=sys.stderr)
-        return 2
-    out = root / "reports" / "plan.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(plan, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    print(format_table(plan_table(plan)))
-    print(f"written: {out}")
-    return 0
-
-
-def add_plan_command(subparsers: Any) -> None:
-    """Register `loraforge plan` on the CLI's subparsers: print the plan, write reports/plan.json.
-
-    Args:
-        subparsers: the object `ArgumentParser.add_subparsers()` returned.
-    """
-    p = subparsers.add_parser(
-        "plan", help="print the training plan (steps arithmetic of the 000/002 guides); write reports/plan.json"
-    )
-    p.add_argument("--root", default=".", help="project root (default: the current folder)")
-    p.add_argument("--manifest", default=None, help="ingest manifest (default: data/ingested/manifest.jsonl)")
-    p.add_argument(
-        "--strength", default="medium", help=f"F: one of {', '.join(STRENGTH)} or a number (default: medium)"
-    )
-    p.add_argument("--target-steps", type=int, default=None, help="also give the repeats that reach this many steps")
-    p.set_defaults(func=_run_plan_command)

@@ -1,5 +1,6 @@
 """A temp project whose pipeline.yaml declares the evaluate stage's full inputs and outputs
-(the change issue #6 asks for), for the evaluation and comparison tests."""
+(the change issue #6 asks for), for the evaluation and comparison tests. The stage's code deps
+are derived from its imports (`loraforge.codedeps`), so nothing here lists them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import yaml
 from loraforge.dvcgen import sync
 from tests.helpers import make_project, run
 
-EVALUATE_USES = ["loraforge/evalmetrics.py", "loraforge/htmlreport.py"]
 EVALUATE_INPUTS = {
     "training_images": "data/upscaled",
     "loss": "reports/finetune",
@@ -46,7 +46,6 @@ def patch_pipeline(project: Path) -> None:
     curves (so experiments keep them), add the plots, and regenerate dvc.yaml."""
     spec = yaml.safe_load((project / "pipeline.yaml").read_text())
     evaluate = spec["stages"]["evaluate"]
-    evaluate["uses"] = [*EVALUATE_USES, *[u for u in evaluate["uses"] if u not in EVALUATE_USES]]
     evaluate["inputs"].update(EVALUATE_INPUTS)
     evaluate["outputs"].update(EVALUATE_OUTPUTS)
     spec["stages"]["finetune"]["outputs"]["loss"] = {"path": "reports/finetune", "kind": "plots"}

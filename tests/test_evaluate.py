@@ -5,6 +5,7 @@ the best LoRA, per-epoch reuse, CLIP, Prefect artifacts, the page in headless Ch
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import torch
 from PIL import Image
 
 from loraforge import evalmetrics as em
+from loraforge import render
+from loraforge.embedding import Embedder
 from loraforge.runner import run_stage
 from stages import evaluate
 from tests.browser import INSTALL_HINT, Browser, find_chromium
@@ -40,7 +43,12 @@ def test_colourfulness_is_zero_for_grey_and_rises_with_saturation():
     full[:, :4] = (255, 0, 0)
     full[:, 4:] = (0, 0, 255)
     assert em.colourfulness(grey) == 0.0
-    assert 0 < em.colourfulness(rgb(half)) < em.colourfulness(rgb(full))
+    assert em.colourfulness(rgb(half)) < em.colourfulness(rgb(full))
+    # Hasler & Süsstrunk by hand: rg = (140, 0), yb = (70, −140) for `half`; (255, 0), (127.5, −255) for `full`
+    assert em.colourfulness(rgb(half)) == pytest.approx((math.hypot(70, 105) + 0.3 * math.hypot(70, 35)) / 255)
+    assert em.colourfulness(rgb(full)) == pytest.approx(
+        (math.hypot(127.5, 191.25) + 0.3 * math.hypot(127.5, 63.75)) / 255
+    )
 
 
 def test_clipped_share_counts_pixels_with_any_channel_at_the_ends():
@@ -56,6 +64,9 @@ def test_high_frequency_share_separates_noise_from_smooth_gradients():
     smooth = np.stack([ramp] * 3, axis=-1)
     noise = np.random.default_rng(0).uniform(0, 255, (32, 32, 3)).astype(np.float32)
     assert em.high_frequency_share(smooth) < 0.01 < 0.5 < em.high_frequency_share(noise)
+    # a ramp of step d is its own 3×3 blur except the two edge columns (off by d/3): (2·32·d²/9) / 32²
+    # over the ramp's variance d²(32² − 1)/12
+    assert em.high_frequency_share(smooth) == pytest.approx(1 / (12 * 1023), rel=1e-4)
     assert em.high_frequency_share(np.full((8, 8, 3), 7.0)) == 0.0
 
 
@@ -73,6 +84,7 @@ def test_pixel_embedding_matches_the_same_picture_and_not_another():
     b = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     refs = np.stack([em.pixel_embedding(a), em.pixel_embedding(b)])
     assert np.linalg.norm(refs, axis=1) == pytest.approx([1.0, 1.0])
+    assert em.nearest_distance(em.pixel_embedding(a), refs) == pytest.approx(0.0, abs=1e-6)
     assert em.nearest_distance(em.pixel_embedding(a.resize((48, 48))), refs) < 0.1
     assert em.nearest_distance(em.pixel_embedding(a), refs[1:]) > 0.5
     with pytest.raises(ValueError, match="references"):
@@ -151,10 +163,12 @@ def test_rule_without_measurements_ships_the_latest_epoch_and_says_what_was_not_
 
 def test_random_prompts_and_seeds_depend_only_on_the_params():
     params = evaluate.Params(model={}, random_prompts=3, random_seed=7)
-    shots = evaluate.random_shots(params, "lfx")
-    assert shots == evaluate.random_shots(params, "lfx") and len(shots) == 3
+    shots = evaluate.shots_of(params, [], "lfx").randoms
+    assert shots == evaluate.shots_of(params, [], "lfx").randoms and len(shots) == 3
+    assert shots == render.random_shots(params.random_pool, 3, 7, "lfx")
     assert all(p.startswith("lfx, ") and p.removeprefix("lfx, ") in params.random_pool for p, _ in shots)
-    assert shots != evaluate.random_shots(evaluate.Params(model={}, random_prompts=3, random_seed=8), "lfx")
+    other = evaluate.Params(model={}, random_prompts=3, random_seed=8)
+    assert shots != evaluate.shots_of(other, [], "lfx").randoms
 
 
 def test_params_refuse_negative_weights_and_empty_sweeps():
@@ -178,11 +192,11 @@ def test_lora_identity_is_its_tensors_not_its_metadata(tmp_path):
     save_file(tensors, str(tmp_path / "a.safetensors"), metadata={"modelspec.date": "2026-01-01"})
     save_file(tensors, str(tmp_path / "b.safetensors"), metadata={"modelspec.date": "2026-01-02"})
     save_file({**tensors, "lora_unet_x.alpha": torch.tensor(3.0)}, str(tmp_path / "c.safetensors"))
-    a, b, c = (evaluate.lora_content_hash(tmp_path / f"{n}.safetensors") for n in "abc")
+    a, b, c = (render.lora_content_hash(tmp_path / f"{n}.safetensors") for n in "abc")
     assert a == b != c
     (tmp_path / "bad.safetensors").write_bytes(b"abc")
     with pytest.raises(ValueError, match="bad.safetensors: not a safetensors file"):
-        evaluate.lora_content_hash(tmp_path / "bad.safetensors")
+        render.lora_content_hash(tmp_path / "bad.safetensors")
 
 
 # ---------------------------------------------------------------- the stage, for real
@@ -234,10 +248,49 @@ def report(root: Path) -> dict[str, Any]:
     return json.loads((root / "reports" / "evaluate.json").read_text())
 
 
+def grid_cells(path: Path, side: int = 64) -> list[list[Image.Image]]:
+    """A grid PNG cut back into its cells, row by row: the renders, pixel for pixel (PNG is lossless)."""
+    with Image.open(path) as img:
+        grid = img.convert("RGB")
+    cols, rows = grid.width // side, grid.height // side
+    return [[grid.crop((c * side, r * side, (c + 1) * side, (r + 1) * side)) for c in range(cols)] for r in range(rows)]
+
+
+def expected_signs(root: Path, epoch: str, embedder: Embedder) -> dict[str, float]:
+    """An epoch's LoRA effect, memorisation, likeness (and with CLIP, CLIP score) recomputed from its
+    grids and the training images, for EVAL_PARAMS: weights 0, 1, 1.2; seed 1; one caption."""
+    from loraforge.images import read_jsonl
+
+    grids = root / "reports" / "eval" / "grids"
+    sweep = grid_cells(grids / f"{epoch}.png")  # rows: prompt 1, prompt 2; columns: weight 0, 1, 1.2
+    captions = grid_cells(grids / f"{epoch}-captions.png")[0]  # training image, weight 0, weight 1
+    train = embedder.images(
+        [Image.open(p).convert("RGB") for p in evaluate.training_images(root / "data" / "upscaled").values()]
+    )
+    out = {
+        "lora_effect": float(np.mean([em.mean_abs_difference(em.as_array(r[0]), em.as_array(r[2])) for r in sweep])),
+        "memorisation": em.nearest_distance(embedder.images([captions[2]])[0], train),
+        "memorisation_base": em.nearest_distance(embedder.images([captions[1]])[0], train),
+        "likeness": em.centroid_similarity(embedder.images([sweep[0][1]]), train),
+        "likeness_base": em.centroid_similarity(embedder.images([sweep[0][0]]), train),
+    }
+    if embedder.has_text:
+        trigger = read_jsonl(root / "data" / "captions" / "manifest.jsonl")[0]["trigger"]
+        texts = embedder.texts(render.render_prompts(evaluate.Params(model={}).prompts, trigger))
+        for key, col in (("clip_score", 1), ("clip_score_base", 0)):
+            emb = embedder.images([row[col] for row in sweep])
+            out[key] = float(np.mean([100 * max(float(e @ t), 0.0) for e, t in zip(emb, texts)]))
+    return out
+
+
 def test_best_json_names_an_epoch_with_reasons_and_the_best_lora_is_that_file(project):
     best = json.loads((project / "reports" / "eval" / "best.json").read_text())
-    assert best["epoch"] in ("epoch-0001", "epoch-0002") and best["lora"] == f"lora-{best['epoch']}.safetensors"
-    assert len(best["reasons"]) >= 3 and best["reasons"][0].startswith(f"epoch {best['epoch_number']}:")
+    metrics = json.loads((project / "reports" / "eval" / "metrics.json").read_text())
+    expected = em.recommend(list(metrics["epochs"].values()), em.Limits(**best["limits"]))  # the rule, on the rows
+    assert best["epoch"] == f"epoch-{expected['epoch']:04d}" and best["epoch_number"] == expected["epoch"]
+    assert best["lora"] == f"lora-{best['epoch']}.safetensors"
+    assert best["reasons"] == expected["reasons"] and len(best["reasons"]) >= 3
+    assert best["reasons"][0].startswith(f"epoch {best['epoch_number']}:")
     assert best["similarity"] == "pixels-16x16" and best["limits"]["check_weight"] == 1.2
     shipped = (project / "models" / "lora-best.safetensors").read_bytes()
     assert shipped == (project / "models" / "loras" / best["lora"]).read_bytes()
@@ -268,8 +321,9 @@ def test_every_epoch_gets_the_three_grids_and_the_cross_epoch_grids(project):
 
 def test_metrics_and_series_hold_every_measured_sign(project):
     metrics = json.loads((project / "reports" / "eval" / "metrics.json").read_text())
-    assert metrics["similarity"] == "pixels-16x16" and metrics["best_epoch"] in (1, 2)
-    for row in metrics["epochs"].values():
+    best = json.loads((project / "reports" / "eval" / "best.json").read_text())
+    assert metrics["similarity"] == "pixels-16x16" and metrics["best_epoch"] == best["epoch_number"]
+    for name, row in metrics["epochs"].items():
         assert {
             "loss",
             "lora_effect",
@@ -281,7 +335,10 @@ def test_metrics_and_series_hold_every_measured_sign(project):
             "likeness",
             "likeness_base",
         } <= set(row)
-        assert row["lora_effect"] > 0 and 0 <= row["memorisation"] <= 2 and "clip_score" not in row
+        assert "clip_score" not in row
+        expected = expected_signs(project, name, Embedder(None))
+        assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-5)
+        assert row["lora_effect"] > 0  # the LoRA changes the images
     # the base model's values do not depend on the epoch
     bases = {row["memorisation_base"] for row in metrics["epochs"].values()}
     assert len(bases) == 1
@@ -374,8 +431,10 @@ def test_clip_model_gives_clip_similarity_and_a_clip_score(project):
         run_stage(project, "evaluate")
         metrics = json.loads((project / "reports" / "eval" / "metrics.json").read_text())
         assert metrics["similarity"] == "clip:clip" and report(project)["computed"] == 0  # images reused, metrics new
-        for row in metrics["epochs"].values():
-            assert 0 <= row["clip_score"] <= 100 and 0 <= row["clip_score_base"] <= 100 and -1 <= row["likeness"] <= 1
+        clip = Embedder(project / "clip")
+        for name, row in metrics["epochs"].items():
+            expected = expected_signs(project, name, clip)
+            assert {k: row[k] for k in expected} == pytest.approx(expected, rel=1e-4, abs=1e-6)
         assert "clip:clip" in (project / "reports" / "eval" / "index.html").read_text()
     finally:
         set_params(project, {"evaluate": {"clip_model": None}})

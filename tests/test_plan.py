@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from loraforge import plan as p
+from loraforge import plan_cli
 from loraforge.images import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,9 +83,9 @@ def test_strength_and_lr_002() -> None:
     assert p.frames_for_strength(1e-6, p.STRENGTH["hard"]) == pytest.approx(20)
     # "FN = 125, F = 1, LR = 8e-8"
     assert p.lr_for_frames(125, 1) == pytest.approx(8e-8)
-    assert p.parse_strength("very_soft") == 0.33 and p.parse_strength("1.5") == 1.5
+    assert plan_cli.parse_strength("very_soft") == 0.33 and plan_cli.parse_strength("1.5") == 1.5
     with pytest.raises(ValueError, match="`--strength` must be one of low_end"):
-        p.parse_strength("strong")
+        plan_cli.parse_strength("strong")
 
 
 def test_scheduler_multipliers_002() -> None:
@@ -148,7 +149,7 @@ def test_plan_command_writes_reports_plan_json(tmp_path: Path, capsys: pytest.Ca
     params["finetune"].update({"epochs": 9, "batch_size": 1, "lr": 1e-5, "train_text_encoder": False})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     parser = argparse.ArgumentParser()
-    p.add_plan_command(parser.add_subparsers())
+    plan_cli.add_plan_command(parser.add_subparsers())
 
     args = parser.parse_args(["plan", "--root", str(tmp_path), "--target-steps", "3500"])
     assert args.func(args) == 2 and "run `loraforge stage ingest`" in capsys.readouterr().err

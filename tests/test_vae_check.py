@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from loraforge import htmlreport
 from loraforge.dataset import psnr
 from loraforge.images import read_jsonl, resize_cover_crop
 from loraforge.models import load_vae, resolve_model
@@ -22,7 +23,6 @@ from loraforge.params import ModelParams
 from loraforge.runner import Paths, StageEnv
 from loraforge.store import ItemStore
 from loraforge.vaecheck import MAX_DB, decode_latent, side_by_side, window_mse, worst_window
-from stages import evaluate
 from stages.latents import Params, run
 from tests.helpers import RecordingPublisher
 from tests.test_latents import ingest, picture, write_images
@@ -183,10 +183,10 @@ def test_the_evaluation_page_shows_the_worst_sheets_with_their_psnr() -> None:
             ],
         }
     }
-    html = evaluate.vae_section(report)
+    html = htmlreport.vae_section(report)
     assert "What the VAE loses" in html and 'src="../vae_check/01-abc.png"' in html
     assert "cat.png: 12.25 dB (worst window 8.5 dB)" in html and "21.5 dB over 5 images" in html
-    assert evaluate.vae_section({"vae_check": {"worst": []}}) == "" and evaluate.vae_section({}) == ""
+    assert htmlreport.vae_section({"vae_check": {"worst": []}}) == "" and htmlreport.vae_section({}) == ""
 
 
 def test_a_cold_run_reads_each_image_once_for_encoding_and_checking(
