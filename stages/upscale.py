@@ -7,6 +7,7 @@ ESRGAN-family network loaded by spandrel. Results are cached per image in the it
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,15 +17,17 @@ import torch
 from PIL import Image
 
 from loraforge.errors import InputError, MissingInput
+from loraforge.fanout import chunked
 from loraforge.fingerprint import hash_file
 from loraforge.images import lanczos_upscale, pixel_hash, read_jsonl, save_png, write_jsonl
 from loraforge.models import resolve_device, resolve_model
 from loraforge.safetensors_io import load_tensors, refuse_pickle
-from loraforge.store import materialize
+from loraforge.store import Item, materialize
 from stages.upscale_params import Params
 
 if TYPE_CHECKING:
     from loraforge.runner import Paths, StageEnv
+    from loraforge.store import ItemStore
 
 
 def needs_upscale(width: int, height: int, min_side: int) -> bool:
@@ -106,36 +109,40 @@ def load_upscaler(path: Path, device: str, allow_pickle: bool) -> Any:
 
 
 def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
-    """Upscale small images from `inputs.images` into `outputs.images`."""
+    """Upscale small images from `inputs.images` into `outputs.images` (the missing ones in
+    chunks through `env.fan_out`, into the item store)."""
     min_side = params.min_side or resolve_model(params.model, env.state_dir).native_resolution
     weights = upscaler_file(params, inputs) if params.method == "model" else None
     upscaler = Upscaler(params, weights, str(resolve_device(params.model.device)))
     rows = read_jsonl(inputs.images / "manifest.jsonl")
-    counts = {"computed": 0, "reused": 0, "passed_through": 0}
+    small = [r for r in rows if needs_upscale(r["width"], r["height"], min_side)]
+    entries = {r["id"]: env.store.item("upscaled", image=r["pixel_hash"], min_side=min_side, **upscaler.identity)
+               for r in small}  # fmt: skip
+    pending = [{"file": r["file"], "key": entries[r["id"]].key} for r in small if entries[r["id"]].get(".png") is None]
+    bar = env.bar(total=len(pending), desc="upscale", unit="img")
+    env.fan_out.map(upscale_chunk, UpscaleJob(upscaler, min_side, inputs.images, env.store),
+                    chunked(pending, env.fan_out.chunk_size), bar.update)  # fmt: skip
+    bar.close()
     out_rows = []
-    for row in env.bar(rows, desc="upscale", unit="img"):
+    for row in rows:
         src, dst = inputs.images / row["file"], outputs.images / row["file"]
-        if not needs_upscale(row["width"], row["height"], min_side):
+        if row["id"] not in entries:
             materialize(src, dst)
-            counts["passed_through"] += 1
             out_rows.append({**row, "upscaled_from": None})
             continue
-        entry, made = env.store.cached(
-            "upscaled", {"image": row["pixel_hash"], "min_side": min_side, **upscaler.identity}, ".png",
-            lambda tmp, src=src: save_png(upscaler(src, min_side), tmp),
-        )  # fmt: skip
-        counts["computed" if made else "reused"] += 1
+        entry = entries[row["id"]].get(".png")
         materialize(entry, dst)
         with Image.open(entry) as img:
             size, digest = img.size, pixel_hash(img.convert("RGB"))  # new pixels: later caches key on this
         out_rows.append({**row, "width": size[0], "height": size[1], "pixel_hash": digest,
                          "upscaled_from": [row["width"], row["height"]]})  # fmt: skip
     write_jsonl(outputs.images / "manifest.jsonl", out_rows)
+    counts = {"computed": len(pending), "reused": len(small) - len(pending), "passed_through": len(rows) - len(small)}
     return {"items": len(rows), **counts, "min_side": min_side, "method": params.method}
 
 
 class Upscaler:
-    """Lanczos, or the network of `upscale.model_path` (loaded on first use, once).
+    """Lanczos, or the network of `upscale.model_path` (loaded on first use, once per process).
 
     Args:
         params: the `upscale` section.
@@ -150,6 +157,9 @@ class Upscaler:
         else:
             self.identity = {"method": hash_file(weights), "tile": params.tile, "overlap": params.tile_overlap}
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "net": None}  # a worker loads the network itself
+
     def __call__(self, src: Path, min_side: int) -> Image.Image:
         """The upscaled image of the file `src`."""
         with Image.open(src) as opened:
@@ -158,3 +168,28 @@ class Upscaler:
             return lanczos_upscale(img, min_side)
         self.net = self.net or load_upscaler(self.weights, self.device, self.params.allow_pickle)
         return model_upscale(img, self.net, min_side, self.params.tile, self.params.tile_overlap)
+
+
+@dataclass(frozen=True)
+class UpscaleJob:
+    """What every chunk of upscaling needs; sent once to each worker.
+
+    Attributes:
+        upscaler: Lanczos or the network.
+        min_side: the short side wanted.
+        images: the input images folder.
+        store: the item store the results go to.
+    """
+
+    upscaler: Upscaler
+    min_side: int
+    images: Path
+    store: "ItemStore"
+
+
+def upscale_chunk(job: UpscaleJob, items: list[dict[str, Any]]) -> int:
+    """Upscale each item (`file`, `key`) into the store; returns how many."""
+    for it in items:
+        image = job.upscaler(job.images / it["file"], job.min_side)
+        Item(job.store, "upscaled", it["key"]).put(".png", lambda tmp, im=image: save_png(im, tmp))
+    return len(items)
