@@ -37,7 +37,8 @@ def check_upscaler_path(params: Params) -> Path:
         raise FileNotFoundError(f"`upscale.model_path`: no file at {path}")
     if path.suffix.lower() in PICKLE_SUFFIXES and not params.allow_pickle:
         raise ValueError(
-            f"`upscale.model_path` {path} is a pickle file; convert it to .safetensors or set `upscale.allow_pickle: true`"
+            f"`upscale.model_path` {path} is a pickle file; "
+            "convert it to .safetensors or set `upscale.allow_pickle: true`"
         )
     return path
 
@@ -86,6 +87,27 @@ def load_upscaler(path: Path, device: str) -> Any:
     return descriptor.eval()
 
 
+def upscaled_row(row: dict[str, Any], png: Path) -> dict[str, Any]:
+    """The manifest row of an upscaled image: its new size and pixel hash, and the size it came from.
+
+    Args:
+        row: the image's row in the input manifest.
+        png: the upscaled image.
+    """
+    from PIL import Image as PILImage
+
+    with PILImage.open(png) as img:
+        width, height = img.size
+        digest = pixel_hash(img.convert("RGB"))  # new pixels: later stages key their caches on this
+    return {
+        **row,
+        "width": width,
+        "height": height,
+        "pixel_hash": digest,
+        "upscaled_from": [row["width"], row["height"]],
+    }
+
+
 def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
     """Upscale small images from `inputs.images` into `outputs.images`."""
     from PIL import Image as PILImage
@@ -129,18 +151,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         else:
             reused += 1
         materialize(entry, dst)
-        with PILImage.open(entry) as img:
-            width, height = img.size
-            digest = pixel_hash(img.convert("RGB"))  # new pixels: later stages key their caches on this
-        out_rows.append(
-            {
-                **row,
-                "width": width,
-                "height": height,
-                "pixel_hash": digest,
-                "upscaled_from": [row["width"], row["height"]],
-            }
-        )
+        out_rows.append(upscaled_row(row, entry))
     write_jsonl(outputs.images / "manifest.jsonl", out_rows)
     return {
         "items": len(rows),
