@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loraforge import lora as L  # noqa: E402
-from loraforge.kohya_names import load_real_config  # noqa: E402
+from loraforge import lora_svd  # noqa: E402
+from loraforge.kohya_names import load_real_config, unet_targets  # noqa: E402
 
 
 def sdxl_target_shapes(conv: bool) -> Counter[tuple[int, ...]]:
@@ -45,7 +46,7 @@ def sdxl_target_shapes(conv: bool) -> Counter[tuple[int, ...]]:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     state = unet.state_dict()
-    return Counter(tuple(state[f"{m}.weight"].shape) for m in L.unet_targets(state, conv=conv))
+    return Counter(tuple(state[f"{m}.weight"].shape) for m in unet_targets(state, conv=conv))
 
 
 def synthetic_delta(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -79,7 +80,7 @@ def time_method(delta: torch.Tensor, dim: int, svd: str, device: str) -> tuple[f
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    up, down = L.extract_layer(delta, dim, svd=svd)  # type: ignore[arg-type]
+    up, down = lora_svd.extract_layer(delta, dim, svd=svd)  # type: ignore[arg-type]
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -100,7 +101,7 @@ def speed(dim: int, device: str, conv: bool) -> dict[str, float]:
     print(
         f"{'shape':>24} {'layers':>6} {'full s':>8} {'lowrank s':>9} {'ratio':>6} {'full err':>9} {'lowrank err':>11}"
     )
-    L.extract_layer(torch.randn(64, 64, device=device), 8)  # warm LAPACK / cuSOLVER
+    lora_svd.extract_layer(torch.randn(64, 64, device=device), 8)  # warm LAPACK / cuSOLVER
     for i, (shape, count) in enumerate(
         sorted(shapes.items(), key=lambda kv: -kv[0][0] * int(torch.tensor(kv[0][1:]).prod()))
     ):
@@ -181,7 +182,8 @@ def memory(megabytes: int, dim: int) -> dict[str, float]:
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = stats["growth"] / size
     print(
-        f"\nmemory: one model {size / 1e6:.0f} MB (float16); process peak RSS {stats['before'] / 1e6:.0f} MB before extracting, "
+        f"\nmemory: one model {size / 1e6:.0f} MB (float16); "
+        f"process peak RSS {stats['before'] / 1e6:.0f} MB before extracting, "
         f"{(stats['before'] + stats['growth']) / 1e6:.0f} MB after; growth {stats['growth'] / 1e6:.0f} MB "
         f"= {ratio:.3f}x one model (goal < 1.3; the LoRA itself is {stats['lora_bytes'] / 1e6:.1f} MB)"
     )

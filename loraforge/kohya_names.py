@@ -34,6 +34,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "assets" / "configs"
 # Shipped copies of the real models' unet/config.json (no weights).
 REAL_UNET_CONFIGS = {"sd15": CONFIG_DIR / "sd15-unet.json", "sdxl": CONFIG_DIR / "sdxl-unet.json"}
 
+KOHYA_PREFIXES = ("lora_unet", "lora_te", "lora_te1", "lora_te2")
+Prefix = Literal["lora_unet", "lora_te", "lora_te1", "lora_te2"]
 UnetNaming = Literal["diffusers", "sgm"]
 # Which naming kohya uses for each architecture's UNet.
 KOHYA_UNET_NAMING: dict[str, UnetNaming] = {"sd15": "diffusers", "sdxl": "sgm"}
@@ -205,7 +207,7 @@ def kohya_unet_names(modules: Iterable[str], naming: UnetNaming, layout: UnetLay
     """Map diffusers UNet module names to kohya LoRA names; fails if two names collide.
 
     Args:
-        modules: dotted diffusers module names (e.g. from `loraforge.lora.unet_targets`).
+        modules: dotted diffusers module names (e.g. from `unet_targets`).
         naming: `diffusers` or `sgm` (see `kohya_unet_name`).
         layout: required for `sgm`.
     """
@@ -228,3 +230,105 @@ def real_unet_keys(arch: Literal["sd15", "sdxl"]) -> list[str]:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
     return [name for name, _ in unet.named_parameters()]
+
+
+# --------------------------------------------------------------------------------------------
+# Which modules get a LoRA (from state-dict key names only), and their names
+# --------------------------------------------------------------------------------------------
+
+_UNET_BLOCK = r"(?:down_blocks\.\d+|mid_block|up_blocks\.\d+)"
+# Linear and 1x1-conv weights inside a Transformer2DModel (kohya: UNET_TARGET_REPLACE_MODULE).
+_UNET_ATTENTION = re.compile(
+    rf"^{_UNET_BLOCK}\.attentions\.\d+\."
+    r"(?:proj_in|proj_out|transformer_blocks\.\d+\."
+    r"(?:attn[12]\.(?:to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))\.weight$"
+)
+# Every conv/linear weight of ResnetBlock2D, Downsample2D and Upsample2D (kohya's "conv_dim"
+# LoRA, a.k.a. LoCon): the 3x3 convs get `conv_dim`, time_emb_proj and 1x1 conv_shortcut `dim`.
+_UNET_CONV = re.compile(
+    rf"^{_UNET_BLOCK}\."
+    r"(?:resnets\.\d+\.(?:conv1|conv2|conv_shortcut|time_emb_proj)|(?:downsamplers|upsamplers)\.0\.conv)"
+    r"\.weight$"
+)
+# CLIP text encoder: attention projections and MLP (kohya: TEXT_ENCODER_TARGET_REPLACE_MODULE).
+# transformers ≥ 5 flattens CLIPTextModel (`encoder.layers...`, no `text_model.` level), while
+# CLIPTextModelWithProjection and every checkpoint on disk before it keep `text_model.`.
+_TEXT_ENCODER = re.compile(
+    r"^(?:text_model\.)?encoder\.layers\.\d+\."
+    r"(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.(?:fc1|fc2))\.weight$"
+)
+
+
+def unet_targets(keys: Iterable[str], conv: bool) -> list[str]:
+    """UNet modules that get a LoRA, chosen from diffusers state-dict key names.
+
+    Args:
+        keys: state-dict keys of a diffusers `UNet2DConditionModel` (SD1.5 or SDXL), e.g.
+            `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight`.
+        conv: also target the ResNet, downsampler and upsampler convolutions (and the ResNet's
+            `time_emb_proj` / `conv_shortcut`), as kohya does when `conv_dim` is set.
+
+    Returns:
+        Sorted module names (keys without `.weight`).
+    """
+    patterns = [_UNET_ATTENTION, _UNET_CONV] if conv else [_UNET_ATTENTION]
+    return _matching_modules(keys, patterns)
+
+
+def text_encoder_targets(keys: Iterable[str]) -> list[str]:
+    """CLIP text-encoder modules that get a LoRA: q/k/v/out projections and the MLP's fc1/fc2.
+
+    Args:
+        keys: state-dict keys of a transformers `CLIPTextModel` or `CLIPTextModelWithProjection`,
+            e.g. `text_model.encoder.layers.0.self_attn.q_proj.weight`, or
+            `encoder.layers.0.self_attn.q_proj.weight` (CLIPTextModel in transformers ≥ 5).
+
+    Returns:
+        Sorted module names (keys without `.weight`), spelled as in `keys`.
+    """
+    return _matching_modules(keys, [_TEXT_ENCODER])
+
+
+def _matching_modules(keys: Iterable[str], patterns: list[re.Pattern[str]]) -> list[str]:
+    modules = {key[: -len(".weight")] for key in keys if any(p.match(key) for p in patterns)}
+    return sorted(modules)
+
+
+def kohya_name(prefix: Prefix, module: str) -> str:
+    """The kohya name of a module: `prefix` + `_` + the module name with `.` replaced by `_`.
+
+    Text-encoder modules are always named as in the checkpoint layout every tool expects
+    (`text_model.encoder.layers.N...`), also when transformers ≥ 5 calls them `encoder.layers.N...`.
+
+    UNet modules keep their diffusers names here, which is kohya's SD1.5 convention; kohya's SDXL
+    LoRAs use the original Stability ("sgm") names, which `loraforge.lora.lora_targets` (via
+    `kohya_unet_names`) writes for SDXL.
+
+    Args:
+        prefix: `lora_unet`, `lora_te` (SD1.5 text encoder), `lora_te1` or `lora_te2` (SDXL).
+        module: dotted module name, e.g. `down_blocks.1.attentions.0.proj_in`.
+
+    Example:
+        `kohya_name("lora_unet", "mid_block.attentions.0.proj_in")` →
+        `lora_unet_mid_block_attentions_0_proj_in`
+    """
+    if prefix not in KOHYA_PREFIXES:
+        raise ValueError(f"`prefix` must be one of {', '.join(KOHYA_PREFIXES)}, got {prefix!r}")
+    if not module or module.endswith(".weight"):
+        raise ValueError(f"`module` must be a module name without `.weight`, got {module!r}")
+    if prefix != "lora_unet" and module.startswith("encoder."):
+        module = "text_model." + module  # transformers ≥ 5's flattened CLIPTextModel
+    return f"{prefix}_{module.replace('.', '_')}"
+
+
+def kohya_names(prefix: Prefix, modules: Iterable[str]) -> dict[str, str]:
+    """Map module names to their kohya names (see `kohya_name`); fails if two names collide.
+
+    Args:
+        prefix: `lora_unet`, `lora_te`, `lora_te1` or `lora_te2`.
+        modules: dotted module names, e.g. from `unet_targets` or `text_encoder_targets`.
+    """
+    targets = {module: kohya_name(prefix, module) for module in modules}
+    if len(set(targets.values())) != len(targets):
+        raise ValueError(f"`modules` give colliding kohya names under prefix {prefix!r}")
+    return targets

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Spelled here, not imported from loraforge.lora, so that building the CLI parser never imports
-# torch (tests/test_extract_resize.py checks they match loraforge.lora's).
+# Spelled here, not imported from loraforge.lora_svd / lora_resize, so that building the CLI parser
+# never imports torch (tests/test_extract_resize.py checks they match the library's).
 SVD_METHODS = ("full", "lowrank")
 RESIZE_METHODS = ("fixed", "sv_ratio", "sv_fro", "sv_cumulative")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -154,8 +154,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
     """Run `loraforge resize` (see `add_resize_command`)."""
     import torch
 
-    from loraforge.lora import load_lora, resize_lora, save_lora
-    from loraforge.lora_io import layer_table, resize_metadata
+    from loraforge.lora import load_lora, save_lora
+    from loraforge.lora_resize import layer_table, resize_lora, resize_metadata
 
     if args.rank < 1:
         raise SystemExit(f"loraforge resize: `--rank` must be ≥ 1, got {args.rank}")

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 
 from loraforge import lora as L
+from loraforge import lora_svd
 
 Arch = Literal["sd15", "sdxl"]
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -232,7 +233,7 @@ class ExtractSettings:
     Attributes:
         dim: rank of Linear and 1×1 conv layers.
         conv_dim: rank of 3×3 convs; 0 leaves them out.
-        clamp_quantile: see `loraforge.lora.extract_layer`.
+        clamp_quantile: see `loraforge.lora_svd.extract_layer`.
         min_diff: a text encoder whose largest change is not above this is left out.
         save_dtype: dtype of the saved factors.
         svd: `full` or `lowrank`.
@@ -243,7 +244,7 @@ class ExtractSettings:
     clamp_quantile: float = 1.0
     min_diff: float = 1e-6
     save_dtype: str = "float16"
-    svd: L.SvdMethod = "full"
+    svd: lora_svd.SvdMethod = "full"
 
 
 def extract_component(
@@ -272,7 +273,7 @@ def extract_component(
         device: where the SVDs run.
         unet_config: the UNet config (SDXL sgm numbering); None derives it from the keys.
         log: where the min_diff decision is written.
-        on_layer: per-layer callback (see `loraforge.lora.extract_lora`).
+        on_layer: per-layer callback (see `loraforge.lora_svd.extract_lora`).
         min_diff_name: how the log names the threshold (`extract.min_diff`, `--min-diff`).
     """
     release_large_frees()  # bounded memory: see its docstring
@@ -280,15 +281,16 @@ def extract_component(
         targets = L.lora_targets(arch, component, tuned.keys, conv=settings.conv_dim > 0, unet_config=unet_config)  # type: ignore[arg-type]
         note: dict[str, Any] = {"included": True, "modules": len(targets)}
         if component != "unet":
-            diff = L.max_abs_delta(base, tuned, [f"{m}.weight" for m in targets])
+            diff = lora_svd.max_abs_delta(base, tuned, [f"{m}.weight" for m in targets])
             note["max_diff"] = diff
-            if not L.text_encoder_changed(diff, settings.min_diff):
+            if not lora_svd.text_encoder_changed(diff, settings.min_diff):
                 log(
-                    f"extract: {component} left out: its largest change {diff:.3g} is not above `{min_diff_name}` {settings.min_diff:g}"
+                    f"extract: {component} left out: its largest change {diff:.3g} "
+                    f"is not above `{min_diff_name}` {settings.min_diff:g}"
                 )
                 return {}, {**note, "included": False, "modules": 0}
             log(f"extract: {component} included: largest change {diff:.3g} > `{min_diff_name}` {settings.min_diff:g}")
-        tensors = L.extract_lora(
+        tensors = lora_svd.extract_lora(
             base,
             tuned,
             targets,
@@ -382,65 +384,3 @@ def extraction_metadata(
     if not settings.conv_dim:
         meta.pop("ss_network_args")
     return {**meta, **L.modelspec_metadata(arch, title, date=date, description=comment)}
-
-
-def resize_metadata(
-    metadata: dict[str, str],
-    rank: int,
-    method: str,
-    param: float | None,
-    stats: dict[str, dict[str, float]],
-    title: str,
-) -> dict[str, str]:
-    """The header of a resized LoRA: the input's, with dim/alpha, comment and modelspec updated.
-
-    Fixed resizes write `ss_network_dim` = `ss_network_alpha` = rank; dynamic ones write
-    `Dynamic` for both, as kohya does. The hashes are recomputed by `save_lora`.
-
-    Args:
-        metadata: the input file's header.
-        rank: the fixed rank, or the dynamic methods' cap (also every layer's alpha).
-        method: `fixed`, `sv_ratio`, `sv_fro` or `sv_cumulative`.
-        param: the dynamic method's target.
-        stats: per-layer stats from `loraforge.lora.resize_lora`.
-        title: `modelspec.title`.
-    """
-    ranks = [int(s["rank"]) for s in stats.values()]
-    fro = [s["fro_retained"] for s in stats.values()]
-    what = f"{method} rank {rank}" + (f" (param {param:g})" if param is not None else "")
-    comment = (
-        f"resized by loraforge: {what} from {metadata.get('ss_network_dim', '?')}; "
-        f"ranks {min(ranks, default=0)}-{max(ranks, default=0)}, mean Frobenius kept {100 * sum(fro) / max(len(fro), 1):.2f}%"
-    )
-    previous = metadata.get("ss_training_comment", "")
-    dim = str(rank) if method == "fixed" else "Dynamic"
-    alpha = str(float(rank)) if method == "fixed" else "Dynamic"
-    new = {
-        **metadata,
-        "ss_network_dim": dim,
-        "ss_network_alpha": alpha,
-        "ss_training_comment": f"{previous}; {comment}" if previous else comment,
-        "ss_resize": json.dumps({"method": method, "rank": rank, "param": param, "alpha": float(rank)}),
-    }
-    new["modelspec.title"] = title
-    if "modelspec.description" in new:
-        new["modelspec.description"] = new["ss_training_comment"]
-    return new
-
-
-def layer_table(stats: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """Rows `layer`, `rank`, `old_rank`, `fro_retained_pct`, `sv_ratio_max_min` for reports.
-
-    Args:
-        stats: per-layer stats from `loraforge.lora.resize_lora`.
-    """
-    return [
-        {
-            "layer": name,
-            "rank": int(s["rank"]),
-            "old_rank": int(s["old_rank"]),
-            "fro_retained_pct": round(100 * s["fro_retained"], 4),
-            "sv_ratio_max_min": s["sv_ratio_max_min"],
-        }
-        for name, s in stats.items()
-    ]

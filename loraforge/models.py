@@ -2,17 +2,18 @@
 
 `model.base` is one of
 - `builtin:tiny-sdxl` / `builtin:tiny-sd15`: built in code (`loraforge.tiny`) and written once
-  to `<state_dir>/models/builtin-<name>-v<N>/`;
+  to `<state_dir>/models/builtin-<name>-v<N>/` (`loraforge.hub`);
 - a local diffusers folder (has `model_index.json`), absolute or relative to the project root;
 - a Hugging Face id (`owner/name`): only the files training needs are downloaded, once, into the
-  usual Hugging Face cache.
+  usual Hugging Face cache (`loraforge.hub`).
 
 Weights load from safetensors. Pickle weights (`.bin`, `.ckpt`, `.pt`, `.pth`) can run code when
 unpickled, so a component that has only those is refused unless `model.allow_pickle: true`, and
 then diffusers/transformers load it with `torch.load(weights_only=True)`.
 
 The identity of a model in every cache key is the hash of its files (`component_hash`), never
-its name; a per-file hash cache keyed on (path, size, mtime) makes that cheap after the first time.
+its name; a per-file hash cache keyed on (path, size, mtime) makes that cheap after the first time
+(`loraforge.weights`).
 
 torch, diffusers and transformers are imported inside the functions that need them.
 """
@@ -20,15 +21,12 @@ torch, diffusers and transformers are imported inside the functions that need th
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from loraforge.fingerprint import hash_file, hash_json
+from loraforge.hub import model_folder
+from loraforge.weights import PICKLE_SUFFIXES, config_files, files_hash, standard_weights
 
 if TYPE_CHECKING:
     import torch
@@ -37,15 +35,6 @@ if TYPE_CHECKING:
     from loraforge.params import ModelParams
 
 Arch = Literal["sd15", "sdxl"]
-
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_VERSION = 1  # bump when loraforge.tiny changes what it builds: a new folder is written
-HASH_CACHE = "hashcache.json"
-WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-HUB_COMPONENTS = (*WEIGHTED_COMPONENTS, "tokenizer", "tokenizer_2", "scheduler")
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 @dataclass(frozen=True)
@@ -86,111 +75,10 @@ def resolve_model(params: ModelParams, state_dir: Path, root: Path | None = None
         root: folder that relative local paths are taken from; defaults to `state_dir`'s parent
             (the project root, since the runner uses `<root>/.loraforge`).
     """
-    base = params.base
     state_dir = Path(state_dir)
-    if base.startswith(BUILTIN_PREFIX):
-        path = materialize_builtin(base[len(BUILTIN_PREFIX) :], state_dir)
-    else:
-        path = _local_or_hub(base, params, Path(root) if root is not None else state_dir.parent)
-    return inspect_model(path, source=base, allow_pickle=params.allow_pickle)
-
-
-def materialize_builtin(name: str, state_dir: Path) -> Path:
-    """The folder of builtin model `name`, written once (built in a temp folder, then renamed).
-
-    Args:
-        name: the part after `builtin:` (`tiny-sdxl` or `tiny-sd15`).
-        state_dir: loraforge's private folder.
-    """
-    from loraforge.tiny import BUILTINS, save_builtin
-
-    if name not in BUILTINS:
-        known = ", ".join(f"`{BUILTIN_PREFIX}{n}`" for n in sorted(BUILTINS))
-        raise ValueError(f"`model.base` = `{BUILTIN_PREFIX}{name}` is not a builtin model (builtins: {known})")
-    final = state_dir / "models" / f"builtin-{name}-v{BUILTIN_VERSION}"
-    if (final / "model_index.json").is_file():  # complete: the folder only appears by rename
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-builtin-{name}-", dir=final.parent))
-    try:
-        save_builtin(name, tmp)
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / "model_index.json").is_file():  # not a lost race with another process
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _local_or_hub(base: str, params: ModelParams, root: Path) -> Path:
-    """A local folder if `base` names one, else a hub download if `base` looks like `owner/name`."""
-    local = Path(base).expanduser()
-    local = local if local.is_absolute() else root / local
-    if local.exists():
-        if not (local / "model_index.json").is_file():
-            raise ValueError(
-                f"`model.base` = {base!r}: {local} is not a diffusers folder (no model_index.json); "
-                "single-file .safetensors/.ckpt checkpoints must be converted to the diffusers layout first"
-            )
-        return local
-    if base.startswith((".", "/", "~")) or "\\" in base or not HUB_ID.match(base):
-        raise ValueError(
-            f"`model.base` = {base!r}: no such folder {local} (and not a Hugging Face id like `owner/name`)"
-        )
-    return download_from_hub(base, params.revision, params.allow_pickle)
-
-
-def hub_patterns(components: tuple[str, ...], pickle: bool) -> list[str]:
-    """`allow_patterns` for a hub download: configs, tokenizer files and non-variant weights.
-
-    Variant files (`*.fp16.safetensors`) and other formats (ONNX, OpenVINO, Flax) are left out,
-    which keeps an SDXL download to the ~7 GB that training loads.
-
-    Args:
-        components: sub-folders to fetch.
-        pickle: fetch `.bin` weights instead of safetensors.
-    """
-    # diffusers names its weights diffusion_pytorch_model.*, transformers model.* / pytorch_model.*
-    ext, stems = (
-        ("bin", ("diffusion_pytorch_model", "pytorch_model"))
-        if pickle
-        else ("safetensors", ("diffusion_pytorch_model", "model"))
-    )
-    patterns = [] if pickle else ["model_index.json"]
-    for c in components:
-        if not pickle:
-            patterns += [f"{c}/*.json", f"{c}/*.txt"]
-        for stem in stems:
-            patterns += [f"{c}/{stem}.{ext}", f"{c}/{stem}-*-of-*.{ext}"]  # single file, or shards
-    return patterns
-
-
-def download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
-    """Download (or find in the Hugging Face cache) what training needs from `repo_id`.
-
-    Args:
-        repo_id: `owner/name` on the hub.
-        revision: branch, tag or commit (`model.revision`); None for the default branch.
-        allow_pickle: when a component has no safetensors, also fetch its `.bin` weights.
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    def fetch(patterns: list[str]) -> Path:
-        try:
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-            raise ValueError(f"`model.base` = {repo_id!r}: could not get it from the Hugging Face hub: {e}") from e
-
-    path = fetch(hub_patterns(HUB_COMPONENTS, pickle=False))
-    if allow_pickle:
-        missing = tuple(
-            c for c in WEIGHTED_COMPONENTS if (path / c).is_dir() and not _standard_weights(path / c, ".safetensors")
-        )
-        if missing:
-            path = fetch(hub_patterns(missing, pickle=True))
-    return path
+    root = Path(root) if root is not None else state_dir.parent
+    path = model_folder(params.base, params.revision, params.allow_pickle, state_dir, root)
+    return inspect_model(path, source=params.base, allow_pickle=params.allow_pickle)
 
 
 def read_model_index(path: Path) -> dict[str, Any]:
@@ -272,19 +160,6 @@ def arch_components(arch: Arch) -> tuple[str, ...]:
 # Weight files and hashes
 
 
-def _standard_weights(folder: Path, suffix: str) -> list[Path]:
-    """Non-variant weight files with `suffix` in `folder`: an index's shards, else the single file.
-
-    `model.safetensors` and `model-00001-of-00002.safetensors` count; `model.fp16.safetensors`
-    (a variant, loaded only on request) does not.
-    """
-    indexes = [p for p in folder.glob(f"*{suffix}.index.json") if p.name.count(".") == 3]
-    if indexes:
-        weight_map = json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"]
-        return [folder / name for name in sorted(set(weight_map.values()))]
-    return sorted(p for p in folder.glob(f"*{suffix}") if p.name.count(".") == 1 and p.is_file())
-
-
 def weight_files(info: ModelInfo, component: str) -> list[Path]:
     """The weight files `component` loads from: safetensors (sharded or not), else pickle files
     when `info.allow_pickle`; [] for components without weights (tokenizer, scheduler).
@@ -299,20 +174,15 @@ def weight_files(info: ModelInfo, component: str) -> list[Path]:
     folder = info.path / component
     if not folder.is_dir():
         raise ValueError(f"{info.path}: no component `{component}` (`model.base` = {info.source!r})")
-    if files := _standard_weights(folder, ".safetensors"):
+    if files := standard_weights(folder, ".safetensors"):
         return files
-    pickles = [p for s in PICKLE_SUFFIXES for p in _standard_weights(folder, s)]
+    pickles = [p for s in PICKLE_SUFFIXES for p in standard_weights(folder, s)]
     if pickles and not info.allow_pickle:
         raise ValueError(
             f"{folder}: only pickle weights ({', '.join(p.name for p in pickles)}); pickle files can run code "
             "when loaded, so they are refused unless `model.allow_pickle: true` (then loaded with weights_only=True)"
         )
     return pickles
-
-
-def _config_files(folder: Path) -> list[Path]:
-    """Every non-weight file of a component folder (configs, tokenizer vocab and merges)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
 
 
 def component_hash(info: ModelInfo, component: str, state_dir: Path) -> str:
@@ -327,54 +197,8 @@ def component_hash(info: ModelInfo, component: str, state_dir: Path) -> str:
         state_dir: loraforge's private folder (holds the hash cache).
     """
     folder = info.path / component
-    files = sorted(set(_config_files(folder)) | set(weight_files(info, component)))
-    cache = HashCache(Path(state_dir) / HASH_CACHE)
-    digests = {p.relative_to(folder).as_posix(): cache.hash(p) for p in files}
-    cache.save()
-    return hash_json(digests)
-
-
-class HashCache:
-    """File hashes remembered by (resolved path, size, mtime_ns), stored as one JSON file.
-
-    Args:
-        path: the cache file (created on `save`; an unreadable one is treated as empty).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.changed = False
-        try:
-            self.entries: dict[str, dict[str, Any]] = json.loads(self.path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError):
-            self.entries = {}
-
-    def hash(self, file: Path) -> str:
-        """The file's xxh3-128, from the cache when its size and mtime are unchanged."""
-        real = Path(file).resolve()  # hub snapshots are symlinks into a shared blob store
-        stat = real.stat()
-        key = str(real)
-        entry = self.entries.get(key)
-        if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
-            return entry["hash"]
-        digest = hash_file(real)
-        self.entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "hash": digest}
-        self.changed = True
-        return digest
-
-    def save(self) -> None:
-        """Write the cache atomically (temp file + rename) if anything was added."""
-        if not self.changed:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-hashcache-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.entries, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        self.changed = False
+    files = sorted(set(config_files(folder)) | set(weight_files(info, component)))
+    return files_hash(files, folder, state_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +221,8 @@ def resolve_device(setting: str) -> torch.device:
         if not torch.cuda.is_available():
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
             raise ValueError(
-                f"`model.device` is `cuda` but no CUDA GPU is available (torch {torch.__version__}, {build}); use `cpu` or `auto`"
+                f"`model.device` is `cuda` but no CUDA GPU is available (torch {torch.__version__}, {build}); "
+                "use `cpu` or `auto`"
             )
         return torch.device("cuda")
     raise ValueError(f"`model.device` must be one of auto, cpu, cuda; got {setting!r}")

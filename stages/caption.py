@@ -29,7 +29,8 @@ from loraforge.images import read_jsonl, write_jsonl
 from stages.caption_params import CaptionSource, Merge, Params
 
 if TYPE_CHECKING:
-    from loraforge.captioners import BlipCaptioner, Wd14Tagger
+    from loraforge.blip import BlipCaptioner
+    from loraforge.wd14 import Wd14Tagger
     from loraforge.runner import Paths, StageEnv
 
 # Camera / export names carry no caption ("IMG_0042", "DSC01234", "image (3)", "1234"), nor do
@@ -203,20 +204,15 @@ def make_captioner(params: Params, state_dir: Path) -> tuple[BlipCaptioner | Wd1
         params: the `caption` section (`captioner` is `blip` or `wd14`).
         state_dir: loraforge's private folder; its parent is the project root for relative paths.
     """
-    from loraforge.captioners import (
-        BlipCaptioner,
-        BlipSettings,
-        Wd14Settings,
-        Wd14Tagger,
-        files_hash,
-        locate_model,
-        model_files,
-    )
+    from loraforge.captioners import locate_model, model_files
+    from loraforge.weights import files_hash
 
     kind = params.captioner
     folder = locate_model(kind, params.captioner_path, Path(state_dir).parent, params.captioner_revision)
     identity = files_hash(model_files(kind, folder), folder, state_dir)
     if kind == "blip":
+        from loraforge.blip import BlipCaptioner, BlipSettings
+
         settings = BlipSettings(
             decoding=params.blip_decoding,
             num_beams=params.blip_num_beams,
@@ -227,6 +223,8 @@ def make_captioner(params: Params, state_dir: Path) -> tuple[BlipCaptioner | Wd1
             seed=params.blip_seed,
         )
         return BlipCaptioner(folder, settings, params.model.device), identity
+    from loraforge.wd14 import Wd14Settings, Wd14Tagger
+
     settings = Wd14Settings(
         general_threshold=params.wd14_general_threshold,
         character_threshold=params.wd14_character_threshold,
@@ -281,15 +279,22 @@ def count_tokens(tokenizer: Any, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
 
 
+def check_remove_tags(trigger: str, remove_tags: tuple[str, ...]) -> None:
+    """Stop before any work when `caption.remove_tags` would prune the trigger from every caption.
+
+    Args:
+        trigger: `caption.trigger`.
+        remove_tags: `caption.remove_tags`.
+    """
+    if normalize_tag(trigger) in {normalize_tag(t) for t in remove_tags}:
+        raise ValueError(f"`caption.remove_tags` lists the trigger {trigger!r}: it would be pruned from every caption")
+
+
 def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
     """Write `<id>.txt` and `manifest.jsonl` into `outputs.captions`."""
     from loraforge.models import load_tokenizers, resolve_model
 
-    pruned_trigger = normalize_tag(params.trigger) in {normalize_tag(t) for t in params.remove_tags}
-    if pruned_trigger:
-        raise ValueError(
-            f"`caption.remove_tags` lists the trigger {params.trigger!r}: it would be pruned from every caption"
-        )
+    check_remove_tags(params.trigger, params.remove_tags)
     tokenizer = load_tokenizers(resolve_model(params.model, env.state_dir))[0]
     rows = read_jsonl(inputs.images / "manifest.jsonl")
     choices = {r["id"]: base_caption(r, params) for r in rows}

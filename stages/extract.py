@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any
 from stages.extract_params import Params
 
 if TYPE_CHECKING:
+    import torch
+
     from loraforge.lora_io import ExtractSettings
+    from loraforge.models import ModelInfo
     from loraforge.runner import Paths, StageEnv
 
 # Components that can carry a LoRA, per architecture (kohya's prefixes are in loraforge.lora.PREFIXES).
@@ -63,11 +66,46 @@ def dataset_hash(meta: dict[str, Any], inputs: "Paths") -> str:
     return "+".join(hash_tree(path) for path in given) if given else "unknown"
 
 
+def extract_epoch(
+    info: "ModelInfo", weights: Path, params: Params, device: "torch.device", unet_config: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The LoRA tensors of one epoch's checkpoint, and a note per component of what was decided.
+
+    Args:
+        info: the resolved base model.
+        weights: the epoch's weights folder (`<component>.safetensors` for each trained component).
+        params: the `extract` section.
+        device: where the SVDs run.
+        unet_config: the base UNet's config.json contents (SDXL sgm numbering).
+    """
+    from loraforge.lora_io import extract_component
+    from loraforge.models import weight_files
+
+    tensors: dict[str, Any] = {}
+    notes: dict[str, dict[str, Any]] = {}
+    for component in PREFIXES[info.arch]:
+        tuned = weights / f"{component}.safetensors"
+        if not tuned.exists():
+            notes[component] = {"included": False, "reason": "not trained"}
+            continue
+        part, notes[component] = extract_component(
+            info.arch,
+            component,
+            weight_files(info, component),
+            [tuned],
+            settings(params),
+            device,
+            unet_config=unet_config,
+        )
+        tensors.update(part)
+    return tensors, notes
+
+
 def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
     """One `lora-epoch-NNNN.safetensors` per checkpoint folder into `outputs.loras`."""
     from loraforge.lora import save_lora
-    from loraforge.lora_io import extract_component, extraction_metadata, git_commit_date, git_revision
-    from loraforge.models import resolve_device, resolve_model, weight_files
+    from loraforge.lora_io import extraction_metadata, git_commit_date, git_revision
+    from loraforge.models import resolve_device, resolve_model
 
     info = resolve_model(params.model, env.state_dir)
     device = resolve_device(params.model.device)
@@ -84,23 +122,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
             shutil.copyfile(weights / "lora.safetensors", outputs.loras / f"lora-{folder.name}.safetensors")
             per_epoch[folder.name] = {"passed_through": True, "ema": params.from_ema}
             continue
-        tensors: dict[str, Any] = {}
-        notes: dict[str, dict[str, Any]] = {}
-        for component in PREFIXES[info.arch]:
-            tuned = weights / f"{component}.safetensors"
-            if not tuned.exists():
-                notes[component] = {"included": False, "reason": "not trained"}
-                continue
-            part, notes[component] = extract_component(
-                info.arch,
-                component,
-                weight_files(info, component),
-                [tuned],
-                settings(params),
-                device,
-                unet_config=unet_config,
-            )
-            tensors.update(part)
+        tensors, notes = extract_epoch(info, weights, params, device, unet_config)
         name = f"lora-{folder.name}"
         training = {k: v for k, v in meta.items() if k not in ("epoch", "global_step", "dataset_hash")}
         metadata = extraction_metadata(

@@ -26,8 +26,8 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     """
     import torch
 
-    from loraforge.lora import load_lora, resize_lora, save_lora
-    from loraforge.lora_io import layer_table, resize_metadata
+    from loraforge.lora import load_lora, save_lora
+    from loraforge.lora_resize import layer_table, resize_lora, resize_metadata
 
     files = sorted(inputs.loras.glob("lora-*.safetensors"))
     if not files:

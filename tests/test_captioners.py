@@ -13,18 +13,9 @@ import pydantic
 import pytest
 from PIL import Image
 
-from loraforge.captioners import (
-    BlipCaptioner,
-    BlipSettings,
-    Tag,
-    Wd14Settings,
-    Wd14Tagger,
-    locate_model,
-    model_files,
-    read_selected_tags,
-    select_tags,
-    wd14_preprocess,
-)
+from loraforge.blip import BlipCaptioner, BlipSettings
+from loraforge.captioners import locate_model, model_files
+from loraforge.wd14 import Tag, Wd14Settings, Wd14Tagger, read_selected_tags, select_tags, wd14_preprocess
 from loraforge.images import pixel_hash, read_jsonl, save_png, write_jsonl
 from loraforge.params import ModelParams, validate_stage
 from loraforge.runner import Paths, StageEnv

@@ -19,6 +19,7 @@ from loraforge.kohya_names import (
     load_real_config,
     real_unet_keys,
     sgm_module_name,
+    unet_targets,
 )
 
 SDXL = UnetLayout(2, (False, True, True), (True, True, False))
@@ -100,7 +101,7 @@ def _ldm_to_diffusers(arch: str, sgm_modules: list[str]) -> dict[str, str]:
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_every_real_unet_module_gets_a_unique_kohya_name(arch: str, real_keys: dict[str, list[str]]) -> None:
     keys = real_keys[arch]
-    modules = L.unet_targets(keys, conv=True)
+    modules = unet_targets(keys, conv=True)
     names = L.lora_targets(arch, "unet", keys, conv=True, unet_config=load_real_config(arch))  # type: ignore[arg-type]
     assert set(names) == set(modules) and len(set(names.values())) == len(modules)
     # SDXL: 70 transformer blocks × 10 + 11 transformers × proj_in/out; SD1.5: 16 × 10 + 16 × 2
@@ -119,7 +120,7 @@ def test_sgm_names_invert_with_diffusers_single_file_converter(arch: str, real_k
     # An independent reference: diffusers' ldm → diffusers checkpoint converter must turn every
     # sgm name back into the diffusers module it came from.
     layout = layout_from_config(load_real_config(arch))  # type: ignore[arg-type]
-    modules = L.unet_targets(real_keys[arch], conv=True)
+    modules = unet_targets(real_keys[arch], conv=True)
     sgm = [sgm_module_name(m, layout) for m in modules]
     back = _ldm_to_diffusers(arch, sgm)
     assert len(back) == len(sgm)

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from loraforge import lora as L
-from loraforge import tiny
+from loraforge import lora_resize, lora_svd, tiny
+from loraforge.kohya_names import kohya_name, kohya_names, text_encoder_targets, unet_targets
 from tests.helpers import captured_messages
 
 ARCHS = ["tiny-sd15", "tiny-sdxl"]
@@ -46,21 +47,21 @@ def _low_rank(out_dim: int, in_dim: int, singular_values: list[float], seed: int
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
 def test_extract_layer_full_rank_reproduces_delta(shape: tuple[int, int]) -> None:
     delta = torch.randn(*shape, generator=_gen(0))
-    up, down = L.extract_layer(delta, rank=min(shape), clamp_quantile=1.0)
+    up, down = lora_svd.extract_layer(delta, rank=min(shape), clamp_quantile=1.0)
     assert up.shape == (shape[0], min(shape)) and down.shape == (min(shape), shape[1])
     torch.testing.assert_close(up @ down, delta, atol=1e-5, rtol=1e-5)
 
 
 def test_extract_layer_caps_rank_at_layer_size() -> None:
     delta = torch.randn(8, 5, generator=_gen(1))
-    up, down = L.extract_layer(delta, rank=64)
+    up, down = lora_svd.extract_layer(delta, rank=64)
     assert up.shape == (8, 5) and down.shape == (5, 5)
     torch.testing.assert_close(up @ down, delta, atol=1e-5, rtol=1e-5)
 
 
 def test_extract_layer_error_falls_as_rank_rises() -> None:
     delta = torch.randn(48, 32, generator=_gen(2))
-    errors = [float((torch.matmul(*L.extract_layer(delta, r)) - delta).norm()) for r in (1, 4, 8, 16, 32)]
+    errors = [float((torch.matmul(*lora_svd.extract_layer(delta, r)) - delta).norm()) for r in (1, 4, 8, 16, 32)]
     assert all(a > b for a, b in zip(errors, errors[1:])), errors
     assert errors[-1] < 1e-4 * float(delta.norm())
 
@@ -68,15 +69,15 @@ def test_extract_layer_error_falls_as_rank_rises() -> None:
 def test_extract_layer_truncation_is_the_best_low_rank_fit() -> None:
     # Eckart–Young: the rank-r error is the norm of the dropped singular values.
     delta = _low_rank(30, 20, [5.0, 4.0, 3.0, 2.0, 1.0])
-    up, down = L.extract_layer(delta, rank=3)
+    up, down = lora_svd.extract_layer(delta, rank=3)
     assert float((up @ down - delta).norm()) == pytest.approx(math.sqrt(2.0**2 + 1.0**2), rel=1e-4)
 
 
 def test_extract_layer_clamp_caps_values() -> None:
     delta = torch.randn(64, 48, generator=_gen(3))
     delta[0, 0] = 1000.0  # an outlier
-    up, down = L.extract_layer(delta, rank=8, clamp_quantile=0.9)
-    free_up, free_down = L.extract_layer(delta, rank=8, clamp_quantile=1.0)
+    up, down = lora_svd.extract_layer(delta, rank=8, clamp_quantile=0.9)
+    free_up, free_down = lora_svd.extract_layer(delta, rank=8, clamp_quantile=1.0)
     joint = torch.cat([free_up.flatten(), free_down.flatten()]).abs()
     limit = float(torch.quantile(joint, 0.9))
     assert float(up.abs().max()) <= limit + 1e-5 and float(down.abs().max()) <= limit + 1e-5
@@ -91,7 +92,7 @@ def test_extract_layer_conv_shapes_round_trip(kernel: int) -> None:
     delta = torch.randn(16, 8, kernel, kernel, generator=_gen(4))  # (out, in, kh, kw)
     in_flat = 8 * kernel * kernel
     rank = min(16, in_flat)
-    up, down = L.extract_layer(delta, rank=100)
+    up, down = lora_svd.extract_layer(delta, rank=100)
     assert up.shape == (16, rank, 1, 1) and down.shape == (rank, 8, kernel, kernel)
     torch.testing.assert_close(L.merge_layer(up, down, alpha=rank), delta, atol=1e-5, rtol=1e-5)
     # ... and as the convolution a loader builds from them: a k×k conv to `rank` channels, then 1×1.
@@ -104,17 +105,18 @@ def test_extract_layer_conv_shapes_round_trip(kernel: int) -> None:
 def test_extract_layer_rejects_bad_arguments() -> None:
     delta = torch.randn(4, 4)
     with pytest.raises(ValueError, match="`rank`"):
-        L.extract_layer(delta, rank=0)
+        lora_svd.extract_layer(delta, rank=0)
     with pytest.raises(ValueError, match="`clamp_quantile`"):
-        L.extract_layer(delta, rank=2, clamp_quantile=0.0)
+        lora_svd.extract_layer(delta, rank=2, clamp_quantile=0.0)
     with pytest.raises(ValueError, match="2-D or 4-D"):
-        L.extract_layer(torch.randn(4), rank=2)
+        lora_svd.extract_layer(torch.randn(4), rank=2)
 
 
 def test_abs_quantile_matches_torch_quantile() -> None:
     values = torch.randn(1001, generator=_gen(6))
     for q in (0.0, 0.5, 0.99, 1.0):
-        assert float(L._abs_quantile(values, q)) == pytest.approx(float(torch.quantile(values.abs(), q)), rel=1e-6)
+        expected = float(torch.quantile(values.abs(), q))
+        assert float(lora_svd._abs_quantile(values, q)) == pytest.approx(expected, rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,7 +132,7 @@ def components() -> dict[str, dict[str, Any]]:
 
 def test_unet_targets_sd15(components: dict[str, dict[str, Any]]) -> None:
     keys = list(components["tiny-sd15"]["unet"].state_dict())
-    attention = L.unet_targets(keys, conv=False)
+    attention = unet_targets(keys, conv=False)
     assert "down_blocks.0.attentions.0.proj_in" in attention
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0" in attention
     assert "up_blocks.1.attentions.2.transformer_blocks.0.ff.net.0.proj" in attention
@@ -138,7 +140,7 @@ def test_unet_targets_sd15(components: dict[str, dict[str, Any]]) -> None:
     assert not any("norm" in m or "resnets" in m or "conv" in m for m in attention)
     n_transformers = len({m.split(".transformer_blocks")[0].split(".proj_")[0] for m in attention})
     assert len(attention) == n_transformers * (2 + 10)  # proj_in/out + (q, k, v, out) × 2 + ff × 2
-    with_conv = L.unet_targets(keys, conv=True)
+    with_conv = unet_targets(keys, conv=True)
     extra = sorted(set(with_conv) - set(attention))
     assert "down_blocks.0.resnets.0.conv1" in extra and "up_blocks.0.resnets.2.conv2" in extra
     assert "down_blocks.0.downsamplers.0.conv" in extra and "up_blocks.0.upsamplers.0.conv" in extra
@@ -150,9 +152,9 @@ def test_unet_targets_sd15(components: dict[str, dict[str, Any]]) -> None:
 def test_unet_targets_sdxl_linear_projection(components: dict[str, dict[str, Any]]) -> None:
     unet = components["tiny-sdxl"]["unet"]
     state = unet.state_dict()
-    attention = L.unet_targets(state, conv=False)
+    attention = unet_targets(state, conv=False)
     assert "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q" in attention  # 2 layers per block
-    assert not any(m.startswith("add_embedding") for m in L.unet_targets(state, conv=True))
+    assert not any(m.startswith("add_embedding") for m in unet_targets(state, conv=True))
     modules = dict(unet.named_modules())
     for module in attention:
         assert isinstance(modules[module], torch.nn.Linear), module
@@ -162,39 +164,39 @@ def test_text_encoder_targets_both_clip_layouts(components: dict[str, dict[str, 
     sdxl = components["tiny-sdxl"]
     for encoder, prefix in TEXT_ENCODERS["tiny-sdxl"].items():
         keys = list(sdxl[encoder].state_dict())
-        targets = L.text_encoder_targets(keys)
+        targets = text_encoder_targets(keys)
         assert len(targets) == 2 * 6  # 2 layers × q, k, v, out, fc1, fc2
         assert all(f"{t}.weight" in keys for t in targets)  # spelled as in the model
-        names = L.kohya_names(prefix, targets)
+        names = kohya_names(prefix, targets)
         assert f"{prefix}_text_model_encoder_layers_0_self_attn_q_proj" in names.values()
         assert f"{prefix}_text_model_encoder_layers_1_mlp_fc2" in names.values()
-    assert L.text_encoder_targets(["text_projection.weight", "text_model.final_layer_norm.weight"]) == []
+    assert text_encoder_targets(["text_projection.weight", "text_model.final_layer_norm.weight"]) == []
 
 
 def test_kohya_name() -> None:
     module = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
-    assert L.kohya_name("lora_unet", module) == "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
-    assert L.kohya_name("lora_te", "encoder.layers.0.mlp.fc1") == "lora_te_text_model_encoder_layers_0_mlp_fc1"
-    te2 = L.kohya_name("lora_te2", "text_model.encoder.layers.0.mlp.fc1")
+    assert kohya_name("lora_unet", module) == "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert kohya_name("lora_te", "encoder.layers.0.mlp.fc1") == "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    te2 = kohya_name("lora_te2", "text_model.encoder.layers.0.mlp.fc1")
     assert te2 == "lora_te2_text_model_encoder_layers_0_mlp_fc1"
     with pytest.raises(ValueError, match="`prefix`"):
-        L.kohya_name("lora_vae", module)
+        kohya_name("lora_vae", module)
     with pytest.raises(ValueError, match="`module`"):
-        L.kohya_name("lora_unet", module + ".weight")
+        kohya_name("lora_unet", module + ".weight")
 
 
 def test_text_encoder_changed() -> None:
-    assert L.text_encoder_changed(0.02, min_diff=0.01)
-    assert not L.text_encoder_changed(0.005, min_diff=0.01)
-    assert not L.text_encoder_changed(0.0, min_diff=0.0)  # an untouched encoder is never kept
+    assert lora_svd.text_encoder_changed(0.02, min_diff=0.01)
+    assert not lora_svd.text_encoder_changed(0.005, min_diff=0.01)
+    assert not lora_svd.text_encoder_changed(0.0, min_diff=0.0)  # an untouched encoder is never kept
     with pytest.raises(ValueError, match="`min_diff`"):
-        L.text_encoder_changed(1.0, min_diff=-1.0)
+        lora_svd.text_encoder_changed(1.0, min_diff=-1.0)
 
 
 def test_max_abs_delta_streams_from_getters() -> None:
     base = {"a.weight": torch.zeros(3, 3), "b.weight": torch.zeros(2)}
     tuned = {"a.weight": torch.full((3, 3), -0.5), "b.weight": torch.tensor([0.1, 0.2])}
-    assert L.max_abs_delta(base.__getitem__, tuned.__getitem__, ["a.weight", "b.weight"]) == pytest.approx(0.5)
+    assert lora_svd.max_abs_delta(base.__getitem__, tuned.__getitem__, ["a.weight", "b.weight"]) == pytest.approx(0.5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,7 +212,7 @@ def test_extract_lora_ranks_alpha_and_dtype() -> None:
     tuned = {k: v + 0.1 * torch.randn(v.shape, generator=_gen(9)) for k, v in base.items()}
     targets = {"lin": "lora_unet_lin", "conv": "lora_unet_conv"}
     seen: dict[str, dict[str, float]] = {}
-    lora = L.extract_lora(
+    lora = lora_svd.extract_lora(
         base,
         lambda k: tuned[k],  # a getter, as when streaming from safetensors
         targets,
@@ -227,9 +229,13 @@ def test_extract_lora_ranks_alpha_and_dtype() -> None:
     # one alpha (= dim) for the file, float32 scalars
     alphas = [v for k, v in lora.items() if k.endswith(L.ALPHA)]
     assert all(v.dtype == torch.float32 and v.dim() == 0 and float(v) == 4.0 for v in alphas)
-    assert seen["lora_unet_conv"]["rank"] == 2 and 0 < seen["lora_unet_conv"]["fro_retained"] < 1
+    assert seen["lora_unet_conv"]["rank"] == 2
+    # the share of the conv delta's Frobenius norm its top 2 singular values hold
+    sv = torch.linalg.svdvals((tuned["conv.weight"] - base["conv.weight"]).flatten(1).double())
+    kept = math.sqrt(float(sv[:2].pow(2).sum() / sv.pow(2).sum()))
+    assert seen["lora_unet_conv"]["fro_retained"] == pytest.approx(kept, rel=1e-5)
     # the conv layer (rank 2, alpha 4) still applies its own rank-2 truncation at weight 1
-    up, down = L.extract_layer(tuned["conv.weight"] - base["conv.weight"], 2)
+    up, down = lora_svd.extract_layer(tuned["conv.weight"] - base["conv.weight"], 2)
     applied = L.merge_layer(lora["lora_unet_conv.lora_up.weight"], lora["lora_unet_conv.lora_down.weight"], 4.0)
     torch.testing.assert_close(applied, L.merge_layer(up, down, 2.0), atol=2e-3, rtol=2e-3)
 
@@ -237,9 +243,9 @@ def test_extract_lora_ranks_alpha_and_dtype() -> None:
 def test_extract_lora_refuses_kxk_conv_without_conv_dim() -> None:
     state = {"conv.weight": torch.randn(4, 4, 3, 3)}
     with pytest.raises(ValueError, match="`conv_dim`"):
-        L.extract_lora(state, state, {"conv": "lora_unet_conv"}, dim=4, conv_dim=0)
+        lora_svd.extract_lora(state, state, {"conv": "lora_unet_conv"}, dim=4, conv_dim=0)
     with pytest.raises(ValueError, match="`dim`"):
-        L.extract_lora(state, state, {"conv": "lora_unet_conv"}, dim=0, conv_dim=4)
+        lora_svd.extract_lora(state, state, {"conv": "lora_unet_conv"}, dim=0, conv_dim=4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,14 +254,14 @@ def test_extract_lora_refuses_kxk_conv_without_conv_dim() -> None:
 
 
 def _lora_layer(singular_values: list[float], out_dim: int = 24, in_dim: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
-    up, down = L.extract_layer(_low_rank(out_dim, in_dim, singular_values), rank=len(singular_values))
+    up, down = lora_svd.extract_layer(_low_rank(out_dim, in_dim, singular_values), rank=len(singular_values))
     return up, down
 
 
 def test_resize_to_own_rank_is_lossless() -> None:
     up, down = _lora_layer([6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
     before = L.merge_layer(up, down, alpha=3.0)  # alpha ≠ rank: scale 0.5 must be kept
-    new_up, new_down, new_alpha, stats = L.resize_layer(up, down, alpha=3.0, rank=6)
+    new_up, new_down, new_alpha, stats = lora_resize.resize_layer(up, down, alpha=3.0, rank=6)
     assert stats["rank"] == 6 and new_alpha == 6.0 and stats["fro_retained"] == pytest.approx(1.0)
     torch.testing.assert_close(L.merge_layer(new_up, new_down, new_alpha), before, atol=1e-5, rtol=1e-5)
 
@@ -263,7 +269,7 @@ def test_resize_to_own_rank_is_lossless() -> None:
 def test_resize_to_smaller_rank_keeps_the_top_singular_values() -> None:
     S = [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
     up, down = _lora_layer(S)
-    new_up, new_down, new_alpha, stats = L.resize_layer(up, down, alpha=6.0, rank=2, new_alpha=1.0)
+    new_up, new_down, new_alpha, stats = lora_resize.resize_layer(up, down, alpha=6.0, rank=2, new_alpha=1.0)
     assert new_up.shape == (24, 2) and new_down.shape == (2, 20) and new_alpha == 1.0
     assert stats["fro_retained"] == pytest.approx(math.sqrt((36 + 25) / sum(s * s for s in S)), rel=1e-5)
     assert stats["fro_retained"] <= 1.0
@@ -291,54 +297,54 @@ def test_resize_to_smaller_rank_keeps_the_top_singular_values() -> None:
 )
 def test_dynamic_resize_picks_the_smallest_rank_meeting_the_target(method: str, param: float, expected: int) -> None:
     up, down = _lora_layer([8.0, 4.0, 2.0, 1.0, 0.5])
-    _, new_down, _, stats = L.resize_layer(up, down, 5.0, rank=16, method=method, param=param)  # type: ignore[arg-type]
+    _, new_down, _, stats = lora_resize.resize_layer(up, down, 5.0, rank=16, method=method, param=param)  # type: ignore[arg-type]
     assert stats["rank"] == expected and new_down.shape[0] == expected
 
 
 def test_dynamic_resize_is_capped_by_rank() -> None:
     up, down = _lora_layer([8.0, 4.0, 2.0, 1.0, 0.5])
-    assert L.resize_layer(up, down, 5.0, rank=2, method="sv_cumulative", param=1.0)[3]["rank"] == 2
+    assert lora_resize.resize_layer(up, down, 5.0, rank=2, method="sv_cumulative", param=1.0)[3]["rank"] == 2
 
 
 def test_resize_never_exceeds_the_layers_own_rank() -> None:
     # a rank-4 LoRA asked for rank 8: kohya crashes here; we keep rank 4
     up, down = _lora_layer([4.0, 3.0, 2.0, 1.0])
-    new_up, new_down, new_alpha, stats = L.resize_layer(up, down, alpha=4.0, rank=8)
+    new_up, new_down, new_alpha, stats = lora_resize.resize_layer(up, down, alpha=4.0, rank=8)
     assert stats["rank"] == 4 and new_up.shape == (24, 4) and new_alpha == 4.0
     # a layer narrower than its LoRA rank: (3, 100) weight, rank-8 factors
     up = torch.randn(3, 8, generator=_gen(10))
     down = torch.randn(8, 100, generator=_gen(11))
-    new_up, new_down, new_alpha, stats = L.resize_layer(up, down, alpha=8.0, rank=8)
+    new_up, new_down, new_alpha, stats = lora_resize.resize_layer(up, down, alpha=8.0, rank=8)
     assert stats["rank"] == 3 and new_down.shape == (3, 100)
     torch.testing.assert_close(L.merge_layer(new_up, new_down, new_alpha), up @ down, atol=1e-4, rtol=1e-4)
 
 
 def test_resize_conv_layer() -> None:
     delta = torch.randn(16, 8, 3, 3, generator=_gen(12))
-    up, down = L.extract_layer(delta, rank=16)
-    new_up, new_down, new_alpha, stats = L.resize_layer(up, down, alpha=16.0, rank=4)
+    up, down = lora_svd.extract_layer(delta, rank=16)
+    new_up, new_down, new_alpha, stats = lora_resize.resize_layer(up, down, alpha=16.0, rank=4)
     assert new_up.shape == (16, 4, 1, 1) and new_down.shape == (4, 8, 3, 3)
-    best_up, best_down = L.extract_layer(delta, rank=4)
+    best_up, best_down = lora_svd.extract_layer(delta, rank=4)
     best = L.merge_layer(best_up, best_down, alpha=4.0)  # the best rank-4 fit of the delta
     torch.testing.assert_close(L.merge_layer(new_up, new_down, new_alpha), best, atol=1e-4, rtol=1e-4)
 
 
 def test_resize_zero_layer_keeps_one_zero_component() -> None:
     up, down = torch.zeros(6, 4), torch.zeros(4, 5)
-    new_up, new_down, _, stats = L.resize_layer(up, down, alpha=4.0, rank=2, method="sv_fro", param=0.9)
+    new_up, new_down, _, stats = lora_resize.resize_layer(up, down, alpha=4.0, rank=2, method="sv_fro", param=0.9)
     assert stats["rank"] == 1 and float(new_up.abs().sum()) == 0.0
 
 
 def test_resize_rejects_bad_arguments() -> None:
     up, down = _lora_layer([2.0, 1.0])
     with pytest.raises(ValueError, match="`rank`"):
-        L.resize_layer(up, down, 2.0, rank=0)
+        lora_resize.resize_layer(up, down, 2.0, rank=0)
     with pytest.raises(ValueError, match="`method`"):
-        L.resize_layer(up, down, 2.0, rank=2, method="sv_magic")  # type: ignore[arg-type]
+        lora_resize.resize_layer(up, down, 2.0, rank=2, method="sv_magic")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="`param`.*sv_ratio"):
-        L.resize_layer(up, down, 2.0, rank=2, method="sv_ratio", param=0.5)
+        lora_resize.resize_layer(up, down, 2.0, rank=2, method="sv_ratio", param=0.5)
     with pytest.raises(ValueError, match="`param`.*sv_fro"):
-        L.resize_layer(up, down, 2.0, rank=2, method="sv_fro", param=None)
+        lora_resize.resize_layer(up, down, 2.0, rank=2, method="sv_fro", param=None)
 
 
 def test_resize_lora_gives_every_layer_one_alpha() -> None:
@@ -347,7 +353,7 @@ def test_resize_lora_gives_every_layer_one_alpha() -> None:
         up, down = _lora_layer(S)
         name = f"lora_unet_l{i}"
         tensors |= {name + L.UP: up.half(), name + L.DOWN: down.half(), name + L.ALPHA: torch.tensor(4.0)}
-    resized, stats = L.resize_lora(tensors, rank=4, method="sv_fro", param=0.98)  # sqrt(25/26) = 0.981
+    resized, stats = lora_resize.resize_lora(tensors, rank=4, method="sv_fro", param=0.98)  # sqrt(25/26) = 0.981
     assert stats["lora_unet_l0"]["rank"] == 1 and stats["lora_unet_l1"]["rank"] == 4
     assert {float(v) for k, v in resized.items() if k.endswith(L.ALPHA)} == {4.0}
     assert resized["lora_unet_l0.lora_up.weight"].dtype == torch.float16
@@ -358,7 +364,7 @@ def test_resize_lora_gives_every_layer_one_alpha() -> None:
         dropped = math.sqrt(1 - stats[name]["fro_retained"] ** 2)  # share of the norm left out
         assert float((after - before).norm() / before.norm()) == pytest.approx(dropped, abs=2e-3)
     with pytest.raises(ValueError, match="not a plain LoRA key"):
-        L.resize_lora({"lora_unet_x.hada_w1_a": torch.zeros(1)}, rank=1)
+        lora_resize.resize_lora({"lora_unet_x.hada_w1_a": torch.zeros(1)}, rank=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,7 +436,7 @@ class Case:
         self.tuned = {c: _finetuned(self.base[c], list(self.targets[c]), seed=i) for i, c in enumerate(self.components)}
         self.lora: dict[str, torch.Tensor] = {}
         for c in self.components:
-            self.lora |= L.extract_lora(
+            self.lora |= lora_svd.extract_lora(
                 self.base[c], self.tuned[c].__getitem__, self.targets[c], dim=FULL_RANK, conv_dim=FULL_RANK
             )
 
@@ -519,7 +525,7 @@ def test_diffusers_loads_the_kohya_file(case: Case, tmp_path: Path) -> None:
 
 def test_diffusers_applies_a_resized_lora_like_apply_lora(case: Case, tmp_path: Path) -> None:
     # A dynamic resize gives layers different ranks; diffusers must still scale each one right.
-    resized, stats = L.resize_lora(case.lora, rank=8, method="sv_fro", param=0.6)
+    resized, stats = lora_resize.resize_lora(case.lora, rank=8, method="sv_fro", param=0.6)
     assert len({s["rank"] for s in stats.values()}) > 1
     metadata = L.lora_metadata(tiny.BUILTIN_ARCH[case.name], "Dynamic", 8.0)  # type: ignore[arg-type]
     path = L.save_lora(tmp_path / "small.safetensors", resized, metadata)
@@ -545,12 +551,12 @@ def test_extract_lora_streams_from_safetensors(tmp_path: Path) -> None:
     save_file(base, tmp_path / "base.safetensors")
     save_file(tuned, tmp_path / "tuned.safetensors")
     targets = {"a": "lora_unet_a", "b": "lora_unet_b"}
-    expected = L.extract_lora(base, tuned, targets, dim=4, conv_dim=2)
+    expected = lora_svd.extract_lora(base, tuned, targets, dim=4, conv_dim=2)
     with (
         safe_open(tmp_path / "base.safetensors", framework="pt") as fb,
         safe_open(tmp_path / "tuned.safetensors", framework="pt") as ft,
     ):
-        streamed = L.extract_lora(fb.get_tensor, ft.get_tensor, targets, dim=4, conv_dim=2)
+        streamed = lora_svd.extract_lora(fb.get_tensor, ft.get_tensor, targets, dim=4, conv_dim=2)
     assert streamed.keys() == expected.keys()
     assert all(torch.equal(streamed[k], v) for k, v in expected.items())
 
