@@ -26,7 +26,7 @@ from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_setti
 
 from loraforge.filedeps import file_fingerprints
 from loraforge.fingerprint import canonical, hash_file, hash_json, hash_tree
-from loraforge.models import HASH_CACHE, HashCache
+from loraforge.weights import HASH_CACHE, HashCache
 from loraforge.params import load_all_params, load_stage_params, read_params_file
 from loraforge.runner import STATE_DIR, resolve_inputs, run_stage
 from loraforge.spec import load_pipeline

@@ -64,7 +64,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     load_all_params(root, pipeline)
     if args.fingerprint:  # dvc.yaml's guard stage: the hashes of the files params point at
         from loraforge.filedeps import write_fingerprints
-        from loraforge.models import HASH_CACHE, HashCache
+        from loraforge.weights import HASH_CACHE, HashCache
         from loraforge.params import read_params_file
         from loraforge.runner import STATE_DIR
 
