@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
 
 POSTER_BITS = 2  # 2 bits = 4 tones: the 000 guide posterizes "to around 4 tones"
 WHITE_FROM_TONE = 2  # tones 2 and 3 (of 0-3) are the two lighter ones: the guide's "right-hand side"
@@ -42,10 +42,11 @@ def dsb_white_share(img: Image.Image) -> float:
     Returns:
         The share of pixels in the two lighter of the 4 tones, in [0, 1] (black share = 1 − it).
     """
-    gray = img.convert("L")
-    poster = ImageOps.posterize(gray, POSTER_BITS)  # keeps the top 2 bits: tones 0, 64, 128, 192
-    tones = np.asarray(poster, dtype=np.uint8) >> (8 - POSTER_BITS)  # (H, W) tone index 0-3
-    return float(np.mean(tones >= WHITE_FROM_TONE))
+    # Posterizing to 4 tones keeps a grey level's top 2 bits (tones 0, 64, 128, 192), so "one of
+    # the two lighter tones" is grey >= 128: counted off the histogram, with no copy of the image.
+    histogram = img.convert("L").histogram()  # 256 counts
+    white_from = WHITE_FROM_TONE << (8 - POSTER_BITS)
+    return sum(histogram[white_from:]) / sum(histogram)
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,9 @@ def tile_boxes(width: int, height: int, rows: int, cols: int) -> list[tuple[int,
     return [(xs[c], ys[r], xs[c + 1], ys[r + 1]) for r in range(rows) for c in range(cols)]
 
 
+LAPLACIAN_ROWS = 256
+
+
 def laplacian_variance(img: Image.Image) -> float:
     """Sharpness: variance of the 4-neighbour Laplacian of the 0-255 grayscale image (the usual
     blur measure; a blurred or flat sector scores low, in units of grey level²).
@@ -176,11 +180,21 @@ def laplacian_variance(img: Image.Image) -> float:
     Args:
         img: any PIL image of at least 3 x 3 pixels.
     """
-    g = np.asarray(img.convert("L"), dtype=np.float64)  # (H, W)
-    if g.shape[0] < 3 or g.shape[1] < 3:
-        raise ValueError(f"`img` must be at least 3 x 3 pixels for a Laplacian, got {g.shape[1]} x {g.shape[0]}")
-    lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]  # valid region only
-    return float(lap.var())
+    grey = np.asarray(img.convert("L"), dtype=np.uint8)  # (H, W)
+    if grey.shape[0] < 3 or grey.shape[1] < 3:
+        raise ValueError(f"`img` must be at least 3 x 3 pixels for a Laplacian, got {grey.shape[1]} x {grey.shape[0]}")
+    # Two passes (mean, then squared deviations) over strips of rows: the float64 Laplacian of a
+    # 64-megapixel photo would take ~3 GB at once; a strip of 256 rows takes a few MB.
+    tops = range(0, grey.shape[0] - 2, LAPLACIAN_ROWS)
+    count = (grey.shape[0] - 2) * (grey.shape[1] - 2)
+    mean = sum(float(_laplacian(grey[t : t + LAPLACIAN_ROWS + 2]).sum()) for t in tops) / count
+    return sum(float(np.square(_laplacian(grey[t : t + LAPLACIAN_ROWS + 2]) - mean).sum()) for t in tops) / count
+
+
+def _laplacian(rows: np.ndarray) -> np.ndarray:
+    """The 4-neighbour Laplacian of the valid interior of a block of grey rows, in float64."""
+    g = rows.astype(np.float64)
+    return g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]
 
 
 def clipped_share(img: Image.Image, low: int = 2, high: int = 253) -> float:
@@ -191,8 +205,8 @@ def clipped_share(img: Image.Image, low: int = 2, high: int = 253) -> float:
         low: grey levels at or below this count as crushed blacks.
         high: grey levels at or above this count as blown highlights.
     """
-    g = np.asarray(img.convert("L"), dtype=np.uint8)
-    return float(np.mean((g <= low) | (g >= high)))
+    histogram = img.convert("L").histogram()  # 256 counts: no per-pixel copy of a big image
+    return (sum(histogram[: low + 1]) + sum(histogram[high:])) / sum(histogram)
 
 
 def sector_drop_reason(sharpness: float, clipped: float, min_sharpness: float, max_clipped: float) -> str | None:

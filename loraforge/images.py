@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import xxhash
 from PIL import Image, ImageCms, ImageOps
 
 from loraforge.errors import InputError
-from loraforge.fingerprint import hash_bytes
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ _COLOR = re.compile(r"^#([0-9a-fA-F]{6})$")
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 _WITH_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+HASH_STRIP_BYTES = 1 << 24  # pixel_hash reads big images 16 MiB of rows at a time
 
 
 class ImageRejected(InputError):
@@ -59,7 +60,7 @@ def _allowed_formats() -> list[str]:
     return [f for f in TRAINING_FORMATS if f in Image.OPEN]
 
 
-def decode_image(path: Path, background: tuple[int, int, int]) -> Image.Image:
+def decode_image(path: Path, background: tuple[int, int, int], max_pixels: int | None = None) -> Image.Image:
     """Fully decode `path` into an upright, 8-bit RGB image.
 
     EXIF orientation is applied, an embedded ICC profile is converted to sRGB, 16-bit data is
@@ -69,9 +70,11 @@ def decode_image(path: Path, background: tuple[int, int, int]) -> Image.Image:
     Args:
         path: the file to read.
         background: (r, g, b) colour that transparent pixels are composited onto.
+        max_pixels: refuse images with more pixels (`ingest.max_pixels`), read from the header
+            before any pixel is decoded; None = no limit of ours.
 
     Raises:
-        ImageRejected: the file is empty, not an image, truncated or corrupt, or of an
+        ImageRejected: the file is empty, not an image, too large, truncated or corrupt, or of an
             unsupported pixel format; the reason names the problem.
     """
     path = Path(path)
@@ -79,8 +82,15 @@ def decode_image(path: Path, background: tuple[int, int, int]) -> Image.Image:
         raise ImageRejected("empty file")
     try:
         with Image.open(path, formats=_allowed_formats()) as opened:
+            w, h = opened.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageRejected(
+                    f"{w}x{h} is {w * h / 1e6:.2f} MP, over `ingest.max_pixels` ({max_pixels / 1e6:g} MP)"
+                )
             opened.load()  # lazy by default: force the full decode so truncation shows up here
-            upright = ImageOps.exif_transpose(opened)
+            upright = ImageOps.exif_transpose(opened, in_place=True) or opened  # no copy when upright
+    except ImageRejected:
+        raise
     except Image.UnidentifiedImageError:
         raise ImageRejected(f"not an image (or not one of {', '.join(_allowed_formats())})") from None
     except Image.DecompressionBombError as e:
@@ -160,7 +170,11 @@ def pixel_hash(img: Image.Image) -> str:
         img: a PIL image, normally the RGB output of `decode_image`.
     """
     w, h = img.size
-    return hash_bytes(f"{img.mode}:{w}x{h}:".encode() + img.tobytes())
+    digest = xxhash.xxh3_128(f"{img.mode}:{w}x{h}:".encode())
+    rows = max(1, HASH_STRIP_BYTES // max(1, w * len(img.getbands())))
+    for top in range(0, h, rows):  # strip by strip: a 64-megapixel image never needs a second copy
+        digest.update(img.crop((0, top, w, min(h, top + rows))).tobytes())
+    return digest.hexdigest()
 
 
 def save_png(img: Image.Image, path: Path) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from loraforge.hub import model_folder
+from loraforge.hub import BUILTIN_PREFIX, model_folder
 from loraforge.weights import PICKLE_SUFFIXES, config_files, files_hash, standard_weights
 
 if TYPE_CHECKING:
@@ -203,6 +203,20 @@ def component_hash(info: ModelInfo, component: str, state_dir: Path) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Loading
+
+
+def native_resolution(model: Any, state_dir: Path) -> int:
+    """The model's native side in pixels, without building a builtin model to read it off.
+
+    Args:
+        model: the `model` section.
+        state_dir: loraforge's private folder.
+    """
+    from loraforge.tiny import BUILTINS, NATIVE_RESOLUTION
+
+    if model.base.removeprefix(BUILTIN_PREFIX) in BUILTINS and model.base.startswith(BUILTIN_PREFIX):
+        return NATIVE_RESOLUTION
+    return resolve_model(model, state_dir).native_resolution
 
 
 def resolve_device(setting: str) -> torch.device:

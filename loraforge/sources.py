@@ -11,12 +11,13 @@ dataset craft (`loraforge.craft`) pass around.
 from __future__ import annotations
 
 import logging
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraforge.fingerprint import iter_files
+from loraforge.errors import InputError
 from loraforge.images import ImageRejected
 
 log = logging.getLogger(__name__)
@@ -76,19 +77,23 @@ class Ingested:
 
 @dataclass(frozen=True)
 class SourceScan:
-    """What the source folder holds.
+    """What the source folder holds. Every entry under it is in exactly one of `images`,
+    `rejected` or `ignored` (or is the sidecar caption of an image).
 
     Attributes:
         images: files to try as images, sorted by relative path.
-        ignored: relative paths of notes and tool files that are neither images nor captions.
-        orphan_captions: relative paths of caption files with no file of the same stem.
+        ignored: relative paths of notes, tool files, hidden entries and orphan captions.
+        orphan_captions: the caption files among `ignored` with no file of the same stem.
         folders: per top-level folder: its repeats and class token.
+        rejected: `{"source", "reason"}` per entry refused before decoding (a symlink leading out
+            of the source folder, a broken link, a link loop, a socket or device).
     """
 
     images: list[SourceImage]
     ignored: list[str]
     orphan_captions: list[str]
     folders: dict[str, dict[str, Any]]
+    rejected: list[dict[str, str]] = field(default_factory=list)
 
 
 def folder_convention(folder: str) -> tuple[int, str]:
@@ -98,48 +103,100 @@ def folder_convention(folder: str) -> tuple[int, str]:
         folder: the folder's name (`.` for the source folder itself).
 
     Raises:
-        ValueError: an `N_name` folder with N = 0 (it would never be trained on).
+        InputError: an `N_name` folder with N = 0 (it would never be trained on).
     """
     m = REPEATS_FOLDER.match(folder)
     if folder == ROOT_FOLDER or not m:
         return 1, ""
     repeats = int(m.group(1))
     if repeats < 1:
-        raise ValueError(f"`ingest.source` folder `{folder}`: repeats must be ≥ 1, got {repeats}")
+        raise InputError(f"`ingest.source` folder `{folder}`: repeats must be ≥ 1, got {repeats}")
     return repeats, m.group(2)
 
 
-def scan_source(root: Path) -> SourceScan:
-    """Sort the files under `root` into images, captions and ignored files (hidden files are
-    skipped, as by `loraforge.fingerprint.hash_tree`, so the stage reads what its cache key covers).
+def walk_source(root: Path, follow_symlinks: bool) -> tuple[list[tuple[Path, str]], list[str], list[dict[str, str]]]:
+    """Every entry under `root`: (files as (path, relative name), hidden entries, refusals).
+
+    Symlinks are resolved. One whose target lies inside `root` is followed (a linked folder is
+    read as if it were there); one leading out of it is refused with the reason unless
+    `follow_symlinks`; a broken link or a folder link back into its own path (a loop) is refused.
+    Hidden entries (`.DS_Store`, `.git`) are listed, not read.
 
     Args:
         root: the source folder.
+        follow_symlinks: `ingest.follow_symlinks`.
     """
-    files = sorted(iter_files(root), key=lambda p: p.relative_to(root).as_posix())
+    top = root.resolve()
+    files: list[tuple[Path, str]] = []
+    hidden: list[str] = []
+    refused: list[dict[str, str]] = []
+    stack: list[tuple[Path, str, tuple[Path, ...]]] = [(root, "", (top,))]
+    while stack:
+        folder, prefix, real_path = stack.pop()
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name, reverse=True):
+            rel, path = f"{prefix}{entry.name}", Path(entry.path)
+            if entry.name.startswith("."):
+                hidden.append(rel)
+                continue
+            reason, real = _link_problem(path, top, real_path, follow_symlinks) if entry.is_symlink() else (None, None)
+            if reason:
+                refused.append({"source": rel, "reason": reason})
+            elif path.is_dir():
+                stack.append((path, f"{rel}/", (*real_path, real or path.resolve())))
+            elif path.is_file():
+                files.append((path, rel))
+            else:
+                refused.append({"source": rel, "reason": "not a regular file (socket, device or pipe)"})
+    return sorted(files, key=lambda f: f[1]), sorted(hidden), sorted(refused, key=lambda r: r["source"])
+
+
+def _link_problem(
+    link: Path, top: Path, real_path: tuple[Path, ...], follow_symlinks: bool
+) -> tuple[str | None, Path | None]:
+    """Why a symlink is refused (None when it is followed), and its resolved target."""
+    target = link.resolve()
+    if not target.exists():
+        return f"broken symlink (to {os.readlink(link)})", target
+    if target.is_dir() and target in real_path:
+        return f"symlinked folder loops back to {target}", target
+    if target != top and top not in target.parents and not follow_symlinks:
+        return f"symlink to {target}, outside the source folder (set `ingest.follow_symlinks: true` to use it)", target
+    return None, target
+
+
+def scan_source(root: Path, follow_symlinks: bool = False) -> SourceScan:
+    """Sort every entry under `root` into images, captions, ignored and refused entries.
+
+    Args:
+        root: the source folder.
+        follow_symlinks: `ingest.follow_symlinks` (see `walk_source`).
+    """
+    walked, hidden, refused = walk_source(root, follow_symlinks)
+    files = [path for path, _ in walked]
+    rels = {path: rel for path, rel in walked}
     captions = {p for p in files if p.suffix.lower() in CAPTION_SUFFIXES}
     ignored = [p for p in files if p.suffix.lower() in IGNORED_SUFFIXES or p.name.lower() in IGNORED_NAMES]
-    skip = captions | set(ignored)
-    candidates = [p for p in files if p not in skip]
+    candidates = [p for p in files if p not in captions and p not in set(ignored)]
     stems = {(p.parent, p.stem) for p in candidates}
     folders: dict[str, dict[str, Any]] = {}
     images = []
     for path in candidates:
-        rel = path.relative_to(root)
-        folder = rel.parts[0] if len(rel.parts) > 1 else ROOT_FOLDER
+        parts = rels[path].split("/")
+        folder = parts[0] if len(parts) > 1 else ROOT_FOLDER
         repeats, token = folder_convention(folder)
         if folder not in folders:
             folders[folder] = {"repeats": repeats, "class_token": token}
             if folder != ROOT_FOLDER and not token:
                 log.info("folder `%s` has no `N_name` prefix: repeats 1, no class token", folder)
         sidecar = next((c for c in _caption_candidates(path) if c in captions), None)
-        images.append(SourceImage(path, rel.as_posix(), folder, repeats, token, sidecar))
-    orphans = [c for c in captions if (c.parent, c.stem) not in stems]
+        images.append(SourceImage(path, rels[path], folder, repeats, token, sidecar))
+    orphans = sorted(rels[c] for c in captions if (c.parent, c.stem) not in stems)
     return SourceScan(
         images=images,
-        ignored=[p.relative_to(root).as_posix() for p in ignored],
-        orphan_captions=sorted(c.relative_to(root).as_posix() for c in orphans),
+        ignored=sorted([rels[p] for p in ignored] + hidden + orphans),
+        orphan_captions=orphans,
         folders=folders,
+        rejected=refused,
     )
 
 

@@ -51,11 +51,13 @@ from loraforge.craft import (
     dsb_table,
     image_metrics,
     quality_gates,
+    settle_duplicates,
     split_duplicates,
 )
+from loraforge.errors import InputError, MissingInput
 from loraforge.fingerprint import hash_file
 from loraforge.images import ImageRejected, decode_image, parse_color, pixel_hash, save_png, write_jsonl
-from loraforge.params import ModelParams
+from loraforge.models import native_resolution
 from loraforge.runner import Paths, StageEnv
 from loraforge.sources import Ingested, SourceImage, SourceScan, read_caption, scan_source
 from loraforge.store import Item, ItemStore, materialize
@@ -91,13 +93,14 @@ def _stored(entry: Item) -> tuple[Path, dict[str, Any]] | None:
         return None  # unreadable entry: recompute and overwrite it
 
 
-def ingest_one(src: SourceImage, store: ItemStore, background: str) -> Ingested:
+def ingest_one(src: SourceImage, store: ItemStore, background: str, max_pixels: int | None = None) -> Ingested:
     """Normalise one source file through the item store.
 
     Args:
         src: the file to ingest.
         store: the item store.
         background: the `#rrggbb` flatten colour (lower-case).
+        max_pixels: `ingest.max_pixels`.
 
     Raises:
         ImageRejected: the file (or its caption) cannot be used; the reason says why.
@@ -106,25 +109,13 @@ def ingest_one(src: SourceImage, store: ItemStore, background: str) -> Ingested:
     entry = image_item(store, hash_file(src.path), background)
     hit = _stored(entry)
     if hit is None:
-        img = decode_image(src.path, parse_color(background))
+        img = decode_image(src.path, parse_color(background), max_pixels)
         meta = {"width": img.width, "height": img.height, "pixel_hash": pixel_hash(img)}
         png = entry.put(".png", lambda p: save_png(img, p))
         entry.put_bytes(".json", json.dumps(meta).encode())
     else:
         png, meta = hit
     return Ingested(src, png, meta["width"], meta["height"], meta["pixel_hash"], caption, reused=hit is not None)
-
-
-def native_resolution(model: ModelParams, state_dir: Path) -> int:
-    """The model's native resolution (resolving it is cheap: upscale resolves it next anyway).
-
-    Args:
-        model: the `model` section.
-        state_dir: loraforge's private folder (builtin models are written there).
-    """
-    from loraforge.models import resolve_model
-
-    return resolve_model(model, state_dir).native_resolution
 
 
 def assign_ids(kept: list[Ingested]) -> list[str]:
@@ -182,12 +173,12 @@ def check_reject_ratio(
         rejects_file: where the full list was written (named in the error).
     """
     if total == 0:
-        raise ValueError(f"`ingest.source` {source} holds no image files")
+        raise InputError(f"`ingest.source` {source} holds no image files")
     ratio = len(rejects) / total
     if ratio > limit:
         shown = "; ".join(f"{r['source']}: {r['reason']}" for r in rejects[:SHOWN_REASONS])
         more = f" (and {len(rejects) - SHOWN_REASONS} more)" if len(rejects) > SHOWN_REASONS else ""
-        raise ValueError(
+        raise InputError(
             f"{source}: {len(rejects)} of {total} files rejected (ratio {ratio:.3f}), more than "
             f"`ingest.max_reject_ratio` = {limit}. First reasons: {shown}{more}. All rejects: {rejects_file}"
         )
@@ -205,31 +196,35 @@ def run(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[st
     """
     source, out = Path(inputs.source), Path(outputs.images)
     if not source.is_dir():
-        state = "a file" if source.exists() else "missing"
-        raise ValueError(f"`ingest.source` must be a folder, got {source} ({state})")
+        if source.exists():
+            raise InputError(f"`ingest.source` must be a folder, got the file {source}")
+        raise MissingInput(f"`ingest.source` folder {source} does not exist")
     background = params.background.lower()
-    scan = scan_source(source)
+    scan = scan_source(source, params.follow_symlinks)
 
     ingested: list[Ingested] = []
-    rejects: list[dict[str, str]] = []
-    # `disable` only when told to: passing disable=False would override the TQDM_DISABLE variable.
+    rejects: list[dict[str, str]] = list(scan.rejected)  # symlinks out of the folder, broken links...
     for src in env.bar(scan.images, desc="ingest", unit="img"):
         try:
-            ingested.append(ingest_one(src, env.store, background))
+            ingested.append(ingest_one(src, env.store, background, params.max_pixels))
         except ImageRejected as e:
             rejects.append({"source": src.rel, "reason": e.reason})
+    rejects.sort(key=lambda r: r["source"])
     kept, duplicates = split_duplicates(ingested, params.dedupe)
 
     # The lists go to disk and the UI before the ratio check, so a stopped run still explains itself.
     write_jsonl(out / "rejects.jsonl", rejects)
     if rejects:
         env.publish.table("ingest-rejects", rejects, f"{len(rejects)} file(s) of {source.name} rejected")
-    ratio = check_reject_ratio(source, rejects, len(scan.images), params.max_reject_ratio, out / "rejects.jsonl")
+    tried = len(scan.images) + len(scan.rejected)
+    ratio = check_reject_ratio(source, rejects, tried, params.max_reject_ratio, out / "rejects.jsonl")
 
     craft_report, kept, dropped, near = dataset_craft(kept, params, env)
-    duplicates = [
+    exact = [
         {"source": d["source"], "tile": None, "kept": d["kept"], "kept_tile": None, "distance": 0} for d in duplicates
-    ] + near
+    ]
+    duplicates, orphaned = settle_duplicates(exact + near, kept, dropped)
+    dropped += orphaned
     write_jsonl(out / "duplicates.jsonl", duplicates)
     write_jsonl(out / "dropped.jsonl", dropped)
 
@@ -265,7 +260,7 @@ def dataset_craft(
     dropped += blurred
     items, metrics = [items[i] for i in kept_ix], [metrics[i] for i in kept_ix]
     if not items:
-        raise ValueError(f"no image left after the `dataset` gates; see {[d['reason'] for d in dropped][:5]}")
+        raise InputError(f"no image left after the `dataset` gates; see {[d['reason'] for d in dropped][:5]}")
     for row in low:
         log.warning(
             "%s is %dx%d: short side below %d; upscale will enlarge it",

@@ -18,6 +18,11 @@ class Params:
         dedupe: drop exact duplicates (same decoded pixels and size), keeping the first by path.
         clean_adversarial: run the anti-AI-filter cleanup (003 guide) on every image; off by default
             because it slightly softens every image.
+        follow_symlinks: use files and folders that symlinks inside the source folder point at
+            outside it; off: such links are rejected with the reason (links within the folder are
+            always followed).
+        max_pixels: images above this many pixels are rejected with the reason before decoding
+            (100 MP ≈ 10000 × 10000; Pillow itself refuses files over ~179 MP as decompression bombs).
         dataset: the shared `dataset` section (DSB, tiling, quality gates).
         model: the shared `model` section (only `base`, for the minimum-resolution gate).
     """
@@ -27,5 +32,7 @@ class Params:
     background: str = Field("#ffffff", pattern=r"^#[0-9a-fA-F]{6}$")
     dedupe: bool = True
     clean_adversarial: bool = False
+    follow_symlinks: bool = False
+    max_pixels: int = Field(100_000_000, ge=1)
     dataset: DatasetParams = Field(default_factory=DatasetParams)
     model: ModelParams = Field(default_factory=ModelParams)

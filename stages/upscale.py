@@ -20,7 +20,7 @@ from loraforge.errors import InputError, MissingInput
 from loraforge.fanout import chunked
 from loraforge.fingerprint import hash_file
 from loraforge.images import lanczos_upscale, pixel_hash, read_jsonl, save_png, write_jsonl
-from loraforge.models import resolve_device, resolve_model
+from loraforge.models import native_resolution, resolve_device
 from loraforge.safetensors_io import load_tensors, refuse_pickle
 from loraforge.store import Item, materialize
 from stages.upscale_params import Params
@@ -111,7 +111,7 @@ def load_upscaler(path: Path, device: str, allow_pickle: bool) -> Any:
 def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
     """Upscale small images from `inputs.images` into `outputs.images` (the missing ones in
     chunks through `env.fan_out`, into the item store)."""
-    min_side = params.min_side or resolve_model(params.model, env.state_dir).native_resolution
+    min_side = params.min_side or native_resolution(params.model, env.state_dir)
     weights = upscaler_file(params, inputs) if params.method == "model" else None
     upscaler = Upscaler(params, weights, str(resolve_device(params.model.device)))
     rows = read_jsonl(inputs.images / "manifest.jsonl")

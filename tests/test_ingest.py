@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from loraforge.errors import InputError, MissingInput
 from loraforge.images import read_jsonl
 from loraforge.params import DatasetParams
 from loraforge.runner import run_stage
@@ -101,7 +102,7 @@ def test_manifest_layout_captions_and_repeats(dataset: Path, tmp_path: Path) -> 
     assert summary["folders"]["3_shapes"] == {"repeats": 3, "class_token": "shapes", "images": 2}
     assert summary["folders"]["misc"] == {"repeats": 1, "class_token": "", "images": 1}
     assert summary["folders"]["."]["images"] == 2
-    assert summary["ignored"] == ["README.md"]
+    assert summary["ignored"] == [".DS_Store", "README.md", "lonely.txt"]  # hidden, notes, orphan captions
     assert summary["orphan_captions"] == ["lonely.txt"]
     assert read_jsonl(out / "rejects.jsonl") == [] and read_jsonl(out / "duplicates.jsonl") == []
 
@@ -247,10 +248,13 @@ def test_folder_convention() -> None:
 
 
 def test_source_problems_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="`ingest.source` must be a folder"):
+    with pytest.raises(MissingInput, match="`ingest.source` folder .*missing does not exist"):
         ingest(tmp_path / "missing", tmp_path / "work")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(InputError, match="`ingest.source` must be a folder, got the file"):
+        ingest(tmp_path / "a-file", tmp_path / "work")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="`ingest.source` .* holds no image files"):
+    with pytest.raises(InputError, match="`ingest.source` .* holds no image files"):
         ingest(tmp_path / "empty", tmp_path / "work")
 
 
