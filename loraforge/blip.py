@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from loraforge.models import quiet_hf_loading, resolve_device
+from loraforge.weights import pretrained_kwargs
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -85,7 +86,8 @@ class BlipCaptioner:
 
         quiet_hf_loading()
         self._processor = BlipProcessor.from_pretrained(self.folder, local_files_only=True)
-        model = BlipForConditionalGeneration.from_pretrained(self.folder, local_files_only=True, use_safetensors=True)
+        kwargs = pretrained_kwargs(self.folder, allow_pickle=False, opt_in="model.allow_pickle")  # safetensors only
+        model = BlipForConditionalGeneration.from_pretrained(self.folder, **kwargs)
         self._model = model.to(resolve_device(self.device)).eval()
 
     def generate_ids(self, images: list[Image.Image]) -> list[list[int]]:

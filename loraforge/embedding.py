@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from loraforge.errors import MissingInput
 from loraforge.evalmetrics import pixel_embedding, unit
 from loraforge.fingerprint import hash_tree
+from loraforge.weights import pretrained_kwargs
 
 PIXELS = "pixels-16x16"  # the fallback's name in the report and its identity in metric keys
 
@@ -35,7 +37,7 @@ def resolve_clip(clip_model: str | None, root: Path) -> Path | None:
     path = Path(clip_model)
     path = path if path.is_absolute() else root / path
     if not path.is_dir():
-        raise FileNotFoundError(f"`evaluate.clip_model` = {clip_model!r}: no folder {path}")
+        raise MissingInput(f"`evaluate.clip_model` = {clip_model!r}: no folder {path}")
     return path
 
 
@@ -48,17 +50,21 @@ def _features(out: Any) -> Any:
     return out if hasattr(out, "numpy") else out.pooler_output
 
 
-def _load_clip(clip_dir: Path) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, image processor) of a local CLIP folder, offline.
+def _load_clip(clip_dir: Path, allow_pickle: bool) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, image processor) of a local CLIP folder, offline, through the project's
+    one weights policy (`loraforge.weights.pretrained_kwargs`: safetensors unless opted in).
 
     Args:
         clip_dir: a folder holding a transformers `CLIPModel`, its tokenizer and processor config.
+        allow_pickle: `model.allow_pickle`: also load a `pytorch_model.bin` (weights_only).
 
     Raises:
-        FileNotFoundError: the folder holds no `config.json` (names `evaluate.clip_model`).
+        MissingInput: the folder holds no `config.json` or no weights (names `evaluate.clip_model`).
+        InputError: only pickle weights, and no opt-in.
     """
     if not (clip_dir / "config.json").is_file():
-        raise FileNotFoundError(f"`evaluate.clip_model`: {clip_dir} holds no CLIP model (no config.json)")
+        raise MissingInput(f"`evaluate.clip_model`: {clip_dir} holds no CLIP model (no config.json)")
+    kwargs = pretrained_kwargs(clip_dir, allow_pickle)
     # imported here, not at the top: only a configured `clip_model` needs transformers
     import transformers
     from transformers import CLIPModel, CLIPTokenizer
@@ -66,7 +72,7 @@ def _load_clip(clip_dir: Path) -> tuple[Any, Any, Any]:
     # the PIL image processor: transformers 5's default one needs torchvision, absent here
     processor = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
     return (
-        CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval(),
+        CLIPModel.from_pretrained(clip_dir, **kwargs).eval(),
         CLIPTokenizer.from_pretrained(clip_dir, local_files_only=True),
         processor.from_pretrained(clip_dir, local_files_only=True),
     )
@@ -82,16 +88,17 @@ class Embedder:
         identity: what the embeddings depend on, for metric keys (the CLIP folder's hash).
     """
 
-    def __init__(self, clip_dir: Path | None) -> None:
+    def __init__(self, clip_dir: Path | None, allow_pickle: bool = False) -> None:
         """Load the CLIP model from `clip_dir` (offline), or use the pixel fallback when None.
 
         Args:
             clip_dir: a local CLIP model folder, or None.
+            allow_pickle: `model.allow_pickle` (a CLIP folder with only `pytorch_model.bin`).
         """
         self.clip_dir = clip_dir
         self.method = PIXELS if clip_dir is None else f"clip:{clip_dir.name}"
         self.identity = PIXELS if clip_dir is None else hash_tree(clip_dir)
-        self._clip = None if clip_dir is None else _load_clip(clip_dir)
+        self._clip = None if clip_dir is None else _load_clip(clip_dir, allow_pickle)
 
     @property
     def has_text(self) -> bool:

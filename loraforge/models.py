@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from loraforge.hub import BUILTIN_PREFIX, model_folder
-from loraforge.weights import PICKLE_SUFFIXES, config_files, files_hash, standard_weights
+from loraforge.errors import InputError
+from loraforge.weights import config_files, files_hash, folder_weights
 
 if TYPE_CHECKING:
     import torch
@@ -173,16 +174,8 @@ def weight_files(info: ModelInfo, component: str) -> list[Path]:
     """
     folder = info.path / component
     if not folder.is_dir():
-        raise ValueError(f"{info.path}: no component `{component}` (`model.base` = {info.source!r})")
-    if files := standard_weights(folder, ".safetensors"):
-        return files
-    pickles = [p for s in PICKLE_SUFFIXES for p in standard_weights(folder, s)]
-    if pickles and not info.allow_pickle:
-        raise ValueError(
-            f"{folder}: only pickle weights ({', '.join(p.name for p in pickles)}); pickle files can run code "
-            "when loaded, so they are refused unless `model.allow_pickle: true` (then loaded with weights_only=True)"
-        )
-    return pickles
+        raise InputError(f"{info.path}: no component `{component}` (`model.base` = {info.source!r})")
+    return folder_weights(folder, info.allow_pickle)
 
 
 def component_hash(info: ModelInfo, component: str, state_dir: Path) -> str:

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from loraforge.errors import InputError, MissingInput
 from loraforge.fingerprint import hash_file, hash_json
 
 HASH_CACHE = "hashcache.json"
@@ -36,6 +37,45 @@ def standard_weights(folder: Path, suffix: str) -> list[Path]:
         weight_map = json.loads(indexes[0].read_text(encoding="utf-8"))["weight_map"]
         return [folder / name for name in sorted(set(weight_map.values()))]
     return sorted(p for p in folder.glob(f"*{suffix}") if p.name.count(".") == 1 and p.is_file())
+
+
+def folder_weights(folder: Path, allow_pickle: bool, opt_in: str = "model.allow_pickle") -> list[Path]:
+    """The weight files a model folder loads from: safetensors (sharded or not), else pickle
+    files, refused unless `allow_pickle` ([] for a folder without weights: tokenizer, scheduler).
+
+    Args:
+        folder: a component or model folder.
+        allow_pickle: the opt-in's value.
+        opt_in: the param that opts in, named in the refusal.
+
+    Raises:
+        InputError: only pickle weights, and no opt-in.
+    """
+    if files := standard_weights(folder, ".safetensors"):
+        return files
+    pickles = [p for s in PICKLE_SUFFIXES for p in standard_weights(folder, s)]
+    if pickles and not allow_pickle:
+        raise InputError(
+            f"{folder}: only pickle weights ({', '.join(p.name for p in pickles)}); pickle files can run code "
+            f"when loaded, so they are refused unless `{opt_in}: true` (then loaded with weights_only=True)"
+        )
+    return pickles
+
+
+def pretrained_kwargs(folder: Path, allow_pickle: bool, opt_in: str = "model.allow_pickle") -> dict[str, Any]:
+    """`from_pretrained` arguments for a local folder (diffusers or transformers): offline, and
+    safetensors only unless the folder has nothing else and the user opted in. Every model loaded
+    from a folder goes through here.
+
+    Args:
+        folder: the model folder.
+        allow_pickle: the opt-in's value.
+        opt_in: the param that opts in, named in the refusal.
+    """
+    files = folder_weights(Path(folder), allow_pickle, opt_in)
+    if not files:
+        raise MissingInput(f"{folder}: no weight files (.safetensors)")
+    return {"local_files_only": True, "use_safetensors": files[0].name.endswith(".safetensors")}
 
 
 def config_files(folder: Path) -> list[Path]:

@@ -252,7 +252,7 @@ def build_context(params: Params, inputs: "Paths", env: "StageEnv") -> tuple[Con
         raise ValueError(f"input `captions`: {inputs.captions / 'manifest.jsonl'} is empty")
     trigger = captions_rows[0]["trigger"]
     train = training_images(inputs.get("training_images"))
-    embedder = Embedder(resolve_clip(params.clip_model, env.state_dir.parent))
+    embedder = Embedder(resolve_clip(params.clip_model, env.state_dir.parent), params.model.allow_pickle)
     train_emb = embedder.images([open_rgb(p) for p in train.values()]) if train else None
     train_id = hash_json({i: hash_file(p) for i, p in train.items()}) if train else "none"
     renderer = Renderer(

@@ -515,3 +515,20 @@ def test_training_one_more_epoch_evaluates_only_the_new_epoch_under_dvc(tmp_path
     assert r["epochs"] == ["epoch-0001", "epoch-0002", "epoch-0003"]
     assert r["epochs_computed"] == ["epoch-0003"] and r["per_epoch_computed"]["epoch-0001"] == 0
     assert r["computed"] == r["per_epoch_computed"]["epoch-0003"] > 0
+
+
+def test_a_clip_folder_with_only_pickle_weights_needs_the_opt_in(tmp_path):
+    """issue 10: the CLIP evaluator loads through the one weights policy, like every model."""
+    import torch
+    from safetensors.torch import load_file
+
+    from loraforge.errors import InputError
+
+    folder = tiny_clip(tmp_path / "clip")
+    weights = folder / "model.safetensors"
+    torch.save(load_file(str(weights)), folder / "pytorch_model.bin")  # what old hub repos hold
+    weights.unlink()
+    with pytest.raises(InputError, match=r"only pickle weights \(pytorch_model.bin\).*`model.allow_pickle: true`"):
+        Embedder(folder)
+    clip = Embedder(folder, allow_pickle=True)
+    assert clip.has_text and clip.texts(["a cat"]).shape == (1, 16)
