@@ -50,6 +50,7 @@ from loraforge.kohya_names import (
     text_encoder_targets,
     unet_targets,
 )
+from loraforge.safetensors_io import save_tensors
 
 DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
 
@@ -306,8 +307,6 @@ def save_lora(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, 
     Returns:
         `path`.
     """
-    from safetensors.torch import save_file
-
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise TypeError(f"`metadata` values must be strings; not so for {', '.join(map(str, bad))}")
@@ -320,10 +319,10 @@ def save_lora(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, 
     tmp = Path(tmp_name)
     try:
         if hashes:  # as kohya: hashed over the file with only the `ss_*` metadata
-            save_file(plain, str(tmp), metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+            save_tensors(plain, tmp, {k: v for k, v in metadata.items() if k.startswith("ss_")})
             model_hash, legacy_hash = sshs_hashes(tmp)
             metadata = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
-        save_file(plain, str(tmp), metadata=metadata)
+        save_tensors(plain, tmp, metadata)  # sorted header: same tensors, same bytes
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
