@@ -18,7 +18,8 @@ from typing import Any, Protocol
 from loraforge.errors import InputError
 from loraforge.filedeps import param_value, stage_files
 from loraforge.fingerprint import canonical, hash_tree
-from loraforge.params import load_all_params, read_params_file
+from loraforge.params import load_all_params, load_settings, read_params_file
+from loraforge.remote_store import open_store
 from loraforge.spec import Pipeline, StageSpec, load_pipeline, param_ref
 from loraforge.store import ItemStore
 
@@ -142,10 +143,10 @@ def run_stage(
     stage = pipeline.stages[name]
     params = load_all_params(root, pipeline)[name]  # the whole file is valid, or nothing is touched
     inputs = resolve_inputs(root, stage, read_params_file(root))
+    store = open_store(root / STATE_DIR / "store", load_settings(root)["store"])  # a shared one answers first
+    store.sweep()  # temp files of killed runs on this host
     outputs = prepare_outputs(root, stage)
-    env = StageEnv(
-        store=ItemStore(root / STATE_DIR / "store"), state_dir=root / STATE_DIR, publish=publish or NullPublisher()
-    )
+    env = StageEnv(store=store, state_dir=root / STATE_DIR, publish=publish or NullPublisher())
     module = importlib.import_module(stage.module_name)
 
     started = time.perf_counter()
