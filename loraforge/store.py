@@ -75,11 +75,21 @@ class Remote(Protocol):
     the store's root, `<kind>/<key[:2]>/<key><suffix>`."""
 
     def fetch(self, rel: str, dest: Path) -> bool:
-        """Download `rel` to `dest`; False (and `dest` untouched) when the remote lacks it."""
+        """Download `rel` to `dest`; False (and `dest` untouched) when the remote lacks it.
+
+        Args:
+            rel: the file's path in the store.
+            dest: the local file to write.
+        """
         ...
 
     def upload(self, src: Path, rel: str) -> None:
-        """Upload `src` as `rel`, whole or not at all."""
+        """Upload `src` as `rel`, whole or not at all.
+
+        Args:
+            src: the local file.
+            rel: the file's path in the store.
+        """
         ...
 
 
@@ -153,7 +163,11 @@ def hostname() -> str:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process `pid` of this host runs (a zombie, killed but not yet reaped, does not)."""
+    """Whether process `pid` of this host runs (a zombie, killed but not yet reaped, does not).
+
+    Args:
+        pid: the process id (from a temp file's name).
+    """
     if pid == os.getpid():
         return True
     try:
@@ -170,7 +184,12 @@ def process_alive(pid: int) -> bool:
 
 
 def temp_file(folder: Path, suffix: str) -> Path:
-    """A new empty temp file in `folder` whose name tells its owner (`TEMP_NAME`)."""
+    """A new empty temp file in `folder` (created if needed) whose name tells its owner (`TEMP_NAME`).
+
+    Args:
+        folder: the folder of the entry it will become (a rename never crosses filesystems).
+        suffix: the entry file's suffix, kept at the end of the temp name.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{hostname()}-{os.getpid()}-", suffix=suffix, dir=folder)
     os.close(fd)
@@ -178,7 +197,12 @@ def temp_file(folder: Path, suffix: str) -> Path:
 
 
 def commit(tmp: Path, final: Path) -> None:
-    """fsync `tmp` and rename it to `final` (readable by all: entries are shared, read-only data)."""
+    """fsync `tmp` and rename it to `final` (readable by all: entries are shared, read-only data).
+
+    Args:
+        tmp: the complete temp file.
+        final: the entry's path.
+    """
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.chmod(tmp, 0o644)  # mkstemp makes 0600

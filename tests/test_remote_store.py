@@ -185,18 +185,16 @@ def test_an_unreachable_endpoint_stops_the_stage_before_its_outputs_are_touched(
     closed = f"http://127.0.0.1:{free_ports(1)[0]}"
     with pytest.raises(InputError, match=r"`store\.endpoint_url` http://127\.0\.0\.1:\d+: the S3 endpoint does not"):
         RemoteStore("s3://bucket/x", closed).check()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
-    with pytest.raises(InputError, match=r"`store\.endpoint_url` \(from AWS_ENDPOINT_URL\)"):
-        RemoteStore("s3://bucket/x").check()
     monkeypatch.setenv("AWS_ENDPOINT_URL", "not-a-url")
     with pytest.raises(InputError, match="AWS_ENDPOINT_URL"):
         RemoteStore("s3://bucket/x").check()
 
-    project = make_project(tmp_path / "p", {"store": {"url": "s3://bucket/x", "endpoint_url": closed}}, git=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)  # the endpoint from the environment this time
+    project = make_project(tmp_path / "p", {"store": {"url": "s3://bucket/x"}}, git=False)
     kept = project / "data" / "ingested" / "earlier.txt"
     kept.parent.mkdir(parents=True)
     kept.write_text("an earlier run's output")
-    with pytest.raises(InputError, match=r"`store\.endpoint_url`"):
+    with pytest.raises(InputError, match=r"`store\.endpoint_url` \(from AWS_ENDPOINT_URL\) http://127"):
         run_stage(project, "ingest")
     assert kept.read_text() == "an earlier run's output"
 
