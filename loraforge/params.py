@@ -12,7 +12,9 @@ Validation happens before any work; an unknown key, a wrong type or an out-of-ra
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Literal
 
 import pydantic
@@ -98,21 +100,76 @@ class DatasetParams:
     min_sharpness: float = Field(0.0, ge=0)
 
 
+S3_URL = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>[^?#]*))?$")
+
+
+def parse_store_url(url: str) -> tuple[str, str]:
+    """(bucket, prefix) of `s3://bucket/prefix` (the prefix may be empty).
+
+    Args:
+        url: the `store.url` value.
+
+    Raises:
+        ValueError: the URL is not `s3://` with a valid bucket name.
+    """
+    found = S3_URL.match(url)
+    if found is None:
+        raise ValueError(
+            "expected s3://bucket/prefix (bucket: 3-63 lowercase letters, digits, dots, dashes; "
+            "only S3 and S3-compatible servers are supported)"
+        )
+    return found["bucket"], (found["prefix"] or "").strip("/")
+
+
+def check_endpoint_url(url: str) -> str:
+    """`url` if it is an `http(s)://host[:port]` endpoint.
+
+    Args:
+        url: the endpoint (`store.endpoint_url` or `AWS_ENDPOINT_URL`).
+
+    Raises:
+        ValueError: no http/https scheme or no host.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected http(s)://host[:port], e.g. http://127.0.0.1:8333")
+    return url
+
+
 @section
 class StoreParams:
     """The `store` section: where the content-addressed item store lives. Where an entry is
     stored never changes what it holds, so no stage reruns when this changes.
 
     Attributes:
-        url: null = `<project>/.loraforge/store`; an fsspec URL (`s3://bucket/prefix`) = a store
-            shared by workers and teammates (a local copy of what this machine used stays in
-            `.loraforge/store`). Credentials come from the usual `AWS_*` variables, never from here.
+        url: null = `<project>/.loraforge/store`; `s3://bucket/prefix` (S3 or an S3-compatible
+            server, through fsspec's s3fs) = a store shared by workers and teammates (a local
+            copy of what this machine used stays in `.loraforge/store`). Credentials come from
+            the usual `AWS_*` variables (or ~/.aws), never from here.
         endpoint_url: the S3 endpoint of an S3-compatible server (MinIO, SeaweedFS, R2...);
-            null = AWS (or `AWS_ENDPOINT_URL`).
+            null = AWS (or `AWS_ENDPOINT_URL`). Only with `url`.
     """
 
     url: str | None = Field(None, min_length=1)
     endpoint_url: str | None = Field(None, min_length=1)
+
+    @pydantic.field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_store_url(value)
+        return value
+
+    @pydantic.field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return value if value is None else check_endpoint_url(value)
+
+    @pydantic.model_validator(mode="after")
+    def _endpoint_needs_url(self) -> StoreParams:
+        if self.endpoint_url is not None and self.url is None:
+            raise ValueError("`store.endpoint_url` is set but `store.url` is null (the store is local)")
+        return self
 
 
 @section

@@ -20,6 +20,7 @@ from loraforge.filedeps import param_value, stage_files
 from loraforge.fingerprint import canonical, hash_tree
 from loraforge.fanout import FanOut
 from loraforge.params import RunnerParams, load_all_params, load_settings, read_params_file
+from loraforge.remote_store import open_store
 from loraforge.spec import Pipeline, StageSpec, load_pipeline, param_ref
 from loraforge.store import ItemStore
 
@@ -150,17 +151,17 @@ def run_stage(
     stage = pipeline.stages[name]
     params = load_all_params(root, pipeline)[name]  # the whole file is valid, or nothing is touched
     inputs = resolve_inputs(root, stage, read_params_file(root))
+    store = open_store(root / STATE_DIR / "store", load_settings(root)["store"])  # a shared one answers first
+    store.sweep()  # temp files of killed runs on this host
     outputs = prepare_outputs(root, stage)
-    env = StageEnv(
-        store=ItemStore(root / STATE_DIR / "store"),
-        state_dir=root / STATE_DIR,
-        publish=publish or NullPublisher(),
-        fan_out=fan_out(load_settings(root)["runner"]),
-    )
+    settings = load_settings(root)
+    env = StageEnv(store=store, state_dir=root / STATE_DIR, publish=publish or NullPublisher(),
+                   fan_out=fan_out(settings["runner"]))  # fmt: skip
     module = importlib.import_module(stage.module_name)
 
     started = time.perf_counter()
     summary = module.run(params, inputs, outputs, env)
+    store.sweep()  # and of Dask workers that died during this one (their chunks were redone)
     missing = [k for k in REQUIRED_SUMMARY_KEYS if k not in summary]
     if missing:
         raise RuntimeError(f"stage `{name}` returned a summary without {missing}")

@@ -8,16 +8,28 @@ path if it exists, else it is made, stored and returned.
 Entries live at `<root>/<kind>/<key[:2]>/<key><suffix>`. Writes are atomic (temp file in the
 same folder, fsync, rename), so a killed run never leaves a half-written entry. Stage outputs
 are materialised from the store with hard links where the filesystem allows, else copies.
+
+With a `Remote` (`store.url` in params.yaml, see `loraforge.remote_store`) the folder is this
+machine's copy of a shared store: `Item.get` downloads an entry only the remote has (to a temp
+file, then rename), `Item.put` writes locally then uploads. An object store shows an object
+whole or not at all, so a key is complete or absent there too; an entry of several files (a
+`.png`, then the `.json` that marks it complete) is written and uploaded in that order.
+
+Temp files are named `.tmp-<host>-<pid>-<random><suffix>`: a process killed mid-write (SIGKILL
+runs no cleanup) leaves one behind, and `ItemStore.sweep` removes those of dead processes of
+this host, never a live process's.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from loraforge.fingerprint import hash_json
 
@@ -53,18 +65,46 @@ KINDS: dict[str, Kind] = {
     "eval-metrics": Kind(1, "one epoch's evaluation metrics (.json)"),
 }
 RESERVED = frozenset({"kind", "version"})
+TEMP_PREFIX = ".tmp-"
+# .tmp-<host>-<pid>-<mkstemp's random part, no dashes><suffix>; the host may hold dashes
+TEMP_NAME = re.compile(r"^\.tmp-(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+")
+
+
+class Remote(Protocol):
+    """Where entries are shared (`loraforge.remote_store.RemoteStore`); paths are relative to
+    the store's root, `<kind>/<key[:2]>/<key><suffix>`."""
+
+    def fetch(self, rel: str, dest: Path) -> bool:
+        """Download `rel` to `dest`; False (and `dest` untouched) when the remote lacks it.
+
+        Args:
+            rel: the file's path in the store.
+            dest: the local file to write.
+        """
+        ...
+
+    def upload(self, src: Path, rel: str) -> None:
+        """Upload `src` as `rel`, whole or not at all.
+
+        Args:
+            src: the local file.
+            rel: the file's path in the store.
+        """
+        ...
 
 
 class ItemStore:
-    """A folder of immutable, content-addressed entries.
+    """A folder of immutable, content-addressed entries, optionally backed by a shared remote.
 
     Args:
         root: folder holding the store (created on demand); lives outside DVC outputs, since
-            DVC deletes a stage's outputs before running it.
+            DVC deletes a stage's outputs before running it. With a remote, this machine's copy.
+        remote: where entries are shared between machines; None = this folder only.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, remote: Remote | None = None) -> None:
         self.root = Path(root)
+        self.remote = remote
 
     def item(self, kind: str, **ingredients: Any) -> Item:
         """The entry of `kind` made from `ingredients`: the only place item keys are built.
@@ -99,8 +139,74 @@ class ItemStore:
             return found, False
         return entry.put(suffix, make), True
 
+    def sweep(self) -> list[Path]:
+        """Remove the temp files that processes of this host left when killed mid-write; those
+        of live processes (this one included) and of other hosts are kept. Returns the removed."""
+        if not self.root.is_dir():
+            return []
+        host, removed = hostname(), []
+        for path in self.root.glob(f"*/*/{TEMP_PREFIX}*"):
+            owner = TEMP_NAME.match(path.name)
+            if owner is None or owner["host"] != host or process_alive(int(owner["pid"])):
+                continue  # not ours to judge, or still being written
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        return removed
+
     def _path(self, kind: str, key: str, suffix: str) -> Path:
         return self.root / kind / key[:2] / f"{key}{suffix}"
+
+
+def hostname() -> str:
+    """This host's name as it appears in temp file names (path separators and spaces replaced)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host runs (a zombie, killed but not yet reaped, does not).
+
+    Args:
+        pid: the process id (from a temp file's name).
+    """
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (macOS): os.kill said it exists
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def temp_file(folder: Path, suffix: str) -> Path:
+    """A new empty temp file in `folder` (created if needed) whose name tells its owner (`TEMP_NAME`).
+
+    Args:
+        folder: the folder of the entry it will become (a rename never crosses filesystems).
+        suffix: the entry file's suffix, kept at the end of the temp name.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{hostname()}-{os.getpid()}-", suffix=suffix, dir=folder)
+    os.close(fd)
+    return Path(name)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """fsync `tmp` and rename it to `final` (readable by all: entries are shared, read-only data).
+
+    Args:
+        tmp: the complete temp file.
+        final: the entry's path.
+    """
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600
+    os.replace(tmp, final)
 
 
 @dataclass(frozen=True)
@@ -118,39 +224,68 @@ class Item:
     key: str
 
     def path(self, suffix: str) -> Path:
-        """Where the file with `suffix` lives (whether or not it exists)."""
-        return self.store._path(self.kind, self.key, suffix)
+        """Where the file with `suffix` lives locally; fetched first when only the remote has it.
+
+        Args:
+            suffix: file suffix including the dot, e.g. `.png`.
+        """
+        return self.get(suffix) or self._local(suffix)
 
     def get(self, suffix: str) -> Path | None:
-        """The file's path if it exists, else None."""
-        path = self.path(suffix)
-        return path if path.is_file() else None
+        """The file's local path if the entry has it (downloaded first when only the remote
+        has it), else None.
+
+        Args:
+            suffix: file suffix including the dot, e.g. `.png`.
+        """
+        path = self._local(suffix)
+        if path.is_file():
+            return path
+        remote = self.store.remote
+        if remote is None:
+            return None
+        tmp = temp_file(path.parent, suffix)
+        try:
+            if not remote.fetch(self._rel(suffix), tmp):
+                return None
+            commit(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
 
     def put(self, suffix: str, write: Callable[[Path], None]) -> Path:
-        """Create the file by calling `write(tmp_path)`, then fsync and rename it into place.
+        """Create the file by calling `write(tmp_path)`, then fsync and rename it into place;
+        with a remote, upload it after.
 
         Args:
             suffix: file suffix including the dot, e.g. `.png`.
             write: writes the content to the path it is given.
         """
-        final = self.path(suffix)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=final.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
+        final = self._local(suffix)
+        tmp = temp_file(final.parent, suffix)
         try:
             write(tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; entries are shared, read-only data
-            os.replace(tmp, final)
+            commit(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
+        if self.store.remote is not None:
+            self.store.remote.upload(final, self._rel(suffix))
         return final
 
     def put_bytes(self, suffix: str, data: bytes) -> Path:
-        """Store `data` as the file with `suffix`."""
+        """Store `data` as the file with `suffix`.
+
+        Args:
+            suffix: file suffix including the dot, e.g. `.png`.
+            data: the file's content.
+        """
         return self.put(suffix, lambda p: p.write_bytes(data))
+
+    def _local(self, suffix: str) -> Path:
+        return self.store._path(self.kind, self.key, suffix)
+
+    def _rel(self, suffix: str) -> str:
+        return f"{self.kind}/{self.key[:2]}/{self.key}{suffix}"
 
 
 def materialize(src: Path, dst: Path) -> None:

@@ -38,3 +38,6 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def session_tmp() -> Path:
     return _session_tmp
+
+
+from tests.s3server import s3_server  # noqa: E402, F401  (a real S3 server: SeaweedFS `weed mini`)
