@@ -73,7 +73,7 @@ def reference_loop(project: Path, params: dict[str, Any]) -> tuple[int, float]:
     from loraforge.conditioning import encode_sd15, encode_sdxl, sdxl_time_ids
     from loraforge.models import load_noise_scheduler, load_text_encoders, load_unet, resolve_model
     from loraforge.params import ModelParams
-    from stages.finetune import epoch_batches, load_examples, load_latents
+    from loraforge.training.data import epoch_batches, load_examples, load_latents
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = resolve_model(ModelParams(**params["model"]), project / ".loraforge")
@@ -149,7 +149,8 @@ def main() -> None:
         ]
     device = torch.cuda.get_device_name() if gpu else "CPU"
     print(
-        f"{args.arch} tiny model, batch {args.batch}, {args.epochs} epochs, {device}, torch threads {torch.get_num_threads()}"
+        f"{args.arch} tiny model, batch {args.batch}, {args.epochs} epochs, {device}, "
+        f"torch threads {torch.get_num_threads()}"
     )
     print(f"{'loop':<36} {'steps':>6} {'seconds':>8} {'samples/s':>10}")
     rates = []

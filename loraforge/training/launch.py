@@ -15,12 +15,12 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+import torch.multiprocessing as mp
 import yaml
 
-if TYPE_CHECKING:
-    from loraforge.runner import Paths, StageEnv
+from loraforge.runner import Paths, StageEnv
 
 SUPPORTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU")
 
@@ -38,6 +38,20 @@ class LaunchConfig:
     processes: int = 1
     port: int = 0
     gpu_ids: str | None = None
+
+
+def launch_config(accelerate_config: str | None, num_processes: int, mixed_precision: str, root: Path) -> LaunchConfig:
+    """The process count (and port, GPUs): from `accelerate_config` when set, else `num_processes`.
+
+    Args:
+        accelerate_config: `finetune.accelerate_config`, relative to `root`, or None.
+        num_processes: `finetune.num_processes`.
+        mixed_precision: `finetune.mixed_precision` (the file must not set another).
+        root: the project root.
+    """
+    if accelerate_config:
+        return read_accelerate_config(root / accelerate_config, num_processes, mixed_precision)
+    return LaunchConfig(processes=num_processes)
 
 
 def read_accelerate_config(path: Path, param_processes: int, mixed_precision: str) -> LaunchConfig:
@@ -113,10 +127,6 @@ def launch(
         outputs: the stage outputs.
         env: the stage environment (its publisher stays in this process).
     """
-    import torch.multiprocessing as mp
-
-    from loraforge.runner import StageEnv
-
     worker_env = StageEnv(store=env.store, state_dir=env.state_dir, show_progress=env.show_progress)
     queue = mp.get_context("spawn").SimpleQueue()
     args = (

@@ -11,11 +11,36 @@ module tree and state-dict names stay untouched:
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loraforge.lora import lora_targets
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA part of the finetune params (mode lora); each field is the `finetune.` key of its name.
+
+    Attributes:
+        network_dim: rank of linear and 1×1 conv layers.
+        network_alpha: their alpha; also the one alpha of the saved file.
+        conv_dim: rank of k×k convolutions; 0: none are targeted.
+        conv_alpha: their alpha.
+        network_dropout: dropout on the rank activations.
+        rank_dropout: drop whole rank channels per sample with this probability.
+        module_dropout: skip a whole adapter for a step with this probability.
+    """
+
+    network_dim: int = 16
+    network_alpha: float = 8.0
+    conv_dim: int = 0
+    conv_alpha: float = 1.0
+    network_dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
 
 
 class LoRAModule(nn.Module):
@@ -134,30 +159,28 @@ class LoRANetwork(nn.Module):
         return out
 
 
-def add_lora(model: nn.Module, arch: str, component: str, p: Any) -> LoRANetwork:
+def add_lora(model: nn.Module, arch: str, component: str, s: LoraSettings) -> LoRANetwork:
     """Freeze `model` and attach adapters to its LoRA targets (kohya's choice of layers).
 
     Args:
         model: the UNet or a text encoder.
         arch: `sd15` or `sdxl`.
         component: `unet`, `text_encoder` or `text_encoder_2`.
-        p: the finetune params (network_dim/alpha, conv_dim/alpha, the three dropouts).
+        s: ranks, alphas and dropouts.
     """
-    from loraforge.lora import lora_targets
-
     model.requires_grad_(False)
     config = dict(model.config) if component == "unet" else None
-    targets = lora_targets(arch, component, model.state_dict().keys(), conv=p.conv_dim > 0, unet_config=config)  # type: ignore[arg-type]
+    targets = lora_targets(arch, component, model.state_dict().keys(), conv=s.conv_dim > 0, unet_config=config)  # type: ignore[arg-type]
     return LoRANetwork(
         model,
         targets,
-        p.network_dim,
-        p.network_alpha,
-        p.conv_dim,
-        p.conv_alpha,
-        p.network_dropout,
-        p.rank_dropout,
-        p.module_dropout,
+        s.network_dim,
+        s.network_alpha,
+        s.conv_dim,
+        s.conv_alpha,
+        s.network_dropout,
+        s.rank_dropout,
+        s.module_dropout,
     )
 
 

@@ -20,17 +20,114 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
+from loraforge import models
 from loraforge.buckets import BucketGrid
 from loraforge.fingerprint import hash_bytes
+from loraforge.images import resize_cover_crop
+from loraforge.models import ModelInfo, arch_components, component_hash, load_vae
 from loraforge.store import ItemStore
+from loraforge.training.losses import LossSettings, diffusion_loss
+from loraforge.training.setup import Training
+from loraforge.training.step import step_generator
+from loraforge.training.text_cache import conditioning
+from loraforge.vae import encode_batch
 
 LATENT = ".safetensors"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class PriorSettings:
+    """Where the class images come from; neither source set = prior preservation off.
+
+    Attributes:
+        reg_images: the `finetune.reg_images` folder, resolved (`reg_images_folder`), or None.
+        class_prompt: `finetune.class_prompt`: generate the class images from it, or None.
+        num_class_images: `finetune.num_class_images`; None = the 002 guide's formula.
+        train_text_encoder: `finetune.train_text_encoder` (the formula's factor).
+        class_inference_steps: `finetune.class_inference_steps`.
+        seed: `finetune.seed`: generated class image i uses seed + i.
+    """
+
+    reg_images: Path | None
+    class_prompt: str | None
+    num_class_images: int | None
+    train_text_encoder: bool
+    class_inference_steps: int
+    seed: int
+
+
+def reg_images_folder(reg_images: str | None, inputs: Mapping[str, Path], state_dir: Path) -> Path | None:
+    """The `reg_images` folder: the runner's `inputs.reg_images` when pipeline.yaml declares it,
+    else the param resolved against the project root (the state folder's parent).
+
+    Args:
+        reg_images: `finetune.reg_images` or None.
+        inputs: the stage's inputs.
+        state_dir: loraforge's private folder (`<project>/.loraforge`).
+    """
+    if not reg_images:
+        return None
+    return Path(inputs["reg_images"]) if "reg_images" in inputs else state_dir.parent / reg_images
+
+
+def class_examples(
+    s: PriorSettings,
+    images: int,
+    info: ModelInfo,
+    latents_dir: Path,
+    store: ItemStore,
+    state_dir: Path,
+    device: torch.device,
+) -> tuple[list[dict[str, Any]], int]:
+    """Prior preservation's class examples (none when off) and how many reg images were encoded now.
+
+    Args:
+        s: where the class images come from.
+        images: distinct training images (the 002 guide's class image count).
+        info: the resolved model.
+        latents_dir: the latents stage's folder (its `buckets.json` grid buckets the reg images).
+        store: the item store.
+        state_dir: loraforge's private folder (weight-hash cache).
+        device: where to generate or encode.
+    """
+    if s.reg_images is not None:
+        return reg_latents(info, s.reg_images, BucketGrid.load(latents_dir), store, state_dir, device)
+    if not s.class_prompt:
+        return [], 0
+    count = class_image_count(s.num_class_images, images, s.train_text_encoder)
+    return class_latents(info, s.class_prompt, count, s.seed, s.class_inference_steps, store, state_dir, device), 0
+
+
+def prior_loss(
+    examples: list[dict[str, Any]], t: Training, step: int, batch_size: int, seed: int, loss: LossSettings
+) -> torch.Tensor:
+    """The diffusion loss on the step's batch of class images (generated or `reg_images`), each
+    with its own caption, on its own noise stream.
+
+    Args:
+        examples: the class examples (`class_examples`).
+        t: the training objects (UNet, noise scheduler, caption encoder, precision).
+        step: this process's draw of the global step (which class images; its noise).
+        batch_size: class images per step (`finetune.batch_size`).
+        seed: `finetune.seed`.
+        loss: the loss settings.
+    """
+    latents, batch = class_batch(examples, step, batch_size)  # (B, 4, H/8, W/8)
+    cond = conditioning(t.info.arch, t.encode, batch, [e["caption"] for e in batch], t.precision.device)
+    with t.precision.autocast():
+        return diffusion_loss(
+            t.unet, t.noise_scheduler, latents.to(t.precision.device), cond, step_generator(seed + 1, step), loss
+        )
 
 
 def class_image_count(requested: int | None, images: int, train_text_encoder: bool) -> int:
@@ -60,10 +157,6 @@ def class_latents(
         state_dir: loraforge's private folder (weight-hash cache).
         device: where to generate.
     """
-    from safetensors.torch import load_file, save_file
-
-    from loraforge.models import arch_components, component_hash, load_pipeline
-
     model = {c: component_hash(info, c, state_dir) for c in arch_components(info.arch)}
     size = info.native_resolution
     pipe, out = None, []
@@ -72,7 +165,7 @@ def class_latents(
 
         def generate(tmp: Path, i: int = i) -> None:
             nonlocal pipe
-            pipe = pipe or load_pipeline(info, device)  # the base weights: generated before training starts
+            pipe = pipe or models.load_pipeline(info, device)  # the base weights: generated before training starts
             gen = torch.Generator().manual_seed(seed + i)
             latent = pipe(
                 prompt, num_inference_steps=steps, height=size, width=size, generator=gen, output_type="latent"
@@ -134,13 +227,6 @@ def reg_latents(
         state_dir: loraforge's private folder (weight-hash cache).
         device: where to encode.
     """
-    from PIL import Image
-    from safetensors.torch import load_file, save_file
-
-    from loraforge.images import resize_cover_crop
-    from loraforge.models import component_hash, load_vae
-    from loraforge.vae import encode_batch
-
     vae_hash, items = component_hash(info, "vae", state_dir), []
     for path in reg_image_files(folder):
         with Image.open(path) as img:

@@ -18,15 +18,40 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraforge.fingerprint import hash_json, hash_tree
+from loraforge.models import ModelInfo, component_hash
 from loraforge.store import materialize
+from loraforge.training.settings import ENCODER_NAMES
 
 STATE_PREFIX = "state-epoch-"
+
+
+def resume_folder(
+    params: Mapping[str, Any], latents: Path, captions: Path, reg_images: Path | None, info: ModelInfo, state_dir: Path
+) -> Path:
+    """`<state_dir>/resume/<fingerprint>`: params (less `resume`), model weight hashes, training data.
+
+    Args:
+        params: the finetune params as a mapping (`dataclasses.asdict`).
+        latents: the latents folder.
+        captions: the captions folder.
+        reg_images: the `finetune.reg_images` folder or None (its content counts, not just its path).
+        info: the resolved model.
+        state_dir: loraforge's private folder.
+    """
+    own = {k: v for k, v in params.items() if k != "resume"}
+    models = {c: component_hash(info, c, state_dir) for c in ("unet", *ENCODER_NAMES) if (info.path / c).is_dir()}
+    data = {"latents": hash_tree(latents), "captions": hash_tree(captions)}
+    if reg_images is not None:
+        data["reg_images"] = hash_tree(reg_images)
+    return state_dir / "resume" / hash_json({"params": own, "models": models, "data": data, "version": 1})
 
 
 def newest_state(folder: Path) -> Path | None:
@@ -131,3 +156,33 @@ def publish_checkpoint(built: Path, outputs: Path) -> None:
     for file in sorted(built.rglob("*")):
         if file.is_file():
             materialize(file, outputs / built.name / file.relative_to(built))
+
+
+def restore(
+    keep: Path | None,
+    trained: dict[str, torch.nn.Module],
+    optimizer: Any,
+    schedule: Any,
+    ema: Any,
+    scaler: Any,
+    outputs: Path,
+) -> dict[str, Any]:
+    """The loop's progress: from the newest state in `keep` (its weights, optimizer, schedule, EMA,
+    scaler and RNG restored in place, its checkpoints hard-linked back into `outputs`), else fresh.
+
+    Args:
+        keep: the run's resume folder, or None (`finetune.resume: off`).
+        trained: name -> unwrapped trained module.
+        optimizer: the optimizer.
+        schedule: the LR schedule.
+        ema: the EMA or None.
+        scaler: the fp16 grad scaler or None.
+        outputs: the stage's checkpoints folder.
+    """
+    progress: dict[str, Any] = {"global_step": 0, "epoch": 0, "steps": [], "lrs": [], "epochs": [], "saved": []}
+    if keep is not None and (state := newest_state(keep)) is not None:
+        progress = load_state(state, trained, optimizer, schedule, ema, scaler)
+        for name in progress["saved"]:
+            publish_checkpoint(keep / "checkpoints" / name, outputs)
+        print(f"finetune: resumed from {state.name} (step {progress['global_step']})")
+    return progress

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    import torch
+import torch
+from diffusers.optimization import get_scheduler
 
 Schedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
@@ -36,11 +36,10 @@ def make_lr_schedule(
         num_cycles: hard restarts of `cosine_with_restarts`.
         power: exponent of `polynomial` (1 = linear).
     """
-    from diffusers.optimization import get_scheduler
-
     if name == "constant" and warmup:
         raise ValueError(
-            "`finetune.lr_scheduler: constant` has no warmup; use `constant_with_warmup` with `finetune.lr_warmup_steps`"
+            "`finetune.lr_scheduler: constant` has no warmup; "
+            "use `constant_with_warmup` with `finetune.lr_warmup_steps`"
         )
     return get_scheduler(
         name, optimizer, num_warmup_steps=warmup, num_training_steps=total, num_cycles=num_cycles, power=power

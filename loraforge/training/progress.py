@@ -1,0 +1,102 @@
+"""The loop's progress: the step count, the loss and LR rows of every step (`steps.tsv`,
+`lr.tsv`), the mean loss per epoch (`epochs.tsv`), the saved epochs, and the stage's report.
+
+`progress` is a plain JSON-able dict (the resume state saves it as is): `global_step`, `epoch`,
+`steps`, `lrs`, `epochs`, `saved`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loraforge.training.setup import Training
+
+
+def record_step(
+    progress: dict[str, Any], epoch: int, loss: float, applied: dict[str, float], norms: dict[str, float]
+) -> None:
+    """Count the step and add its rows to `steps.tsv` and `lr.tsv`.
+
+    Args:
+        progress: the loop's progress.
+        epoch: 1-based epoch.
+        loss: the step's loss.
+        applied: the LR each param group applied (`applied_lrs`).
+        norms: the LoRA max-norm figures of the last optimizer step (with `scale_weight_norms`).
+    """
+    progress["global_step"] += 1
+    step = progress["global_step"]
+    progress["steps"].append({"step": step, "epoch": epoch, "loss": loss, "lr": applied["unet"], **norms})
+    progress["lrs"].append({"step": step, **applied})
+
+
+def write_tables(folder: Path, progress: dict[str, Any]) -> None:
+    """`steps.tsv` (loss, LR and LoRA norms per step), `lr.tsv` (each group's applied LR per step)
+    and `epochs.tsv` (mean loss per epoch).
+
+    Args:
+        folder: the stage's loss folder.
+        progress: the loop's progress (its `steps`, `lrs` and `epochs` rows).
+    """
+    write_tsv(folder / "steps.tsv", progress["steps"])
+    write_tsv(folder / "lr.tsv", progress["lrs"])
+    write_tsv(folder / "epochs.tsv", progress["epochs"])
+
+
+def write_tsv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Tab-separated table with a header row (DVC plots read it).
+
+    Args:
+        path: the file (parents created).
+        rows: dicts with the same keys.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = list(rows[0]) if rows else []
+    lines = ["\t".join(header)] + [
+        "\t".join(f"{r[h]:.6g}" if isinstance(r[h], float) else str(r[h]) for h in header) for r in rows
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def summary(
+    t: Training,
+    plan: dict[str, Any],
+    progress: dict[str, Any],
+    class_images: int,
+    reg_encoded: int,
+    mixed_precision: str,
+    optimizer: str,
+) -> dict[str, Any]:
+    """The finetune stage's report (`reports/finetune.json`).
+
+    Args:
+        t: the model and what trained.
+        plan: the steps plan (`loraforge.training.data.plan`).
+        progress: the loop's progress (loss rows, saved epochs).
+        class_images: prior preservation's class examples (0: off).
+        reg_encoded: reg images VAE-encoded by this run (the rest came from the store).
+        mixed_precision: `finetune.mixed_precision`.
+        optimizer: `finetune.optimizer`.
+    """
+    return {
+        "items": plan["images"],
+        "computed": plan["images"],
+        "reused": 0,
+        "plan": plan,
+        "epochs_saved": progress["saved"],
+        "loss_first_epoch": progress["epochs"][0]["loss"],
+        "loss_last_epoch": progress["epochs"][-1]["loss"],
+        "device": str(t.accelerator.device),
+        "mixed_precision": mixed_precision,
+        "optimizer": optimizer,
+        "loss_scale": t.precision.loss_scale,
+        "skipped_steps": t.precision.skipped,
+        "trained": list(t.lrs),
+        "ema": t.ema is not None,
+        "class_images": {"count": class_images, "encoded": reg_encoded},
+        "text_cache": {"hits": t.encode.hits, "misses": t.encode.misses} if hasattr(t.encode, "hits") else None,
+        "final_lr": progress["lrs"][-1] if progress["lrs"] else {},
+        "processes": t.accelerator.num_processes,
+        "optimizer_steps_taken": getattr(t.lr_schedule, "scheduler", t.lr_schedule).last_epoch,
+    }
