@@ -51,9 +51,8 @@ from loraforge.craft import (
     dsb_table,
     image_metrics,
     quality_gates,
-    settle_duplicates,
-    split_duplicates,
 )
+from loraforge.duplicates import settle_duplicates, split_duplicates
 from loraforge.errors import InputError, MissingInput
 from loraforge.fingerprint import hash_file
 from loraforge.images import ImageRejected, decode_image, parse_color, pixel_hash, save_png, write_jsonl

@@ -98,8 +98,9 @@ MEMORY_SCRIPT = textwrap.dedent(
     torch.linalg.svd(torch.randn(64, 64)); torch.svd_lowrank(torch.randn(300, 300), q=20)  # load LAPACK first
     before = status("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
-    tensors, _ = extract_component("sd15", "unet", [Path(sys.argv[1])], [Path(sys.argv[2])],
-                                   ExtractSettings(dim=int(sys.argv[3]), svd="lowrank", save_dtype="float16"), log=lambda s: None)
+    settings = ExtractSettings(dim=int(sys.argv[3]), svd="lowrank", save_dtype="float16")
+    tensors, _ = extract_component("sd15", "unet", [Path(sys.argv[1])], [Path(sys.argv[2])], settings,
+                                   log=lambda s: None)
     peak = status("VmHWM")
     print(json.dumps({"growth": peak - before, "before": before, "layers": len(tensors) // 3,
                       "lora_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}))
