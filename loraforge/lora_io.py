@@ -305,8 +305,14 @@ def extract_component(
     return tensors, note
 
 
+CODE_PATHS = ("stages", "loraforge", "flows", "pipeline.yaml")
+
+
 def git_revision(folder: Path) -> str:
-    """The git commit of `folder`'s repository (with `-dirty` if it has uncommitted changes), or `unknown`.
+    """The git commit of `folder`'s repository, with `-dirty` if the pipeline's code (`CODE_PATHS`)
+    has uncommitted changes, or `unknown`. Outputs, dvc.lock and .gitignore entries that DVC
+    writes do not count: the revision names the code that made a file, and a rerun of the same
+    code must write the same bytes.
 
     Args:
         folder: any folder inside the repository.
@@ -319,7 +325,7 @@ def git_revision(folder: Path) -> str:
 
     try:
         head = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS))
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return head + ("-dirty" if dirty else "")

@@ -558,3 +558,30 @@ def test_pipeline_lora_loads_in_a_fresh_process_without_warnings(pipeline_lora: 
         assert r["old_rank"] == extracted[name + L.DOWN].shape[0] and r["rank"] == min(4, r["old_rank"]), name
         kept = 100 * float(sv[: r["rank"]].pow(2).sum() / sv.pow(2).sum()) ** 0.5
         assert r["fro_retained_pct"] == pytest.approx(kept, abs=1e-3), name
+
+
+def test_the_revision_is_dirty_only_when_the_pipeline_code_changed(tmp_path):
+    """issue 10: outputs, dvc.lock and DVC's .gitignore entries must not make a rerun's LoRA say
+    `-dirty` (its bytes would change); an edited stage must."""
+    import subprocess
+
+    from loraforge.lora_io import git_revision
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "x.py").write_text("A = 1\n")
+    (tmp_path / ".gitignore").write_text("/models\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    head = git_revision(tmp_path)
+    assert len(head) == 40
+    (tmp_path / ".gitignore").write_text("/models\n/data/latents\n")  # what DVC appends
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    assert git_revision(tmp_path) == head
+    (tmp_path / "stages" / "x.py").write_text("A = 2\n")
+    assert git_revision(tmp_path) == head + "-dirty"
