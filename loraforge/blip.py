@@ -125,6 +125,9 @@ class BlipCaptioner:
         end = self._model.config.text_config.sep_token_id  # BLIP's decoder ends captions with [SEP]
         return [_until(row[start:].tolist(), end) for row in ids]
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_model": None, "_processor": None}  # a worker loads the model itself
+
     def run(self, images: list[Image.Image]) -> list[bytes]:
         """One caption per image, UTF-8 encoded (the raw output the stage caches)."""
         ids = self.generate_ids(images)  # loads the model and processor on first use

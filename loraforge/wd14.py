@@ -202,6 +202,9 @@ class Wd14Tagger:
             )
         return result
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_session": None}  # a worker opens the ONNX session itself
+
     def run(self, images: list[Image.Image]) -> list[bytes]:
         """Each image's scores as .npy bytes (the raw output the stage caches)."""
         out = []

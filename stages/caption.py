@@ -21,17 +21,23 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
+from PIL import Image
+
 from loraforge.captioners import normalize_tag
+from loraforge.fanout import chunked
 from loraforge.images import read_jsonl, write_jsonl
+from loraforge.store import Item
 from stages.caption_params import CaptionSource, Merge, Params
 
 if TYPE_CHECKING:
     from loraforge.blip import BlipCaptioner
     from loraforge.wd14 import Wd14Tagger
     from loraforge.runner import Paths, StageEnv
+    from loraforge.store import ItemStore
 
 # Camera / export names carry no caption ("IMG_0042", "DSC01234", "image (3)", "1234"), nor do
 # phone names with date and time ("PXL_20230615_101112345") or copies of any of these ("IMG_0042 (2)").
@@ -250,28 +256,60 @@ def machine_captions(
         images: the folder the rows' `file` paths are relative to.
         env: the stage environment (store, progress).
     """
-    from PIL import Image
-
     captioner, identity = make_captioner(params, env.state_dir)
     kind = f"autocaption-{params.captioner}"
     entries = {
         r["id"]: env.store.item(kind, image=r["pixel_hash"], model=identity, **captioner.identity()) for r in rows
     }
-    pending = [r for r in rows if entries[r["id"]].get(captioner.suffix) is None]
+    pending = [
+        {"file": r["file"], "key": entries[r["id"]].key} for r in rows if not entries[r["id"]].get(captioner.suffix)
+    ]
+    # batches fixed before chunking, so where a chunk runs never changes what a batch holds
+    batches = chunked(pending, params.captioner_batch_size)
     bar = env.bar(total=len(pending), desc=f"caption ({params.captioner})", unit="img")
-    for start in range(0, len(pending), params.captioner_batch_size):
-        chunk = pending[start : start + params.captioner_batch_size]
-        batch = []
-        for r in chunk:
-            with Image.open(images / r["file"]) as img:
-                batch.append(img.copy())  # the captioners convert (BLIP: RGB; WD14: alpha on white)
-        for r, raw in zip(chunk, captioner.run(batch)):
-            entries[r["id"]].put_bytes(captioner.suffix, raw)
-        bar.update(len(chunk))
+
+    def progress(done: int) -> None:
+        bar.update(done)
         env.publish.progress(bar.n / len(pending), f"captioning with {params.captioner}")
+
+    per_chunk = max(1, env.fan_out.chunk_size // params.captioner_batch_size)  # batches per chunk
+    env.fan_out.map(
+        caption_chunk, CaptionJob(captioner, kind, images, env.store), chunked(batches, per_chunk), progress
+    )
     bar.close()
     out = {r["id"]: captioner.caption(entries[r["id"]].path(captioner.suffix).read_bytes()) for r in rows}
     return out, len(pending)
+
+
+@dataclass(frozen=True)
+class CaptionJob:
+    """What every chunk of captioning needs; sent once to each worker.
+
+    Attributes:
+        captioner: the BLIP captioner or WD14 tagger (its model loads on first use, per process).
+        kind: the store kind of its raw outputs.
+        images: the folder the items' files are relative to.
+        store: the item store the raw outputs go to.
+    """
+
+    captioner: Any
+    kind: str
+    images: Path
+    store: "ItemStore"
+
+
+def caption_chunk(job: CaptionJob, batches: list[list[dict[str, Any]]]) -> int:
+    """Run the captioner on each batch of items (`file`, `key`); raw outputs into the store."""
+    done = 0
+    for batch in batches:
+        images = []
+        for it in batch:
+            with Image.open(job.images / it["file"]) as img:
+                images.append(img.copy())  # the captioners convert (BLIP: RGB; WD14: alpha on white)
+        for it, raw in zip(batch, job.captioner.run(images)):
+            Item(job.store, job.kind, it["key"]).put_bytes(job.captioner.suffix, raw)
+        done += len(batch)
+    return done
 
 
 def count_tokens(tokenizer: Any, text: str) -> int:
