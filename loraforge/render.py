@@ -21,11 +21,13 @@ import torch
 import xxhash
 from PIL import Image
 
+from loraforge.fanout import FanOut, chunked
+from loraforge.store import Item
 from loraforge.models import component_hash, load_pipeline, resolve_device, resolve_model
 
 if TYPE_CHECKING:
     from loraforge.params import ModelParams
-    from loraforge.store import Item, ItemStore
+    from loraforge.store import ItemStore
 
 
 # ---------------------------------------------------------------- what to render
@@ -216,22 +218,24 @@ class Renderer:
         self.steps, self.guidance_scale, self.negative_prompt = steps, guidance_scale, negative_prompt
         comps = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if info.arch == "sdxl" else [])
         self.model_hash = "-".join(component_hash(info, c, state_dir) for c in comps)
-        self._load = lambda: load_pipeline(info, resolve_device(model.device))
+        self.info, self.device = info, model.device
         self._pipe: Any = None
         self._adapter: str | None = None
         self.computed = self.reused = 0
 
-    def image(self, lora: Path, lora_hash: str, prompt: str, seed: int, weight: float) -> tuple[Path, str]:
-        """The image's store path and key, generating it when the store lacks it.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pipe": None, "_adapter": None}  # a worker loads the pipeline itself
+
+    def item(self, lora_hash: str, prompt: str, seed: int, weight: float) -> Item:
+        """The store entry of one image.
 
         Args:
-            lora: the epoch's LoRA file.
-            lora_hash: its content hash.
+            lora_hash: the LoRA's content hash.
             prompt: the rendered prompt.
             seed: generator seed.
             weight: LoRA weight (0 = base model).
         """
-        item = image_item(
+        return image_item(
             self.store,
             self.model_hash,
             lora_hash,
@@ -243,13 +247,12 @@ class Renderer:
             negative_prompt=self.negative_prompt,
             size=self.size,
         )
-        key, entry = item.key, item.get(".png")
-        if entry is not None:
-            self.reused += 1
-            return entry, key
-        image = self._generate(lora if weight else None, prompt, seed, weight)
-        self.computed += 1
-        return item.put(".png", lambda p: image.save(p, format="PNG")), key
+
+    def render(self, shot: dict[str, Any]) -> None:
+        """Generate one image (`key`, `lora`, `prompt`, `seed`, `weight`) into the store."""
+        lora = Path(shot["lora"]) if shot["weight"] else None
+        image = self._generate(lora, shot["prompt"], shot["seed"], shot["weight"])
+        Item(self.store, "eval-image", shot["key"]).put(".png", lambda p: image.save(p, format="PNG"))
 
     def _set_lora(self, pipe: Any, lora: Path | None, weight: float) -> None:
         """Switch the pipeline's adapter to `lora` at `weight` (None: LoRA off, the base model).
@@ -282,7 +285,7 @@ class Renderer:
             weight: LoRA weight.
         """
         if self._pipe is None:
-            self._pipe = self._load()
+            self._pipe = load_pipeline(self.info, resolve_device(self.device))
         self._set_lora(self._pipe, lora, weight)
         return self._pipe(
             prompt,
@@ -295,35 +298,43 @@ class Renderer:
         ).images[0]
 
 
-def render_epoch(renderer: Renderer, shots: Shots, lora: Path, progress: Callable[[], None]) -> dict[str, Any]:
+def render_chunk(renderer: Renderer, shots: list[dict[str, Any]]) -> int:
+    """Generate each missing image of a chunk into the store (the pipeline loads once per process)."""
+    for shot in shots:
+        renderer.render(shot)
+    return len(shots)
+
+
+def render_epoch(
+    renderer: Renderer, shots: Shots, lora: Path, fan_out: FanOut, progress: Callable[[int], None]
+) -> dict[str, Any]:
     """Every image of one epoch: `{"fixed": {(prompt_i, seed, weight): path}, "random": {(j, weight): path},
     "caption": {(image id, weight): path}}` plus the keys of all of them (`keys`) and how many were
-    generated (`computed`).
+    generated (`computed`). The images the store lacks are generated in chunks through `fan_out`.
 
     Args:
         renderer: the renderer (through the item store).
         shots: what to render.
         lora: the epoch's LoRA file.
-        progress: called after each image.
+        fan_out: where chunks of missing images run.
+        progress: called with a number of images done.
     """
-    lora_hash = lora_content_hash(lora)
-    before = renderer.computed
-    keys: list[str] = []
-
-    def shot(prompt: str, seed: int, weight: float) -> Path:
-        path, key = renderer.image(lora, lora_hash, prompt, seed, weight)
-        keys.append(key)
-        progress()
-        return path
-
-    s = shots
-    fixed = {(i, sd, w): shot(prompt, sd, w) for i, prompt in enumerate(s.prompts) for sd in s.seeds for w in s.weights}
-    randoms = {(j, w): shot(prompt, sd, w) for j, (prompt, sd) in enumerate(s.randoms) for w in (0.0, 1.0)}
-    captions = {(c["id"], w): shot(c["caption"], s.seeds[0], w) for c in s.captions for w in (0.0, 1.0)}
-    return {
-        "fixed": fixed,
-        "random": randoms,
-        "caption": captions,
-        "keys": keys,
-        "computed": renderer.computed - before,
-    }
+    lora_hash, s = lora_content_hash(lora), shots
+    plan = [
+        ("fixed", (i, sd, w), prompt, sd, w) for i, prompt in enumerate(s.prompts) for sd in s.seeds for w in s.weights
+    ]
+    plan += [("random", (j, w), prompt, sd, w) for j, (prompt, sd) in enumerate(s.randoms) for w in (0.0, 1.0)]
+    plan += [("caption", (c["id"], w), c["caption"], s.seeds[0], w) for c in s.captions for w in (0.0, 1.0)]
+    items = [renderer.item(lora_hash, prompt, seed, weight) for _, _, prompt, seed, weight in plan]
+    missing: dict[str, dict[str, Any]] = {}
+    for item, (_, _, prompt, seed, weight) in zip(items, plan):
+        if item.key not in missing and item.get(".png") is None:
+            missing[item.key] = {"key": item.key, "lora": str(lora), "prompt": prompt, "seed": seed, "weight": weight}
+    progress(len(plan) - len(missing))
+    fan_out.map(render_chunk, renderer, chunked(list(missing.values()), fan_out.chunk_size), progress)
+    renderer.computed += len(missing)
+    renderer.reused += len(plan) - len(missing)
+    out: dict[str, Any] = {"fixed": {}, "random": {}, "caption": {}}
+    for item, (group, label, *_) in zip(items, plan):
+        out[group][label] = item.get(".png")
+    return {**out, "keys": [item.key for item in items], "computed": len(missing)}

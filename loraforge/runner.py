@@ -87,6 +87,32 @@ class StageEnv:
             kwargs["disable"] = True
         return tqdm(iterable, **kwargs)
 
+    def tracker(self, total: int, desc: str, unit: str = "img") -> "Tracker":
+        """Progress for chunked work: a terminal bar and the publisher's progress, advanced by counts."""
+        return Tracker(self.bar(total=total, desc=desc, unit=unit), self.publish, total, desc)
+
+
+class Tracker:
+    """Counts work done (chunks report how many items they did) into a bar and the publisher.
+
+    Args:
+        bar: the tqdm bar (possibly disabled).
+        publish: where progress fractions go.
+        total: items in all.
+        desc: what the work is, for the publisher.
+    """
+
+    def __init__(self, bar: Any, publish: Publisher, total: int, desc: str) -> None:
+        self.bar, self.publish, self.total, self.desc, self.done = bar, publish, total, desc, 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        self.bar.update(n)
+        self.publish.progress(self.done / max(1, self.total), self.desc)
+
+    def close(self) -> None:
+        self.bar.close()
+
 
 def resolve_inputs(root: Path, stage: StageSpec, raw_params: dict[str, Any]) -> Paths:
     """Input paths, with `${section.key}` taken from params.yaml and made absolute; plus the

@@ -266,16 +266,9 @@ def machine_captions(
     ]
     # batches fixed before chunking, so where a chunk runs never changes what a batch holds
     batches = chunked(pending, params.captioner_batch_size)
-    bar = env.bar(total=len(pending), desc=f"caption ({params.captioner})", unit="img")
-
-    def progress(done: int) -> None:
-        bar.update(done)
-        env.publish.progress(bar.n / len(pending), f"captioning with {params.captioner}")
-
+    bar = env.tracker(len(pending), f"captioning with {params.captioner}")
     per_chunk = max(1, env.fan_out.chunk_size // params.captioner_batch_size)  # batches per chunk
-    env.fan_out.map(
-        caption_chunk, CaptionJob(captioner, kind, images, env.store), chunked(batches, per_chunk), progress
-    )
+    env.fan_out.map(caption_chunk, CaptionJob(captioner, kind, images, env.store), chunked(batches, per_chunk), bar)
     bar.close()
     out = {r["id"]: captioner.caption(entries[r["id"]].path(captioner.suffix).read_bytes()) for r in rows}
     return out, len(pending)

@@ -106,7 +106,7 @@ class Context:
         train_images: training images by id (for the caption grid).
         train_emb: unit embeddings of all training images (N, D), or None when not declared.
         losses: train loss per epoch number (empty when not declared).
-        progress: called after each image.
+        progress: called with a number of images done.
     """
 
     params: Params
@@ -116,7 +116,7 @@ class Context:
     train_images: dict[str, Path]
     train_emb: np.ndarray | None
     losses: dict[int, float]
-    progress: Callable[[], None]
+    progress: Callable[[int], None]
 
 
 def cached_metrics(ctx: Context, env: "StageEnv", images: dict[str, Any], epoch: int, train_id: str) -> dict[str, Any]:
@@ -210,19 +210,12 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         raise FileNotFoundError(f"input `loras`: no lora-*.safetensors in {inputs.loras}")
     ctx, train_id = build_context(params, inputs, env)
     total = ctx.shots.per_epoch
-    bar = env.bar(total=total * len(loras), desc="evaluate", unit="img")
-    done = {"n": 0}
-
-    def progress() -> None:
-        done["n"] += 1
-        bar.update(1)
-        env.publish.progress(done["n"] / (total * len(loras)), "evaluation images")
-
-    ctx.progress = progress
+    bar = env.tracker(total * len(loras), "evaluation images")
+    ctx.progress = bar
     epochs: dict[str, Any] = {}
     shown: dict[str, dict[tuple[int, int], Path]] = {}
     for lora in loras:
-        images = render_epoch(ctx.renderer, ctx.shots, lora, ctx.progress)
+        images = render_epoch(ctx.renderer, ctx.shots, lora, env.fan_out, ctx.progress)
         name = lora.stem.removeprefix("lora-")
         metrics = cached_metrics(ctx, env, images, epoch_number(lora), train_id)
         epochs[name] = {
@@ -272,7 +265,7 @@ def build_context(params: Params, inputs: "Paths", env: "StageEnv") -> tuple[Con
         train_images=train,
         train_emb=train_emb,
         losses=read_losses(inputs.get("loss")),
-        progress=lambda: None,
+        progress=lambda n: None,
     )
     return ctx, train_id
 

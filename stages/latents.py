@@ -160,14 +160,9 @@ def encode_and_check(
     encoded = {it["key"] for it in pending}
     check_only = [work_item(it) for it in unchecked if it["key"] not in encoded]
     total = len(pending) + len(check_only)
-    bar = env.bar(total=total, desc="latents", unit="img")
-
-    def progress(n: int) -> None:
-        bar.update(n)
-        env.publish.progress(bar.n / max(1, total), "VAE encoding")
-
-    env.fan_out.map(encode_chunk, job, chunked(batches, per_chunk), progress)
-    env.fan_out.map(check_chunk, job, chunked(check_only, env.fan_out.chunk_size), progress)
+    bar = env.tracker(total, "VAE encoding")
+    env.fan_out.map(encode_chunk, job, chunked(batches, per_chunk), bar)
+    env.fan_out.map(check_chunk, job, chunked(check_only, env.fan_out.chunk_size), bar)
     bar.close()
 
 

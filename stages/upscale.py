@@ -119,9 +119,9 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     entries = {r["id"]: env.store.item("upscaled", image=r["pixel_hash"], min_side=min_side, **upscaler.identity)
                for r in small}  # fmt: skip
     pending = [{"file": r["file"], "key": entries[r["id"]].key} for r in small if entries[r["id"]].get(".png") is None]
-    bar = env.bar(total=len(pending), desc="upscale", unit="img")
+    bar = env.tracker(len(pending), "upscaling")
     env.fan_out.map(upscale_chunk, UpscaleJob(upscaler, min_side, inputs.images, env.store),
-                    chunked(pending, env.fan_out.chunk_size), bar.update)  # fmt: skip
+                    chunked(pending, env.fan_out.chunk_size), bar)  # fmt: skip
     bar.close()
     out_rows = []
     for row in rows:
