@@ -135,6 +135,11 @@ def tile_one(item: Ingested, rows: int, cols: int, store: ItemStore) -> list[Ing
     return sectors
 
 
+def metrics_entry(item: Ingested, store: ItemStore) -> Item:
+    """The store entry of an image's measurements (keyed by its pixels)."""
+    return store.item("image-metrics", image=item.pixel_hash)
+
+
 def image_metrics(item: Ingested, store: ItemStore) -> dict[str, Any]:
     """White share (DSB), sharpness, clipped share and dHash of one image, cached by its pixels.
 
@@ -142,7 +147,7 @@ def image_metrics(item: Ingested, store: ItemStore) -> dict[str, Any]:
         item: the image.
         store: the item store.
     """
-    entry = store.item("image-metrics", image=item.pixel_hash)
+    entry = metrics_entry(item, store)
     path = entry.get(".json")
     if path is not None:
         try:

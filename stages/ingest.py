@@ -50,10 +50,12 @@ from loraforge.craft import (
     dsb_drops,
     dsb_table,
     image_metrics,
+    metrics_entry,
     quality_gates,
 )
 from loraforge.duplicates import settle_duplicates, split_duplicates
 from loraforge.errors import InputError, MissingInput
+from loraforge.fanout import chunked
 from loraforge.fingerprint import hash_file
 from loraforge.images import ImageRejected, decode_image, parse_color, pixel_hash, save_png, write_jsonl
 from loraforge.models import native_resolution
@@ -235,6 +237,22 @@ def run(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[st
     return {**_summary(scan, ingested, kept, rejects, duplicates, ratio), "dropped": dropped, **craft_report}
 
 
+def measure(items: list[Ingested], env: StageEnv) -> list[dict[str, Any]]:
+    """`image_metrics` of every image: the ones the store lacks in chunks through the fan-out."""
+    missing = [item for item in items if not metrics_entry(item, env.store).get(".json")]
+    bar = env.tracker(len(missing), "measuring images")
+    env.fan_out.map(measure_chunk, env.store, chunked(missing, env.fan_out.chunk_size), bar)
+    bar.close()
+    return [image_metrics(item, env.store) for item in items]  # all cached now: read back
+
+
+def measure_chunk(store: ItemStore, items: list[Ingested]) -> int:
+    """Measure each image into the store (runs wherever the fan-out puts it)."""
+    for item in items:
+        image_metrics(item, store)
+    return len(items)
+
+
 def dataset_craft(
     items: list[Ingested], params: Params, env: StageEnv
 ) -> tuple[dict[str, Any], list[Ingested], list[dict[str, Any]], list[dict[str, Any]]]:
@@ -253,7 +271,7 @@ def dataset_craft(
     if params.clean_adversarial:
         items, cleanup = clean_all(env.bar(items, desc="clean", unit="img"), store)
     items, tiled, dropped = apply_tiling(items, ds, store)
-    metrics = [image_metrics(item, store) for item in env.bar(items, desc="measure", unit="img")]
+    metrics = measure(items, env)
     min_side = ds.min_side or native_resolution(params.model, env.state_dir)
     kept_ix, low, near, blurred = quality_gates(items, metrics, ds, min_side)
     dropped += blurred
