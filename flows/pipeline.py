@@ -23,7 +23,9 @@ from prefect.artifacts import (
 )
 from prefect.context import TaskRunContext
 from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+from prefect.states import Failed, State
 
+from loraforge.errors import StopRun
 from loraforge.filedeps import file_fingerprints
 from loraforge.fingerprint import canonical, hash_file, hash_json, hash_tree
 from loraforge.weights import HASH_CACHE, HashCache
@@ -82,9 +84,13 @@ def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 @task(cache_key_fn=_cache_key, persist_result=True, result_serializer="json")
-def stage_task(root: str, name: str) -> dict[str, Any]:
-    """Run one stage; return its manifest (cached by the stage fingerprint)."""
-    return run_stage(Path(root), name, publish=PrefectPublisher(name))
+def stage_task(root: str, name: str) -> dict[str, Any] | State:
+    """Run one stage; return its manifest (cached by the stage fingerprint). An expected stop
+    (a missing input, too many rejects...) fails the task with its one-line message, no traceback."""
+    try:
+        return run_stage(Path(root), name, publish=PrefectPublisher(name))
+    except StopRun as e:
+        return Failed(message=f"{name}: {e}")
 
 
 def outputs_intact(root: Path, manifest: dict[str, Any]) -> bool:
@@ -93,15 +99,17 @@ def outputs_intact(root: Path, manifest: dict[str, Any]) -> bool:
 
 
 @flow(name="loraforge", log_prints=True)
-def pipeline_flow(root: str, force: bool = False) -> dict[str, str]:
-    """Run every stage in pipeline order; return `{stage: "computed" | "cached"}`."""
+def pipeline_flow(root: str, force: bool = False) -> dict[str, str] | State:
+    """Run every stage in pipeline order; return `{stage: "computed" | "cached"}`, or the failed
+    stage's state (the flow fails with its message)."""
     project = Path(root)
     pipeline = load_pipeline(project)
-    load_all_params(project, pipeline)  # every section valid before any stage starts
     statuses: dict[str, str] = {}
     for name in pipeline.stages:
         runner = stage_task.with_options(name=f"stage-{name}", refresh_cache=force)
         state = runner(root, name, return_state=True)
+        if state.is_failed():
+            return Failed(message=state.message)  # the flow fails with the stage's one-line message
         manifest = state.result()
         cached = state.name == "Cached"
         if cached and not outputs_intact(project, manifest):
@@ -117,5 +125,9 @@ def run_pipeline(root: Path, force: bool = False) -> dict[str, str]:
     """Entry point for `loraforge run`: the flow, with cached manifests kept in the project's
     `.loraforge/prefect-results` (so each project has its own cache, beside its item store)."""
     root = Path(root).resolve()
+    load_all_params(root, load_pipeline(root))  # every section valid before the server starts or a stage runs
     with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: root / STATE_DIR / "prefect-results"}):
-        return pipeline_flow(str(root), force=force)
+        state = pipeline_flow(str(root), force=force, return_state=True)
+    if state.is_failed():
+        raise StopRun(state.message or "the pipeline flow failed")
+    return state.result()

@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from loraforge.errors import MissingInput
+
 Bucket = tuple[int, int]  # (width, height) in pixels
 GRID_FILE = "buckets.json"
 
@@ -82,4 +84,4 @@ class BucketGrid:
         try:
             return cls(**json.loads(path.read_text(encoding="utf-8")))
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path} not found: rerun the latents stage (`dvc repro latents`)") from None
+            raise MissingInput(f"{path} not found: rerun the latents stage (`dvc repro latents`)") from None

@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from loraforge.errors import InputError, MissingInput
 from loraforge.hub import HUB_ID
 
 CaptionerKind = Literal["blip", "wd14"]
@@ -60,16 +61,16 @@ def locate_model(
     local = local if local.is_absolute() else Path(root) / local
     if local.exists():
         if not local.is_dir():
-            raise ValueError(f"`{param}` = {value!r}: {local} is a file; give the folder that holds the {kind} model")
+            raise InputError(f"`{param}` = {value!r}: {local} is a file; give the folder that holds the {kind} model")
         return local
     if value.startswith((".", "/", "~")) or "\\" in value or not HUB_ID.match(value):
-        raise FileNotFoundError(
+        raise MissingInput(
             f"`{param}` = {value!r}: no such folder {local} (and not a Hugging Face id like `owner/name`)"
         )
     try:
         return download_model(kind, value, revision)
     except Exception as e:  # offline, no such repo, no such file: one message naming the param
-        raise FileNotFoundError(
+        raise MissingInput(
             f"`{param}` = {value!r}: no folder {local}, and the Hugging Face hub could not provide it: {e}"
         ) from e
 
@@ -101,16 +102,16 @@ def model_files(kind: CaptionerKind, folder: Path, param: str = "caption.caption
     if kind == "wd14":
         for name in WD14_FILES:
             if not (folder / name).is_file():
-                raise FileNotFoundError(
+                raise MissingInput(
                     f"`{param}`: no {name} at {folder / name} (a WD14 tagger folder holds {' and '.join(WD14_FILES)})"
                 )
         return [folder / name for name in WD14_FILES]
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingInput(
             f"`{param}`: no config.json at {folder / 'config.json'} (a BLIP folder as written by save_pretrained)"
         )
     if not any(folder.glob("*.safetensors")):
-        raise FileNotFoundError(f"`{param}`: no .safetensors weights in {folder} (pickle weights are not loaded)")
+        raise MissingInput(f"`{param}`: no .safetensors weights in {folder} (pickle weights are not loaded)")
     return sorted({p for pattern in BLIP_PATTERNS for p in folder.glob(pattern) if p.is_file()})
 
 

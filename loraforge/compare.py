@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from loraforge.errors import InputError, MissingInput
 from loraforge.htmlreport import esc, figure, line_chart, page, read_tsv, table
 
 NEEDED = ("reports/eval", "reports/finetune", "params.yaml")
@@ -78,7 +79,7 @@ def load_run(folder: Path, label: str) -> Run:
     folder = Path(folder)
     metrics_file = folder / "reports" / "eval" / "metrics.json"
     if not metrics_file.is_file():
-        raise FileNotFoundError(f"`{label}`: no {metrics_file} (run the evaluate stage first)")
+        raise MissingInput(f"`{label}`: no {metrics_file} (run the evaluate stage first)")
     params_file = folder / "params.yaml"
     return Run(
         label=label,
@@ -136,7 +137,7 @@ def resolve_rev(root: Path, name: str) -> str:
     try:
         refs = experiment_refs(root)
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"`{name}` is not a folder, and {root} is not a git repository (DVC experiments need one)"
         ) from None
     if name in refs:
@@ -145,7 +146,7 @@ def resolve_rev(root: Path, name: str) -> str:
         return git(root, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}")
     except ValueError:
         known = ", ".join(sorted(refs)) or "none"
-        raise ValueError(
+        raise InputError(
             f"`{name}` is not a folder, a DVC experiment (known: {known}) or a git revision in {root}"
         ) from None
 
@@ -319,7 +320,7 @@ def compare(specs: list[str], root: Path, out: Path) -> Path:
     import tempfile
 
     if not specs:
-        raise ValueError("`compare` needs at least one experiment or run folder")
+        raise InputError("`compare` needs at least one experiment or run folder")
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 from PIL import Image
 
 from loraforge import dataset
+from loraforge.errors import InputError
 from loraforge.images import pixel_hash, save_png
 from loraforge.params import DatasetParams, TileParams
 from loraforge.sources import Ingested
@@ -194,7 +195,7 @@ def apply_tiling(
     """
     for i, spec in enumerate(ds.tile):
         if not any(tile_spec_for(it.source.rel, (spec,)) for it in items):
-            raise ValueError(f"`dataset.tile[{i}].source` = {spec.source!r} matches no ingested image")
+            raise InputError(f"`dataset.tile[{i}].source` = {spec.source!r} matches no ingested image")
     out, tiled, dropped = [], [], []
     for item in items:
         spec = tile_spec_for(item.source.rel, ds.tile)
@@ -204,7 +205,7 @@ def apply_tiling(
         try:
             sectors = tile_one(item, spec.rows, spec.cols, store)
         except ValueError as e:
-            raise ValueError(f"`dataset.tile` on {item.source.rel}: {e}") from None
+            raise InputError(f"`dataset.tile` on {item.source.rel}: {e}") from None
         kept = 0
         for sector in sectors:
             m = image_metrics(sector, store)

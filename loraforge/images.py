@@ -49,7 +49,7 @@ def parse_color(value: str) -> tuple[int, int, int]:
     """
     m = _COLOR.match(value)
     if not m:
-        raise ValueError(f"colour must be `#rrggbb` (six hex digits), got {value!r}")
+        raise InputError(f"colour must be `#rrggbb` (six hex digits), got {value!r}")
     hexa = m.group(1)
     return int(hexa[0:2], 16), int(hexa[2:4], 16), int(hexa[4:6], 16)
 

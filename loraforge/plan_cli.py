@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loraforge.errors import InputError
 from loraforge.plan import STRENGTH, build_plan, format_table, plan_table
 from loraforge.plan_memory import format_memory
 
@@ -47,9 +48,9 @@ def plan_for_project(
     lat = load_stage_params(root, pipeline, "latents")
     manifest = manifest or root / "data" / "ingested" / "manifest.jsonl"
     if not manifest.is_file():
-        raise ValueError(f"{manifest} not found: run `loraforge stage ingest` (or `dvc repro ingest`) first")
+        raise InputError(f"{manifest} not found: run `loraforge stage ingest` (or `dvc repro ingest`) first")
     if vram is not None and not vram > 0:
-        raise ValueError(f"`--vram` must be > 0, got {vram:g}")
+        raise InputError(f"`--vram` must be > 0, got {vram:g}")
     if arch is None:
         info = resolve_model(ft.model, root / STATE_DIR)
         native, arch, model_path = info.native_resolution, info.arch, info.path
@@ -84,9 +85,9 @@ def parse_strength(value: str) -> float:
     try:
         f = float(value)
     except ValueError:
-        raise ValueError(f"`--strength` must be one of {', '.join(STRENGTH)} or a number > 0, got {value!r}") from None
+        raise InputError(f"`--strength` must be one of {', '.join(STRENGTH)} or a number > 0, got {value!r}") from None
     if not f > 0:  # the message `plan._positive` gives
-        raise ValueError(f"`--strength` must be > 0, got {f}")
+        raise InputError(f"`--strength` must be > 0, got {f}")
     return f
 
 

@@ -77,6 +77,23 @@ def test_a_bad_param_stops_before_any_output_is_touched_and_the_fix_reruns_nothi
     assert {path: hash_tree(project / path) for path in outputs} == before
 
 
+def test_finished_checkpoints_survive_a_failed_rerun_and_come_back_without_retraining(project):
+    """issue 10: a rerun that fails inside finetune (here: a missing `reg_images` folder, which
+    only the stage itself can find) has had its outputs deleted by DVC; putting params.yaml back
+    restores the finished run's checkpoints from DVC's run cache instead of training again."""
+    before = hash_tree(project / "models" / "checkpoints")
+    good = (project / "params.yaml").read_text()
+    set_params(project, {"finetune": {"seed": 7, "reg_images": "no/such/folder"}})
+    result = run(["dvc", "repro"], project, check=False)
+    assert result.returncode != 0 and ran_stages(result.stdout) == ["finetune"]
+    assert "`finetune.reg_images`" in result.stdout + result.stderr and "Traceback" not in result.stdout + result.stderr
+    (project / "params.yaml").write_text(good)
+    result = run(["dvc", "repro"], project)
+    assert ran_stages(result.stdout) == []  # nothing trained again
+    assert "Stage 'finetune' is cached - skipping run, checking out outputs" in result.stdout
+    assert hash_tree(project / "models" / "checkpoints") == before
+
+
 def test_changing_the_trigger_reruns_caption_and_downstream_only(project):
     set_params(project, {"caption": {"trigger": "zxqstyle"}})
     result = run(["dvc", "repro"], project)

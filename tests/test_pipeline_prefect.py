@@ -69,3 +69,14 @@ def test_stages_publish_tables_to_the_prefect_ui(project):
 
     found = asyncio.run(keys())
     assert {"caption-captions", "latents-buckets", "finetune-plan", "finetune-epoch-loss", "evaluate-metrics"} <= found
+
+
+def test_an_expected_stop_under_the_flow_is_one_line_with_no_traceback(tmp_path):
+    """issue 10: `loraforge run` stops like `loraforge stage`: one line naming the key, exit 2."""
+    project = make_project(tmp_path / "p", params={"ingest": {"source": "no-such-folder"}}, git=False)
+    result = run(["loraforge", "run"], project, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("loraforge:")]
+    assert lines == [f"loraforge: ingest: `ingest.source` folder {project / 'no-such-folder'} does not exist"]
+    assert not (project / "data" / "ingested" / "manifest.jsonl").exists()

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from loraforge import models
 from loraforge.buckets import BucketGrid
+from loraforge.errors import InputError
 from loraforge.fingerprint import hash_bytes
 from loraforge.images import resize_cover_crop
 from loraforge.models import ModelInfo, arch_components, component_hash, load_vae
@@ -205,10 +206,10 @@ def reg_image_files(folder: Path) -> list[Path]:
         folder: the `finetune.reg_images` folder, resolved.
     """
     if not folder.is_dir():
-        raise ValueError(f"`finetune.reg_images` folder {folder} does not exist")
+        raise InputError(f"`finetune.reg_images` folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"`finetune.reg_images` folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"`finetune.reg_images` folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
 
 
