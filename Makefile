@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: install browser run test test-fast sync-dvc demo-data bench clean
+.PHONY: install browser lint run test test-fast sync-dvc demo-data bench clean
 
 install: $(STAMP)
 
@@ -32,8 +32,13 @@ run: install
 	dvc repro
 	@echo "LoRA: models/lora.safetensors   report: reports/eval/index.html"
 
-test: install browser
+test: install browser lint
 	pytest -q -ra
+
+# ruff: pyflakes + bugbear + line length (config in pyproject.toml), and the house format
+lint: install
+	ruff check .
+	ruff format --check .
 
 test-fast: install
 	pytest -q -ra -m "not slow"

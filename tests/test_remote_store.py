@@ -19,7 +19,7 @@ from loraforge.params import ParamsError, load_settings
 from loraforge.remote_store import RemoteStore, open_store
 from loraforge.runner import run_stage
 from loraforge.store import ItemStore
-from stages.ingest import _derived
+from loraforge.craft import _derived
 from tests.helpers import env_with_venv, make_project, set_params
 from tests.s3server import S3Server, free_ports
 
