@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from loraforge.errors import MissingInput
+from loraforge.errors import InputError, MissingInput
 from loraforge.evalmetrics import pixel_embedding, unit
 from loraforge.fingerprint import hash_tree
 from loraforge.weights import pretrained_kwargs
@@ -126,10 +126,10 @@ class Embedder:
             texts: prompts.
 
         Raises:
-            RuntimeError: no CLIP model (`evaluate.clip_model` is not set).
+            InputError: no CLIP model (`evaluate.clip_model` is not set).
         """
         if self._clip is None:
-            raise RuntimeError("text embeddings need `evaluate.clip_model`")
+            raise InputError("text embeddings need `evaluate.clip_model`")
         model, tokenizer, _ = self._clip
         with torch.no_grad():
             tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")

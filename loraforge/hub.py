@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from loraforge.weights import standard_weights
+from loraforge.errors import InputError
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_VERSION = 1  # bump when loraforge.tiny changes what it builds: a new folder is written
@@ -51,7 +52,7 @@ def materialize_builtin(name: str, state_dir: Path) -> Path:
 
     if name not in BUILTINS:
         known = ", ".join(f"`{BUILTIN_PREFIX}{n}`" for n in sorted(BUILTINS))
-        raise ValueError(f"`model.base` = `{BUILTIN_PREFIX}{name}` is not a builtin model (builtins: {known})")
+        raise InputError(f"`model.base` = `{BUILTIN_PREFIX}{name}` is not a builtin model (builtins: {known})")
     final = state_dir / "models" / f"builtin-{name}-v{BUILTIN_VERSION}"
     if (final / "model_index.json").is_file():  # complete: the folder only appears by rename
         return final
@@ -81,13 +82,13 @@ def local_or_hub(base: str, revision: str | None, allow_pickle: bool, root: Path
     local = local if local.is_absolute() else root / local
     if local.exists():
         if not (local / "model_index.json").is_file():
-            raise ValueError(
+            raise InputError(
                 f"`model.base` = {base!r}: {local} is not a diffusers folder (no model_index.json); "
                 "single-file .safetensors/.ckpt checkpoints must be converted to the diffusers layout first"
             )
         return local
     if base.startswith((".", "/", "~")) or "\\" in base or not HUB_ID.match(base):
-        raise ValueError(
+        raise InputError(
             f"`model.base` = {base!r}: no such folder {local} (and not a Hugging Face id like `owner/name`)"
         )
     return download_from_hub(base, revision, allow_pickle)
@@ -133,7 +134,7 @@ def download_from_hub(repo_id: str, revision: str | None, allow_pickle: bool) ->
         try:
             return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-            raise ValueError(f"`model.base` = {repo_id!r}: could not get it from the Hugging Face hub: {e}") from e
+            raise InputError(f"`model.base` = {repo_id!r}: could not get it from the Hugging Face hub: {e}") from e
 
     path = fetch(hub_patterns(HUB_COMPONENTS, pickle=False))
     if allow_pickle:

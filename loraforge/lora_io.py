@@ -24,6 +24,7 @@ import torch
 
 from loraforge import lora as L
 from loraforge import lora_svd
+from loraforge.errors import InputError, MissingInput
 
 Arch = Literal["sd15", "sdxl"]
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -56,7 +57,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
         if length <= 0 or length > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header length {length})")
+            raise InputError(f"{path}: not a safetensors file (header length {length})")
         header = json.loads(f.read(length))
     return header, 8 + length
 
@@ -86,7 +87,7 @@ class WeightReader:
                 if key == "__metadata__":
                     continue
                 if key in self._index:
-                    raise ValueError(f"`{key}` is in more than one weight file ({path})")
+                    raise InputError(f"`{key}` is in more than one weight file ({path})")
                 self._index[key] = (number, entry, start)
             self._handles.append(open(path, "rb"))
         return self
@@ -108,13 +109,13 @@ class WeightReader:
         except KeyError:
             raise KeyError(f"`{key}` is not in {', '.join(str(f) for f in self.files)}") from None
         if entry["dtype"] not in _DTYPES:
-            raise ValueError(f"`{key}` in {self.files[number]} has unsupported dtype {entry['dtype']}")
+            raise InputError(f"`{key}` in {self.files[number]} has unsupported dtype {entry['dtype']}")
         begin, end = entry["data_offsets"]
         buffer = bytearray(end - begin)
         handle = self._handles[number]
         handle.seek(start + begin)
         if handle.readinto(buffer) != len(buffer):
-            raise ValueError(f"{self.files[number]} is truncated (tensor `{key}`)")
+            raise InputError(f"{self.files[number]} is truncated (tensor `{key}`)")
         if not buffer:
             return torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
         return torch.frombuffer(buffer, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"])
@@ -187,19 +188,19 @@ def open_source(path: Path, name: str = "source") -> ModelSource:
     path = Path(path)
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ValueError(f"`{name}` {path}: only .safetensors files are read (pickle files can run code)")
+            raise InputError(f"`{name}` {path}: only .safetensors files are read (pickle files can run code)")
         with open_weights([path]) as reader:
             keys = reader.keys
         if any(k.startswith("model.diffusion_model.") for k in keys):
-            raise ValueError(
+            raise InputError(
                 f"`{name}` {path}: an original (ldm) single-file checkpoint; convert it to a diffusers "
                 "folder first (diffusers' `from_single_file(...).save_pretrained(...)`)"
             )
         if not any(k.startswith("down_blocks.") for k in keys):
-            raise ValueError(f"`{name}` {path}: not a diffusers-named UNet state dict (no `down_blocks.*` keys)")
+            raise InputError(f"`{name}` {path}: not a diffusers-named UNet state dict (no `down_blocks.*` keys)")
         return ModelSource(path, {"unet": [path]})
     if not path.is_dir():
-        raise FileNotFoundError(f"`{name}` {path} does not exist")
+        raise MissingInput(f"`{name}` {path} does not exist")
     files = {c: w for c in COMPONENTS if (path / c).is_dir() and (w := _folder_weights(path / c))}
     if "unet" not in files and (path / "config.json").is_file() and (w := _folder_weights(path)):
         files = {"unet": w}  # a bare UNet folder
@@ -207,7 +208,7 @@ def open_source(path: Path, name: str = "source") -> ModelSource:
     else:
         config_file = path / "unet" / "config.json"
     if "unet" not in files:
-        raise ValueError(
+        raise InputError(
             f"`{name}` {path}: no unet/*.safetensors (a diffusers folder or a UNet .safetensors is expected)"
         )
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None

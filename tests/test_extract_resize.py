@@ -413,7 +413,8 @@ def test_lowrank_svd_matches_full_on_low_rank_plus_noise() -> None:
         errors[svd] = float((up @ down - delta).norm() / delta.norm())
     sv = _spectrum(delta)
     assert errors["full"] == pytest.approx(float(sv[16:].pow(2).sum().sqrt() / sv.pow(2).sum().sqrt()), rel=1e-4)
-    assert errors["full"] < errors["lowrank"] < errors["full"] * 1.01, errors  # randomised: close, never better
+    # randomised: close to the optimum, never better than it beyond float32 rounding (1e-5)
+    assert errors["full"] * (1 - 1e-5) <= errors["lowrank"] < errors["full"] * 1.01, errors
     # rank + oversampling ≥ the smaller side: lowrank falls back to the exact SVD
     small = torch.randn(20, 30, generator=g)
     torch.testing.assert_close(

@@ -23,6 +23,7 @@ from loraforge.lora import lora_metadata, save_lora
 from loraforge.training.ema import EMA
 from loraforge.training.lora_net import LoraSettings
 from loraforge.training.settings import ENCODER_NAMES
+from loraforge.errors import Diverged
 
 # the settings a checkpoint's meta.json records (extract copies them into `ss_training_params`)
 RECORD_KEYS = (
@@ -94,7 +95,7 @@ def save_checkpoint(
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}
         bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
         if bad:
-            raise FloatingPointError(f"{name} has non-finite weights ({bad[0]}...); not saving {folder}")
+            raise Diverged(f"{name} has non-finite weights ({bad[0]}...); not saving {folder}")
         save_file(state, str(folder / f"{name}.safetensors"))
     if meta is not None:
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -144,7 +145,7 @@ def save_lora_checkpoint(
         )
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
     if bad:
-        raise FloatingPointError(f"LoRA has non-finite weights ({bad[0]}...); not saving {folder}")
+        raise Diverged(f"LoRA has non-finite weights ({bad[0]}...); not saving {folder}")
     training = {
         "ss_training_comment": "loraforge finetune mode lora",
         "ss_learning_rate": s.lr,

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from loraforge.images import read_jsonl
 from loraforge.training.captions import CaptionSettings, train_caption
+from loraforge.errors import Diverged, InputError
 
 Example = dict[str, Any]
 
@@ -37,11 +38,11 @@ def load_examples(latents_dir: Path, captions_dir: Path, repeats: int) -> list[E
     examples = []
     for row in read_jsonl(latents_dir / "manifest.jsonl"):
         if row["id"] not in captions:
-            raise ValueError(f"latent {row['file']} has no caption in {captions_dir / 'manifest.jsonl'}")
+            raise InputError(f"latent {row['file']} has no caption in {captions_dir / 'manifest.jsonl'}")
         example = {**row, "path": latents_dir / row["file"], "caption": captions[row["id"]]}
         examples += [example] * (row.get("repeats", 1) * repeats)
     if not examples:
-        raise ValueError(f"no training examples in {latents_dir}")
+        raise InputError(f"no training examples in {latents_dir}")
     return examples
 
 
@@ -114,7 +115,7 @@ def load_latents(batch: list[Example], scaling_factor: float) -> torch.Tensor:
     latents = [load_file(str(e["path"]))["latent"] for e in batch]
     for e, lat in zip(batch, latents):
         if not torch.isfinite(lat).all():
-            raise FloatingPointError(
+            raise Diverged(
                 f"latent {e['path']} has NaN/inf values: it was encoded by a VAE in half precision "
                 "(SDXL's VAE overflows in fp16: encode latents with the VAE in float32, 'no half VAE')"
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from loraforge.errors import InputError
 
 
 class EMA:
@@ -21,7 +22,7 @@ class EMA:
 
     def __init__(self, components: dict[str, torch.nn.Module], decay: float) -> None:
         if not 0 < decay < 1:
-            raise ValueError(f"`finetune.ema_decay` must be in (0, 1), got {decay}")
+            raise InputError(f"`finetune.ema_decay` must be in (0, 1), got {decay}")
         self.decay = decay
         self.components = components
         self.shadow: dict[str, dict[str, torch.Tensor]] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+from loraforge.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -42,18 +43,18 @@ def optimizer_class(name: str, device_type: str) -> type:
         module_name, cls_name = name.rsplit(".", 1)
         package = module_name.split(".")[0]
     else:
-        raise ValueError(
+        raise InputError(
             f"`finetune.optimizer` = {name!r}: not one of {', '.join(OPTIMIZERS)} and not a `module.Class` path"
         )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(
+        raise InputError(
             f"`finetune.optimizer: {name}` needs the `{package}` package (pip install {package}): {e}"
         ) from e
     cls = getattr(module, cls_name, None)
     if not isinstance(cls, type):
-        raise ValueError(f"`finetune.optimizer` = {name!r}: {module_name} has no class {cls_name}")
+        raise InputError(f"`finetune.optimizer` = {name!r}: {module_name} has no class {cls_name}")
     return cls
 
 
@@ -79,7 +80,7 @@ def make_optimizer(
     try:
         return cls(groups, **kwargs)
     except TypeError as e:
-        raise ValueError(f"`finetune.optimizer_args` = {args!r} do not fit {cls.__module__}.{cls.__name__}: {e}") from e
+        raise InputError(f"`finetune.optimizer_args` = {args!r} do not fit {cls.__module__}.{cls.__name__}: {e}") from e
 
 
 def applied_lrs(optimizer: Any) -> dict[str, float]:

@@ -29,6 +29,7 @@ from loraforge.fingerprint import hash_json, hash_tree
 from loraforge.models import ModelInfo, component_hash
 from loraforge.store import materialize
 from loraforge.training.settings import ENCODER_NAMES
+from loraforge.errors import Diverged
 
 STATE_PREFIX = "state-epoch-"
 
@@ -100,7 +101,7 @@ def save_state(
         for name, module in trained.items():
             state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.state_dict().items()}
             if not all(torch.isfinite(v).all() for v in state.values()):
-                raise FloatingPointError(f"{name} has non-finite weights at epoch {epoch}; not saving a resume state")
+                raise Diverged(f"{name} has non-finite weights at epoch {epoch}; not saving a resume state")
             save_file(state, str(tmp / f"{name}.safetensors"))
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.to_save().items()}, str(tmp / "ema.safetensors"))

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers.optimization import get_scheduler
+from loraforge.errors import InputError
 
 Schedule = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
@@ -19,7 +20,7 @@ def warmup_steps(steps: int, ratio: float, total: int) -> int:
         total: optimizer steps of the whole run.
     """
     if steps and ratio:
-        raise ValueError("set `finetune.lr_warmup_steps` or `finetune.lr_warmup_ratio`, not both")
+        raise InputError("set `finetune.lr_warmup_steps` or `finetune.lr_warmup_ratio`, not both")
     return steps if steps else round(ratio * total)
 
 
@@ -37,7 +38,7 @@ def make_lr_schedule(
         power: exponent of `polynomial` (1 = linear).
     """
     if name == "constant" and warmup:
-        raise ValueError(
+        raise InputError(
             "`finetune.lr_scheduler: constant` has no warmup; "
             "use `constant_with_warmup` with `finetune.lr_warmup_steps`"
         )

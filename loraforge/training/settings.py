@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from loraforge.training.optimizers import ADAPTIVE, optimizer_class
+from loraforge.errors import InputError
 
 ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 
@@ -40,17 +41,17 @@ def check_settings(
     check_precision(mixed_precision, device)
     optimizer_class(optimizer, device.type)  # importable, and 8-bit only on CUDA
     if lr_scheduler == "constant" and (lr_warmup_steps or lr_warmup_ratio):
-        raise ValueError(
+        raise InputError(
             "`finetune.lr_scheduler: constant` has no warmup; "
             "use `constant_with_warmup` with `finetune.lr_warmup_steps`"
         )
     if lr_warmup_steps and lr_warmup_ratio:
-        raise ValueError("set `finetune.lr_warmup_steps` or `finetune.lr_warmup_ratio`, not both")
+        raise InputError("set `finetune.lr_warmup_steps` or `finetune.lr_warmup_ratio`, not both")
     if mode == "full" and any(lora_only.values()):
         key = next(k for k, v in lora_only.items() if v)
-        raise ValueError(f"`finetune.{key}` applies to `finetune.mode: lora` only (mode is `full`)")
+        raise InputError(f"`finetune.{key}` applies to `finetune.mode: lora` only (mode is `full`)")
     if adaptive_noise_scale and not noise_offset:
-        raise ValueError("`finetune.adaptive_noise_scale` needs `finetune.noise_offset` > 0")
+        raise InputError("`finetune.adaptive_noise_scale` needs `finetune.noise_offset` > 0")
 
 
 def check_precision(mixed_precision: str, device: torch.device) -> None:
@@ -91,7 +92,7 @@ def component_lrs(
     for name, group_lr in lrs.items():
         if adaptive and group_lr not in (0, lr):
             key = "text_encoder_lr" if name == "text_encoder" else "text_encoder_2_lr"
-            raise ValueError(
+            raise InputError(
                 f"`finetune.{key}` = {group_lr:g}: {optimizer} needs every LR equal to `finetune.lr` ({lr:g}) or 0"
             )
     return {name: group_lr for name, group_lr in lrs.items() if group_lr > 0}  # LR 0 freezes a text encoder

@@ -15,6 +15,7 @@ from loraforge.training.lora_net import LoRANetwork, scale_weight_norms
 from loraforge.training.losses import LossSettings
 from loraforge.training.optimizers import applied_lrs
 from loraforge.training.setup import Training
+from loraforge.errors import Diverged
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def check_finite(loss: torch.Tensor, step: int, epoch: int, causes: list[str]) -
     """
     if torch.isfinite(loss):
         return
-    raise FloatingPointError(
+    raise Diverged(
         f"finetune: loss is {loss.item()} at step {step} (epoch {epoch}); training stopped, "
         "nothing saved for this epoch. Likely causes: " + "; ".join(causes)
     )
