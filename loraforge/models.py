@@ -4,6 +4,7 @@
 - `builtin:tiny-sdxl` / `builtin:tiny-sd15`: built in code (`loraforge.tiny`) and written once
   to `<state_dir>/models/builtin-<name>-v<N>/` (`loraforge.hub`);
 - a local diffusers folder (has `model_index.json`), absolute or relative to the project root;
+- a single-file SD1.5/SDXL checkpoint (`.safetensors`), converted once (`loraforge.single_file`);
 - a Hugging Face id (`owner/name`): only the files training needs are downloaded, once, into the
   usual Hugging Face cache (`loraforge.hub`).
 
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from loraforge.hub import BUILTIN_PREFIX, model_folder
 from loraforge.errors import InputError
+from loraforge.single_file import single_file_folder
 from loraforge.weights import config_files, files_hash, folder_weights
 
 if TYPE_CHECKING:
@@ -78,7 +80,9 @@ def resolve_model(params: ModelParams, state_dir: Path, root: Path | None = None
     """
     state_dir = Path(state_dir)
     root = Path(root) if root is not None else state_dir.parent
-    path = model_folder(params.base, params.revision, params.allow_pickle, state_dir, root)
+    path = single_file_folder(params, state_dir, root) or model_folder(
+        params.base, params.revision, params.allow_pickle, state_dir, root
+    )
     return inspect_model(path, source=params.base, allow_pickle=params.allow_pickle)
 
 
