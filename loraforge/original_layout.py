@@ -137,11 +137,26 @@ def pipeline_to_original(pipe: Any, arch: str) -> dict[str, torch.Tensor]:
             `vae`, `text_encoder` and, for SDXL, `text_encoder_2`).
         arch: `sd15` or `sdxl`.
     """
-    out = unet_to_original(pipe.unet.state_dict(), dict(pipe.unet.config))
-    out |= vae_to_original(pipe.vae.state_dict())
-    out |= clip_to_original(pipe.text_encoder.state_dict(), TEXT_PREFIXES[arch][0])
+    names = ("unet", "vae", "text_encoder", "text_encoder_2") if arch == "sdxl" else ("unet", "vae", "text_encoder")
+    states = {name: getattr(pipe, name).state_dict() for name in names}
+    return states_to_original(states, dict(pipe.unet.config), arch)
+
+
+def states_to_original(
+    states: dict[str, dict[str, torch.Tensor]], unet_config: dict[str, Any], arch: str
+) -> dict[str, torch.Tensor]:
+    """Component state dicts (diffusers/transformers key names) as one original-layout state dict.
+
+    Args:
+        states: `unet`, `vae`, `text_encoder` (and `text_encoder_2` for SDXL) -> state dict.
+        unet_config: the UNet's config (block layout).
+        arch: `sd15` or `sdxl`.
+    """
+    out = unet_to_original(states["unet"], unet_config)
+    out |= vae_to_original(states["vae"])
+    out |= clip_to_original(states["text_encoder"], TEXT_PREFIXES[arch][0])
     if arch == "sdxl":
-        out |= open_clip_to_original(pipe.text_encoder_2.state_dict(), TEXT_PREFIXES[arch][1])
+        out |= open_clip_to_original(states["text_encoder_2"], TEXT_PREFIXES[arch][1])
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
