@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from loraforge.filedeps import file_fingerprints
 from loraforge.models import load_pipeline, resolve_model
 from loraforge.params import ModelParams
 from loraforge.runner import run_stage
 from loraforge.spec import load_pipeline as load_spec
+from loraforge.weights import HashCache
 from tests.helpers import make_project, set_params
 from tests.test_single_file import write_single_file
 
@@ -24,8 +27,14 @@ def test_whole_pipeline_from_a_single_file_offline(arch: str, tmp_path: Path, mo
     file, config, _ = write_single_file(arch, root / "base", torch.float16)  # a pruned fp16 file, as shared
     model = {"base": "base/" + file.name, "config": "base/" + config.name, "device": "cpu"}
     set_params(root, {"model": model, "finetune": {"epochs": 1}})
-    for stage in load_spec(root).stages:
+    spec = load_spec(root)
+    for stage in spec.stages:
         run_stage(root, stage)
+    # the file and its config folder are content inputs of every stage that loads the model
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    for name in ("ingest", "latents", "finetune", "evaluate"):
+        found = file_fingerprints(root, spec.stages[name], raw, HashCache(tmp_path / "hashes.json"))
+        assert {"model.base", "model.config"} <= found.keys(), name
     lora = root / "models" / "lora.safetensors"
     assert lora.is_file()
     info = resolve_model(ModelParams(**model), root / ".loraforge")
