@@ -135,3 +135,17 @@ def test_shipped_configs_are_the_real_sizes(arch: str, tmp_path: Path) -> None:
     assert millions(unet) == {"sd15": 860, "sdxl": 2567}[arch]
     assert millions(vae) == 84 and millions(te) == 123
     assert (ASSETS / "clip-tokenizer" / "vocab.json").stat().st_size > 900_000
+
+
+def test_full_checkpoint_with_ema_keys_as_a_pickle_loads_the_live_weights(tmp_path: Path) -> None:
+    _, config, pipe = write_single_file("sd15", tmp_path)
+    tensors = pipeline_to_original(pipe, "sd15")
+    # A1111/kohya "full" files also hold the EMA (`model_ema.` + the UNet key without dots) and counters
+    ema = {
+        "model_ema." + k[len("model.") :].replace(".", ""): v + 1 for k, v in tensors.items() if k.startswith("model.")
+    }
+    ckpt = tmp_path / "full.ckpt"
+    torch.save({"state_dict": {**tensors, **ema, "model_ema.decay": torch.tensor(0.9999)}, "global_step": 10}, ckpt)
+    info = resolve_model(ModelParams(base=str(ckpt), config=str(config), allow_pickle=True), tmp_path / "state")
+    want, got = pipe.unet.state_dict(), load_unet(info, torch.device("cpu")).state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
