@@ -4,6 +4,7 @@ runner runs them), and the final LoRA loaded into a diffusers pipeline where it 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,9 @@ def test_whole_pipeline_from_a_single_file_offline(arch: str, tmp_path: Path, mo
     for name in ("ingest", "latents", "finetune", "evaluate"):
         found = file_fingerprints(root, spec.stages[name], raw, HashCache(tmp_path / "hashes.json"))
         assert {"model.base", "model.config"} <= found.keys(), name
+    reports = {name: json.loads((root / "reports" / f"{name}.json").read_text()) for name in spec.stages}
+    assert reports["latents"]["computed"] > 0 and reports["finetune"]["epochs_saved"] == ["epoch-0001"]
+    assert reports["evaluate"]["items"] > 0
     lora = root / "models" / "lora.safetensors"
     assert lora.is_file()
     info = resolve_model(ModelParams(**model), root / ".loraforge")
