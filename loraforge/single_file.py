@@ -113,6 +113,8 @@ def single_file_folder(params: ModelParams, state_dir: Path, root: Path) -> Path
         return existing[0]
     state = read_checkpoint(file, params.allow_pickle)
     arch = detect_checkpoint_arch(set(state), file, _context_dim(state))
+    if config is not None and _config_arch(config) != arch:
+        raise InputError(f"`model.config` = {params.config!r} describes {_config_arch(config)}, but {file} is {arch}")
     final = Path(state_dir) / "models" / f"single-{arch}-{digest}-v{CONVERTER_VERSION}"
     _write_atomically(final, lambda tmp: convert_checkpoint(state, arch, config, tmp))
     return final
@@ -122,6 +124,12 @@ def _context_dim(state: dict[str, Any]) -> int | None:
     """The UNet's cross-attention input width (to_k's in-features), when the key exists."""
     weight = state.get(_UNET_CONTEXT)
     return int(weight.shape[1]) if weight is not None and weight.ndim == 2 else None
+
+
+def _config_arch(folder: Path) -> Arch:
+    """`sdxl` when the folder's model_index.json names an SDXL pipeline (or a second text encoder), else `sd15`."""
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    return "sdxl" if "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index else "sd15"
 
 
 def _user_config(params: ModelParams, root: Path) -> Path | None:

@@ -54,6 +54,10 @@ def test_single_file_converts_with_equal_weights(arch: str, tmp_path: Path) -> N
         want, got = getattr(pipe, name).state_dict(), model.state_dict()
         assert set(want) == set(got), name
         assert all(torch.equal(want[k], got[k]) for k in want), name
+    other = tmp_path / f"config-{'sdxl' if arch == 'sd15' else 'sd15'}"
+    build_pipeline(BUILTIN["sdxl" if arch == "sd15" else "sd15"]).save_pretrained(other)
+    with pytest.raises(InputError, match="model.config"):
+        resolve_model(ModelParams(base=str(file), config=str(other)), tmp_path / "other-state")
     # a relative path names the same file; a second resolve reuses the converted folder
     again = resolve_model(ModelParams(base=file.name, config=str(config)), state, root=tmp_path)
     assert again.path == info.path
