@@ -1,10 +1,13 @@
 """`model.base` as one original-layout checkpoint (Civitai / A1111 `.safetensors`), fully offline.
 
 The file is converted once into a diffusers folder under `<state_dir>/models/single-<arch>-<hash>/`,
-named by the file's content hash (and the config's), so every stage then loads, hashes and caches
-it like any other diffusers folder, and a replaced file at the same path is a different model.
+named by the file's content hash and its configs' (shipped or `model.config`), so every stage
+then loads, hashes and caches it like any other diffusers folder, and a replaced file at the
+same path is a different model.
 The conversion reads every tensor through diffusers' own single-file converters (UNet, VAE) and
-transformers' CLIP classes (text encoders), from a local config folder:
+transformers' CLIP classes (text encoders: diffusers' pipeline loader tells SDXL's CLIP-L from its
+OpenCLIP bigG by their widths, which fails for models whose encoders are as wide, so the keys'
+prefixes decide here), from a local config folder:
 
 - by default the SD1.5 / SDXL configs shipped in `loraforge/assets/pipelines/` (the published
   diffusers configs, plus CLIP's real BPE tokenizer from `assets/clip-tokenizer/`), chosen by the
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from loraforge.errors import InputError
+from loraforge.fingerprint import hash_json
 from loraforge.original_layout import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, open_clip_from_original
 from loraforge.weights import HASH_CACHE, HashCache
 
@@ -104,9 +108,8 @@ def single_file_folder(params: ModelParams, state_dir: Path, root: Path) -> Path
         raise InputError(f"`model.base` = {params.base!r}: {file} is not a .safetensors checkpoint")
     config = _user_config(params, root)
     cache = HashCache(Path(state_dir) / HASH_CACHE)
-    digest = cache.hash(file)[:16]
-    if config is not None:
-        digest += "-" + "".join(cache.hash(p) for p in sorted(config.rglob("*.json")))[:8]
+    described_by = {p.relative_to(config or ASSETS).as_posix(): cache.hash(p) for p in _config_files(config)}
+    digest = cache.hash(file)[:16] + "-" + hash_json(described_by)[:8]
     cache.save()
     existing = sorted((Path(state_dir) / "models").glob(f"single-*-{digest}-v{CONVERTER_VERSION}"))
     if existing and (existing[0] / "model_index.json").is_file():
@@ -124,6 +127,13 @@ def _context_dim(state: dict[str, Any]) -> int | None:
     """The UNet's cross-attention input width (to_k's in-features), when the key exists."""
     weight = state.get(_UNET_CONTEXT)
     return int(weight.shape[1]) if weight is not None and weight.ndim == 2 else None
+
+
+def _config_files(config: Path | None) -> list[Path]:
+    """The files that describe a checkpoint: `model.config`'s JSON files, else the shipped configs and tokenizer."""
+    if config is not None:
+        return sorted(config.rglob("*.json"))
+    return sorted(p for d in ("pipelines", "configs", "clip-tokenizer") for p in (ASSETS / d).rglob("*") if p.is_file())
 
 
 def _config_arch(folder: Path) -> Arch:
