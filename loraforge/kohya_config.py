@@ -76,7 +76,6 @@ _REASON_GROUPS = {
     ),
     "bucket_no_upscale": "small images are upscaled by the `upscale` stage (`upscale.min_side`) before bucketing",
     "enable_bucket": "loraforge always uses aspect-ratio buckets",
-    "vae": "loraforge uses the base model's own VAE",
     "v2 v_pred_like_loss scale_v_pred_loss_like_noise_pred": "SD 2.x options: loraforge trains SD1.5 and SDXL",
     "resume network_weights lora_network_weights dim_from_weights base_weights base_weights_multiplier": (
         "training starts from the base model; `finetune.resume: auto` continues loraforge's own runs"
@@ -137,12 +136,12 @@ OPTIMIZERS = {
     "lion8bit": "bitsandbytes.optim.Lion8bit", "pagedlion8bit": "bitsandbytes.optim.PagedLion8bit",
 }  # fmt: skip
 PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32", "no": "float32"}
-SINGLE_FILE = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+PICKLE_FILE = (".ckpt", ".pt", ".pth", ".bin")
 REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: `2_lfx style` -> 2 repeats, class tokens `lfx style`
 NETWORK_ARGS = ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "algo")  # kept; others reported
 # read by `loraforge.kohya_import`'s map_* functions (mapped, reported, or ignored as kohya would)
 HANDLED = set(
-    "train_data_dir image_folder reg_data_dir pretrained_model_name_or_path no_half_vae sdxl_no_half_vae "
+    "train_data_dir image_folder reg_data_dir pretrained_model_name_or_path vae no_half_vae sdxl_no_half_vae "
     "save_precision save_state resolution max_resolution learning_rate unet_lr text_encoder_lr learning_rate_te "
     "learning_rate_te1 learning_rate_te2 train_text_encoder network_train_unet_only max_train_epochs epoch "
     "lr_warmup_steps lr_warmup enable_ema use_ema ema_decay optimizer optimizer_type optimizer_args use_8bit_adam "
@@ -150,8 +149,8 @@ HANDLED = set(
 )
 # the longer reasons of `loraforge.kohya_import`
 NOTES = {
-    "single_file": "a single-file checkpoint: loraforge loads a diffusers folder or a Hugging Face id "
-    "(convert it with diffusers' `from_single_file(...).save_pretrained(...)`)",
+    "pickle_file": "a pickle checkpoint loads only with `model.allow_pickle: true` (read with weights_only=True); "
+    "a .safetensors copy needs no opt-in",
     "subset": "loraforge reads one folder of each kind: put each concept in an `N_name` folder "
     "(N = its repeats) under one folder",
     "reg_tokens": "reg images are captioned from sidecar files or their folder name",

@@ -162,7 +162,7 @@ def map_folders(s: dict[str, Any], imp: Imported) -> None:
 
 
 def map_model(s: dict[str, Any], lora: bool, imp: Imported) -> None:
-    """`model.base`, precisions, the VAE dtype, resolution and resume.
+    """`model.base` and `model.vae`, precisions, the VAE dtype, resolution and resume.
 
     Args:
         s: the settings.
@@ -170,11 +170,12 @@ def map_model(s: dict[str, Any], lora: bool, imp: Imported) -> None:
         imp: the import.
     """
     key = "pretrained_model_name_or_path"
-    base = imp.get(s, key, "s")
-    if base and base.lower().endswith(kc.SINGLE_FILE):
-        imp.unmapped.append((key, kc.NOTES["single_file"]))
-    elif base:
+    if base := imp.get(s, key, "s"):  # a hub id, a diffusers folder or a single-file checkpoint
         imp.put("model.base", base, key)
+        if base.lower().endswith(kc.PICKLE_FILE):
+            imp.unmapped.append((key, kc.NOTES["pickle_file"]))
+    if vae := imp.get(s, "vae", "s"):
+        imp.put("model.vae", vae, "vae")
     if imp.get(s, "no_half_vae", "b") or imp.get(s, "sdxl_no_half_vae", "b"):
         imp.put("latents.vae_dtype", "float32", "no_half_vae" if s.get("no_half_vae") else "sdxl_no_half_vae")
     precision = imp.get(s, "save_precision", "s")

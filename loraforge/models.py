@@ -4,6 +4,7 @@
 - `builtin:tiny-sdxl` / `builtin:tiny-sd15`: built in code (`loraforge.tiny`) and written once
   to `<state_dir>/models/builtin-<name>-v<N>/` (`loraforge.hub`);
 - a local diffusers folder (has `model_index.json`), absolute or relative to the project root;
+- a single-file SD1.5/SDXL checkpoint (`.safetensors`), converted once (`loraforge.single_file`);
 - a Hugging Face id (`owner/name`): only the files training needs are downloaded, once, into the
   usual Hugging Face cache (`loraforge.hub`).
 
@@ -21,12 +22,15 @@ torch, diffusers and transformers are imported inside the functions that need th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from loraforge.hub import BUILTIN_PREFIX, model_folder
 from loraforge.errors import InputError
+from loraforge.hf_quiet import quiet_hf_loading
+from loraforge.single_file import single_file_folder
+from loraforge.vae_override import vae_folder
 from loraforge.weights import config_files, files_hash, folder_weights
 
 if TYPE_CHECKING:
@@ -52,6 +56,7 @@ class ModelInfo:
         scaling_factor: the VAE's latent scale (0.18215 SD1.5, 0.13025 SDXL): latents are
             `vae.encode(x).latent_dist.sample() * scaling_factor`.
         allow_pickle: whether pickle weights may be loaded (`model.allow_pickle`).
+        vae_path: the AutoencoderKL folder `model.vae` names, replacing `path / "vae"`; None = the base's.
     """
 
     path: Path
@@ -61,6 +66,7 @@ class ModelInfo:
     source: str
     scaling_factor: float = 0.18215
     allow_pickle: bool = False
+    vae_path: Path | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +84,15 @@ def resolve_model(params: ModelParams, state_dir: Path, root: Path | None = None
     """
     state_dir = Path(state_dir)
     root = Path(root) if root is not None else state_dir.parent
-    path = model_folder(params.base, params.revision, params.allow_pickle, state_dir, root)
-    return inspect_model(path, source=params.base, allow_pickle=params.allow_pickle)
+    path = single_file_folder(params, state_dir, root) or model_folder(
+        params.base, params.revision, params.allow_pickle, state_dir, root
+    )
+    info = inspect_model(path, source=params.base, allow_pickle=params.allow_pickle)
+    if params.vae is None:
+        return info
+    vae = vae_folder(params.vae, path / "vae", params.allow_pickle, state_dir, root)
+    scaling = json.loads((vae / "config.json").read_text(encoding="utf-8")).get("scaling_factor", info.scaling_factor)
+    return replace(info, vae_path=vae, scaling_factor=float(scaling))
 
 
 def read_model_index(path: Path) -> dict[str, Any]:
@@ -161,6 +174,11 @@ def arch_components(arch: Arch) -> tuple[str, ...]:
 # Weight files and hashes
 
 
+def component_folder(info: ModelInfo, component: str) -> Path:
+    """Where a component's files are: `model.vae`'s folder for the VAE when set, else `path / component`."""
+    return info.vae_path if component == "vae" and info.vae_path is not None else info.path / component
+
+
 def weight_files(info: ModelInfo, component: str) -> list[Path]:
     """The weight files `component` loads from: safetensors (sharded or not), else pickle files
     when `info.allow_pickle`; [] for components without weights (tokenizer, scheduler).
@@ -172,7 +190,7 @@ def weight_files(info: ModelInfo, component: str) -> list[Path]:
     Raises:
         ValueError: the component has only pickle weights and `model.allow_pickle` is off.
     """
-    folder = info.path / component
+    folder = component_folder(info, component)
     if not folder.is_dir():
         raise InputError(f"{info.path}: no component `{component}` (`model.base` = {info.source!r})")
     return folder_weights(folder, info.allow_pickle)
@@ -189,7 +207,7 @@ def component_hash(info: ModelInfo, component: str, state_dir: Path) -> str:
         component: a sub-folder (`unet`, `vae`, `text_encoder`, `tokenizer`...).
         state_dir: loraforge's private folder (holds the hash cache).
     """
-    folder = info.path / component
+    folder = component_folder(info, component)
     files = sorted(set(config_files(folder)) | set(weight_files(info, component)))
     return files_hash(files, folder, state_dir)
 
@@ -251,28 +269,6 @@ def _load_kwargs(info: ModelInfo, component: str, dtype: torch.dtype | None) -> 
     }
 
 
-class _NoTorchvisionNotice:
-    """Drops transformers' "requires torchvision ... falling back to ...Pil" notice: the PIL
-    image processors are what loraforge wants (no torchvision is installed on CPU), and the
-    notice's advice to install one would break a CPU torch."""
-
-    def filter(self, record: Any) -> bool:
-        return "requires torchvision" not in record.getMessage()
-
-
-def quiet_hf_loading() -> None:
-    """No per-file "Loading weights" bars from transformers/diffusers (the stages draw their own)."""
-    import logging
-
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
-    for name in ("transformers.utils.import_utils",):
-        logging.getLogger(name).addFilter(_NoTorchvisionNotice())
-
-
 def load_vae(info: ModelInfo, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     """The AutoencoderKL, in eval mode on `device`.
 
@@ -283,7 +279,11 @@ def load_vae(info: ModelInfo, device: torch.device, dtype: torch.dtype | None = 
     """
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL.from_pretrained(info.path / "vae", **_load_kwargs(info, "vae", dtype)).to(device).eval()
+    return (
+        AutoencoderKL.from_pretrained(component_folder(info, "vae"), **_load_kwargs(info, "vae", dtype))
+        .to(device)
+        .eval()
+    )
 
 
 def load_unet(info: ModelInfo, device: torch.device, dtype: torch.dtype | None = None) -> Any:

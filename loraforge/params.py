@@ -41,8 +41,13 @@ class ModelParams:
     """The `model` section: which base model every stage uses.
 
     Attributes:
-        base: `builtin:tiny-sdxl`, `builtin:tiny-sd15`, a Hugging Face id (downloaded once) or a
-            local diffusers folder.
+        base: `builtin:tiny-sdxl`, `builtin:tiny-sd15`, a Hugging Face id (downloaded once), a
+            local diffusers folder, or a single-file SD1.5/SDXL checkpoint (`.safetensors`,
+            original layout as A1111/ComfyUI use it).
+        config: for a single-file `base`: a diffusers folder (configs suffice) describing it;
+            null = the SD1.5/SDXL configs loraforge ships, chosen from the checkpoint's keys.
+        vae: a VAE replacing the base model's (a diffusers AutoencoderKL folder or one
+            `.safetensors` file, diffusers or original layout); null = the base model's own.
         revision: Hugging Face revision (branch, tag or commit) when `base` is a hub id.
         allow_pickle: allow `.bin`/`.ckpt` weights (loaded with `weights_only=True`); off by default.
         device: `auto` picks CUDA when available, else CPU.
@@ -50,6 +55,8 @@ class ModelParams:
 
     base: str = Field("builtin:tiny-sdxl", min_length=1)
     revision: str | None = None
+    config: str | None = None
+    vae: str | None = None
     allow_pickle: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

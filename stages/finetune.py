@@ -321,7 +321,8 @@ def save_settings(params: Params, t: Training, inputs: Paths) -> SaveSettings:
     about = {"arch": t.info.arch, "base": t.info.source, "ema": t.ema is not None, "mode": params.mode}
     about.update(dataset_hash=dataset_hash, **training_record(dataclasses.asdict(params)))
     lora = pick(LoraSettings, params)
-    return pick(SaveSettings, params, dtype=getattr(torch, params.save_dtype), arch=t.info.arch, lora=lora, about=about)
+    dtype = getattr(torch, params.save_dtype)
+    return pick(SaveSettings, params, dtype=dtype, arch=t.info.arch, lora=lora, about=about, model=t.info)
 
 
 def resume_folder(params: Params, inputs: Paths, reg: Path | None, info: ModelInfo, state_dir: Path) -> Path | None:

@@ -60,6 +60,8 @@ class Params:
             the compile time, later ones run faster; weights keep their plain key names.
         save_every_n_epochs: checkpoint interval; the last epoch is always saved.
         save_dtype: dtype of saved checkpoints (float16 halves disk; extraction works in float32).
+        save_single_file: mode full: also write each saved epoch (and its EMA) as one original-layout
+            `model.safetensors` that A1111 / ComfyUI / `model.base` load (disk: one more model per epoch).
         seed: seeds data order, noise, timesteps and caption augmentation.
         loss_type: `l2` (MSE) or `huber` (pseudo-Huber, threshold `huber_c`).
         huber_c: pseudo-Huber threshold.
@@ -130,6 +132,7 @@ class Params:
     accelerate_config: str | None = Field(None, min_length=1)
     save_every_n_epochs: int = Field(1, ge=1)
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    save_single_file: bool = False
     seed: int = 42
     loss_type: Literal["l2", "huber"] = "l2"
     huber_c: float = Field(0.1, gt=0)
@@ -161,4 +164,6 @@ class Params:
             raise ValueError(
                 "set `finetune.class_prompt` (generated class images) or `finetune.reg_images` (your own), not both"
             )
+        if self.save_single_file and self.mode != "full":
+            raise ValueError("`finetune.save_single_file` writes whole models: it needs `finetune.mode: full`")
         return self

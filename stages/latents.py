@@ -118,12 +118,12 @@ class VaeJob:
     store: "ItemStore"
 
 
-_VAES: dict[tuple[str, str, str], Any] = {}  # per process: a worker loads the VAE once, not per chunk
+_VAES: dict[tuple[str, str, str, str], Any] = {}  # per process: a worker loads the VAE once, not per chunk
 
 
 def job_vae(job: VaeJob) -> Any:
     """The job's VAE, loaded on first use in this process."""
-    key = (str(job.info.path), job.device, job.dtype)
+    key = (str(job.info.path), str(job.info.vae_path), job.device, job.dtype)
     if key not in _VAES:
         _VAES.clear()
         _VAES[key] = load_vae(job.info, torch.device(job.device), getattr(torch, job.dtype))

@@ -997,3 +997,24 @@ def test_a_nan_loss_in_one_process_stops_every_process_at_once(project, tmp_path
     with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step \d+ \(epoch 1\).*\(process [01] of 2\)"):
         train(project, tmp_path / "out", latents=poisoned, num_processes=2, train_text_encoder=False)
     assert not list((tmp_path / "out" / "checkpoints").rglob("*.safetensors"))
+
+
+def test_save_single_file_writes_an_original_layout_model_that_loads_back_equal(project, tmp_path):
+    from loraforge.models import load_text_encoders, load_unet, load_vae, resolve_model
+    from loraforge.params import ModelParams
+
+    _, out = train(project, tmp_path / "run", save_single_file=True, ema_decay=0.5)
+    epoch = out / "checkpoints" / "epoch-0001"
+    assert (epoch / "ema" / "model.safetensors").is_file()
+    builtin = resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge")
+    info = resolve_model(ModelParams(base=str(epoch / "model.safetensors"), config=str(builtin.path)), tmp_path / "s")
+    cpu = torch.device("cpu")
+    unet, vae = load_unet(info, cpu).state_dict(), load_vae(info, cpu).state_dict()
+    ((_, encoder),) = load_text_encoders(info, cpu)
+    for loaded, saved in ((unet, weights(out)), (encoder.state_dict(), weights(out, component="text_encoder"))):
+        saved = {k: v for k, v in saved.items() if not k.endswith("position_ids")}
+        assert saved.keys() <= loaded.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    base_vae = load_vae(builtin, cpu).state_dict()
+    assert all(torch.equal(vae[k], base_vae[k]) for k in base_vae)  # untrained parts come from the base model
+    with pytest.raises(ValueError, match="save_single_file"):
+        finetune.Params(**{**BASE, "mode": "lora", "save_single_file": True})

@@ -237,7 +237,8 @@ def test_003_gui_json_reads_the_guide_s_quoted_optimizer_arguments(project):
 def test_what_loraforge_does_not_train_is_reported_not_written(project):
     config = {
         "LoRA_type": "LyCORIS/LoHa",
-        "pretrained_model_name_or_path": "D:/models/sd_xl_base_1.0.safetensors",
+        "pretrained_model_name_or_path": "D:/models/sd_xl_base_1.0.ckpt",
+        "vae": "D:/models/sdxl_vae.safetensors",
         "optimizer": "DAdaptAdanIP",
         "optimizer_args": "d0=1e-6",
         "max_resolution": "1024,768",
@@ -245,11 +246,12 @@ def test_what_loraforge_does_not_train_is_reported_not_written(project):
     }
     imp, _ = import_kohya(write(project / "loha.json", config), None, project / "params.yaml")
     reasons = dict(imp.unmapped)
-    assert "single-file checkpoint" in reasons["pretrained_model_name_or_path"]
+    assert "model.allow_pickle" in reasons["pretrained_model_name_or_path"]  # mapped, with the opt-in it needs
     assert "'LyCORIS/LoHa'" in reasons["LoRA_type"] and "DAdaptAdanIP" in reasons["optimizer"]
     assert "about 886" in reasons["max_resolution"]  # the same bucket area as 1024 × 768
     p = params_of(project)
-    assert p["model"]["base"] == "builtin:tiny-sdxl" and p["latents"]["resolution"] is None
+    assert p["model"]["base"] == "D:/models/sd_xl_base_1.0.ckpt" and p["latents"]["resolution"] is None
+    assert p["model"]["vae"] == "D:/models/sdxl_vae.safetensors"
     assert p["finetune"]["mode"] == "lora" and "optimizer_args" not in p["finetune"]
 
 

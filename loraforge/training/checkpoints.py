@@ -2,6 +2,8 @@
 
     epoch-NNNN/unet.safetensors, text_encoder*.safetensors   mode full: diffusers key names
     epoch-NNNN/lora.safetensors                              mode lora: kohya format, `ss_*` metadata
+    epoch-NNNN/model.safetensors                             finetune.save_single_file: the whole model,
+                                                             original layout (A1111, ComfyUI)
     epoch-NNNN/meta.json                                     epoch, step, loss, model, settings
     epoch-NNNN/ema/...                                       the same files from the EMA weights
 
@@ -58,6 +60,9 @@ class SaveSettings:
         seed: `finetune.seed`, recorded as `ss_seed` (mode lora).
         about: the meta.json entries every checkpoint of the run shares, after epoch, step and loss
             (arch, base, ema, mode, dataset_hash, the `training_record`).
+        save_single_file: also write `model.safetensors`, the whole model in original layout (mode full).
+        model: the resolved base model (`ModelInfo`): the components that did not train, and the
+            VAE the run used, come from it into the single file.
     """
 
     mode: str
@@ -68,6 +73,8 @@ class SaveSettings:
     optimizer: str
     seed: int
     about: dict[str, Any]
+    save_single_file: bool = False
+    model: Any = None
 
 
 def training_record(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -124,6 +131,39 @@ def save_epoch(
     save_checkpoint(folder, states, s.dtype, meta)
     if ema_states is not None:
         save_checkpoint(folder / "ema", ema_states, s.dtype, None)
+    if s.save_single_file:
+        save_single_file(folder / "model.safetensors", s.model, states, s.dtype)
+        if ema_states is not None:
+            save_single_file(folder / "ema" / "model.safetensors", s.model, ema_states, s.dtype)
+
+
+def save_single_file(file: Path, info: Any, trained: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """The whole model as one original-layout `.safetensors` (what A1111 and ComfyUI load): the
+    trained components' weights, the others (and the VAE the run used, `model.vae` included) from
+    the base model's files.
+
+    Args:
+        file: the file to write.
+        info: the resolved base model (`loraforge.models.ModelInfo`).
+        trained: component name -> trained state dict (diffusers / transformers key names).
+        dtype: the save dtype.
+    """
+    from loraforge.models import arch_components, component_folder, weight_files
+    from loraforge.original_layout import states_to_original
+    from loraforge.safetensors_io import load_tensors, save_tensors
+
+    states = dict(trained)
+    for name in arch_components(info.arch):
+        if name not in states:
+            states[name] = {}
+            for part in weight_files(info, name):
+                states[name] |= load_tensors(part, allow_pickle=info.allow_pickle, opt_in="model.allow_pickle")
+    unet_config = json.loads((component_folder(info, "unet") / "config.json").read_text(encoding="utf-8"))
+    tensors = {k: v.to("cpu", dtype) for k, v in states_to_original(states, unet_config, info.arch).items()}
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"non-finite weights ({bad[0]}...); not saving {file}")
+    save_tensors(tensors, file, {"format": "pt", "loraforge_arch": info.arch})
 
 
 def save_lora_checkpoint(
