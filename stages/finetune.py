@@ -7,9 +7,10 @@ update the EMA. Noise, timesteps and caption augmentation come from (seed, globa
 is reproducible step by step and a resumed run follows the uninterrupted one. A checkpoint of the
 trained components (plus their EMA) is saved every `save_every_n_epochs` and after the last epoch.
 
-With `num_processes` > 1 (or an `accelerate_config` file saying so), `run` spawns that many
-processes (`loraforge.training.launch`: gloo on CPU, NCCL on GPUs), each training on its share of
-every epoch's batches with gradients all-reduced; only the first one saves and publishes.
+With `num_processes` > 1 (or an `accelerate_config` file saying so, on one machine or several),
+`run` spawns this machine's processes (`loraforge.training.launch`: gloo on CPU, NCCL on GPUs),
+each training on its share of every epoch's batches with gradients all-reduced; only the first
+process of machine 0 saves, and the report lists every process's final-weights hash.
 
 The pieces live in `loraforge.training` and take the settings they need, not these params; the
 last section here turns the params into those settings.
@@ -57,10 +58,13 @@ def run(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[st
         outputs: `checkpoints` and `loss` folders (emptied by the runner).
         env: item store, state folder, publisher, progress bars.
     """
-    config = launch_config(params.accelerate_config, params.num_processes, params.mixed_precision, env.state_dir.parent)
-    if config.processes == 1:
+    root = env.state_dir.parent
+    config = launch_config(
+        params.accelerate_config, params.num_processes, params.mixed_precision, root, env.machine_rank
+    )
+    if config.world == 1:
         return train(params, inputs, outputs, env)
-    params = dataclasses.replace(params, num_processes=config.processes)  # the plan splits the batches by it
+    params = dataclasses.replace(params, num_processes=config.world)  # the plan splits the batches by it
     return launch(train, config, params, inputs, outputs, env)
 
 
@@ -121,7 +125,7 @@ def train(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[
     if t.accelerator.is_main_process:
         write_tables(outputs.loss, progress)
     t.accelerator.wait_for_everyone()
-    return summary(t, plan, progress, len(s.prior), reg_encoded, params.mixed_precision, params.optimizer)
+    return summary(t, plan, progress, len(s.prior), reg_encoded, params.mixed_precision, params.optimizer, saving.dtype)
 
 
 def forward(

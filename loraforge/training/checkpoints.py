@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from safetensors.torch import save_file
 
 from loraforge.lora import lora_metadata, save_lora
@@ -164,3 +165,20 @@ def save_lora_checkpoint(
     )
     if meta is not None:
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def states_hash(states: Mapping[str, Mapping[str, torch.Tensor]], dtype: torch.dtype) -> str:
+    """xxh3-128 over component name, key, shape and bytes of every tensor, cast to `dtype` as a
+    checkpoint saves it: equal weights give equal hashes, whether live or loaded from the files.
+
+    Args:
+        states: component name -> state dict.
+        dtype: the save dtype.
+    """
+    h = xxhash.xxh3_128()
+    for name in sorted(states):
+        for key in sorted(states[name]):
+            tensor = states[name][key].detach().to("cpu", dtype).contiguous()
+            h.update(f"{name}/{key}:{tuple(tensor.shape)}\n".encode())
+            h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -10,6 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate.utils import gather_object
+
+from loraforge.training.checkpoints import states_hash
 from loraforge.training.setup import Training
 
 
@@ -67,8 +71,10 @@ def summary(
     reg_encoded: int,
     mixed_precision: str,
     optimizer: str,
+    save_dtype: torch.dtype,
 ) -> dict[str, Any]:
-    """The finetune stage's report (`reports/finetune.json`).
+    """The finetune stage's report (`reports/finetune.json`). With several processes (a collective:
+    every process calls it) `weights_xxh3` lists each process's final-weights hash by global rank.
 
     Args:
         t: the model and what trained.
@@ -78,7 +84,11 @@ def summary(
         reg_encoded: reg images VAE-encoded by this run (the rest came from the store).
         mixed_precision: `finetune.mixed_precision`.
         optimizer: `finetune.optimizer`.
+        save_dtype: the checkpoints' dtype (mode full: the hash equals `states_hash` of the saved files).
     """
+    hashes = None
+    if t.accelerator.num_processes > 1:  # data parallel: every process must end with the same weights
+        hashes = gather_object([states_hash({n: m.state_dict() for n, m in t.trained.items()}, save_dtype)])
     return {
         "items": plan["images"],
         "computed": plan["images"],
@@ -98,5 +108,6 @@ def summary(
         "text_cache": {"hits": t.encode.hits, "misses": t.encode.misses} if hasattr(t.encode, "hits") else None,
         "final_lr": progress["lrs"][-1] if progress["lrs"] else {},
         "processes": t.accelerator.num_processes,
+        "weights_xxh3": hashes,
         "optimizer_steps_taken": getattr(t.lr_schedule, "scheduler", t.lr_schedule).last_epoch,
     }
