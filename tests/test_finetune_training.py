@@ -1053,6 +1053,19 @@ def test_two_machines_train_as_one_group_and_only_machine_0_writes_the_outputs(p
     assert max_diff(weights(one), saved["unet"]) < 1e-5
 
 
+def test_a_secondary_machine_never_touches_the_pipeline_outputs(project):
+    from loraforge.errors import InputError
+
+    set_params(project, {"finetune": {"accelerate_config": None}, "model": {"base": "builtin:tiny-sd15"}})
+    sentinel = project / "models" / "checkpoints" / "machine-0.txt"
+    sentinel.parent.mkdir(parents=True, exist_ok=True)
+    sentinel.write_text("machine 0's output")
+    with pytest.raises(InputError, match=r"--machine-rank 1 needs a multi-machine `finetune.accelerate_config`"):
+        run_stage(project, "finetune", machine_rank=1)
+    assert sentinel.read_text() == "machine 0's output"  # its outputs were prepared under .loraforge/machine-1/
+    assert (project / ".loraforge" / "machine-1" / "models" / "checkpoints").is_dir()
+
+
 def test_a_nan_loss_in_one_process_stops_every_process_at_once(project, tmp_path):
     from safetensors.torch import save_file
 
