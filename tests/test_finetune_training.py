@@ -982,8 +982,9 @@ def test_an_accelerate_config_sets_the_launch_and_refuses_what_is_not_supported(
     assert first == LaunchConfig(processes=2, port=29500, machines=2, machine_rank=0, main_ip="10.0.0.1")
     second = read_accelerate_config(config(two), 4, "no", machine_rank=1)
     assert (second.machine_rank, second.first_rank, second.world, second.processes) == (1, 2, 4, 2)
+    fsdp = read_accelerate_config(config("distributed_type: FSDP\nnum_processes: 2\n"), 2, "no")
+    assert fsdp == LaunchConfig(processes=2, fsdp=True, reshard_after_forward=True)
     refused = {
-        "distributed_type: FSDP\nnum_processes: 2\n": r"`distributed_type: FSDP` is not supported: accelerate .* GPU",
         "distributed_type: DEEPSPEED\n": r"`distributed_type: DEEPSPEED` is not supported: DeepSpeed needs CUDA",
         "distributed_type: TPU\n": r"`distributed_type: TPU` is not supported; use one of NO, MULTI_CPU, MULTI_GPU",
         "num_machines: 2\nnum_processes: 2\nmain_process_port: 29500\n": r"`main_process_ip` must be set",
@@ -992,6 +993,11 @@ def test_an_accelerate_config_sets_the_launch_and_refuses_what_is_not_supported(
         "num_machines: 2\nnum_processes: 3\n": r"`num_processes: 3` \(all machines together\) must divide evenly",
         "num_machines: 2\nnum_processes: 2\nmachine_rank: 1\nmain_process_ip: h\nmain_process_port: 1\n": (
             r"`machine_rank: 1`: run that machine with `loraforge stage finetune --machine-rank 1` \(not `dvc repro`\)"
+        ),
+        "distributed_type: FSDP\nnum_processes: 1\nnum_machines: 1\n": r"FSDP` needs `num_processes` of 2 or more",
+        "distributed_type: FSDP\nnum_machines: 1\nnum_processes: 2\nfsdp_config:\n  fsdp_version: 1\n": r"FSDP2 only",
+        "distributed_type: FSDP\nnum_machines: 1\nnum_processes: 2\nfsdp_config: {fsdp_offload_params: true}\n": (
+            r"`fsdp_config.fsdp_offload_params: true` is not supported"
         ),
         "num_processes: two\n": r"`num_processes: two` must be a whole number",
         "num_processes: 0\n": r"`num_processes: 0` must be at least 1",
@@ -1064,6 +1070,50 @@ def test_a_secondary_machine_never_touches_the_pipeline_outputs(project):
         run_stage(project, "finetune", machine_rank=1)
     assert sentinel.read_text() == "machine 0's output"  # its outputs were prepared under .loraforge/machine-1/
     assert (project / ".loraforge" / "machine-1" / "models" / "checkpoints").is_dir()
+
+
+FSDP_CONFIG = (
+    "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: 'no'\nuse_cpu: true\n"
+    "num_machines: 1\nnum_processes: 2\nfsdp_config:\n  fsdp_version: 2\n  fsdp_reshard_after_forward: true\n"
+)
+
+
+def test_fsdp_trains_like_ddp_and_saves_full_checkpoints_that_load(project, tmp_path, baseline):
+    """FSDP2 over gloo on 2 CPU processes (UNet and text encoder sharded block by block) against
+    DDP on 2 processes: the same weights within float tolerance, saved whole (every key and
+    shape of the base model) and loadable as a diffusers UNet."""
+    from loraforge.models import load_unet, resolve_model
+    from loraforge.params import ModelParams
+    from loraforge.training.checkpoints import states_hash
+
+    (project / "fsdp.yaml").write_text(FSDP_CONFIG)
+    summary, fsdp = train(project, tmp_path / "fsdp", accelerate_config="fsdp.yaml")
+    ddp_summary, ddp = train(project, tmp_path / "ddp", num_processes=2)
+    total = ddp_summary["parameters_held"][0]  # DDP: each process holds every parameter
+    assert summary["fsdp"] and ddp_summary["parameters_held"] == [total, total]
+    assert all(held < 0.6 * total for held in summary["parameters_held"])  # FSDP: about half each
+    assert sum(summary["parameters_held"]) >= total
+    saved = {name: weights(fsdp, component=name) for name in ("unet", "text_encoder")}
+    for name, state in saved.items():
+        ddp_state = weights(ddp, component=name)
+        assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in ddp_state.items()}  # unsharded
+        print(f"FSDP vs DDP {name}: max |diff| {max_diff(state, ddp_state):.3g}")
+        assert max_diff(state, ddp_state) < 1e-5
+        assert max_diff(state, weights(baseline, component=name)) > 1e-4  # a 2-process run, not the 1-process one
+    assert summary["weights_xxh3"] == [states_hash(saved, torch.float32)] * 2
+    unet = load_unet(resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge"), torch.device("cpu"))
+    assert not unet.load_state_dict(saved["unet"], strict=True).missing_keys
+    base = weights(baseline)  # the files hold the trained weights, not the base model's
+    assert any(not torch.equal(v, unet.state_dict()[k]) for k, v in base.items())
+
+
+def test_fsdp_refuses_what_it_does_not_run_with(project, tmp_path):
+    from loraforge.errors import InputError
+
+    (project / "fsdp.yaml").write_text(FSDP_CONFIG)
+    for key, value in {"mode": "lora", "ema_decay": 0.99, "resume": "auto"}.items():
+        with pytest.raises(InputError, match=rf"`finetune.{key}: {value}` does not run with `distributed_type: FSDP`"):
+            train(project, tmp_path / "out", accelerate_config="fsdp.yaml", **{key: value})
 
 
 def test_a_nan_loss_in_one_process_stops_every_process_at_once(project, tmp_path):

@@ -6,9 +6,9 @@ runs `num_processes / num_machines` of them. Machine `machine_rank` gives its pr
 ranks `machine_rank × local … machine_rank × local + local - 1`, and all of them meet at
 `main_process_ip:main_process_port` (machine 0 listens there).
 
-FSDP and DeepSpeed are refused, with the reason: accelerate (1.16) turns FSDP on only for GPU
-process groups, so it cannot be tested on a CPU, and DeepSpeed needs CUDA and the `deepspeed`
-package, which this project neither installs nor tests.
+`distributed_type: FSDP` shards full finetunes (`loraforge.training.fsdp`; `fsdp_config`:
+`fsdp_reshard_after_forward`, FSDP2 only, no parameter offload). DeepSpeed is refused, with the
+reason: it needs CUDA and the `deepspeed` package, which this project neither installs nor tests.
 """
 
 from __future__ import annotations
@@ -21,11 +21,8 @@ import yaml
 
 from loraforge.errors import InputError, MissingInput
 
-SUPPORTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU")
+SUPPORTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "FSDP")
 REFUSED_TYPES = {
-    "FSDP": "accelerate 1.16 enables FSDP only for GPU process groups (with `use_cpu` it silently falls back to "
-    "DDP), so loraforge cannot test it and does not offer it yet; use MULTI_GPU (DDP), `mode: lora`, "
-    "`gradient_checkpointing: true` or an 8-bit/Adafactor optimizer to fit memory",
     "DEEPSPEED": "DeepSpeed needs CUDA and the `deepspeed` package, which loraforge neither installs nor tests; "
     "use MULTI_GPU (DDP)",
 }
@@ -42,6 +39,8 @@ class LaunchConfig:
         machines: the machine count (`num_machines`).
         machine_rank: this machine's index (0 hosts the rendezvous and saves the outputs).
         main_ip: the address of machine 0 (`main_process_ip`).
+        fsdp: shard the trained components with FSDP2 (`distributed_type: FSDP`).
+        reshard_after_forward: FSDP: free each block's gathered weights after its forward.
     """
 
     processes: int = 1
@@ -50,6 +49,8 @@ class LaunchConfig:
     machines: int = 1
     machine_rank: int = 0
     main_ip: str = "127.0.0.1"
+    fsdp: bool = False
+    reshard_after_forward: bool = True
 
     @property
     def world(self) -> int:
@@ -125,6 +126,8 @@ def read_accelerate_config(
         )
     gpu_ids = str(config.get("gpu_ids", "all")).strip()
     machines = machine_settings(config, processes, machine_rank, where)
+    if kind == "FSDP":
+        machines.update(fsdp_settings(config, processes, where))
     return LaunchConfig(
         processes=processes // machines["machines"],
         port=integer(config, "main_process_port", 0, where, low=0),
@@ -163,6 +166,32 @@ def machine_settings(config: dict[str, Any], processes: int, machine_rank: int |
             if not value:
                 raise InputError(f"{where}: `{key}` must be set when `num_machines: {machines}` (machine 0's address)")
     return {"machines": machines, "machine_rank": rank, "main_ip": ip or "127.0.0.1"}
+
+
+def fsdp_settings(config: dict[str, Any], processes: int, where: str) -> dict[str, Any]:
+    """`fsdp` and `reshard_after_forward` of an FSDP config, checked: two processes or more,
+    FSDP2 (`fsdp_version: 2`, the default here), no parameter offload.
+
+    Args:
+        config: the parsed accelerate config.
+        processes: its `num_processes`.
+        where: the file, for messages.
+    """
+    fsdp = config.get("fsdp_config") or {}
+    if not isinstance(fsdp, dict):
+        raise InputError(f"{where}: `fsdp_config` must be a mapping, got {type(fsdp).__name__}")
+    if processes < 2:
+        raise InputError(f"{where}: `distributed_type: FSDP` needs `num_processes` of 2 or more, got {processes}")
+    if str(fsdp.get("fsdp_version", 2)) != "2":
+        raise InputError(
+            f"{where}: `fsdp_config.fsdp_version: {fsdp['fsdp_version']}`: loraforge shards with FSDP2 only"
+        )
+    if str(fsdp.get("fsdp_offload_params", False)).lower() == "true":
+        raise InputError(f"{where}: `fsdp_config.fsdp_offload_params: true` is not supported (not tested)")
+    reshard = fsdp.get("fsdp_reshard_after_forward", True)
+    if str(reshard).lower() not in ("true", "false"):
+        raise InputError(f"{where}: `fsdp_config.fsdp_reshard_after_forward: {reshard}` must be true or false")
+    return {"fsdp": True, "reshard_after_forward": str(reshard).lower() == "true"}
 
 
 def integer(config: dict[str, Any], key: str, default: int, where: str, low: int = 1) -> int:

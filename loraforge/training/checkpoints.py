@@ -102,7 +102,12 @@ def save_checkpoint(
 
 
 def save_epoch(
-    folder: Path, trained: dict[str, torch.nn.Module], ema: EMA | None, meta: dict[str, Any], s: SaveSettings
+    folder: Path,
+    trained: dict[str, torch.nn.Module],
+    ema: EMA | None,
+    meta: dict[str, Any],
+    s: SaveSettings,
+    states: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """One checkpoint: the trained components (mode full) or `lora.safetensors` (mode lora), and
     their EMA under `ema/` (what `extract.from_ema` reads).
@@ -113,8 +118,9 @@ def save_epoch(
         ema: the EMA or None.
         meta: epoch, step, loss, arch, base, ... (meta.json).
         s: how to save.
+        states: the weights to save by component (FSDP: gathered from the shards); None = `trained`'s own.
     """
-    states = {name: m.state_dict() for name, m in trained.items()}
+    states = states if states is not None else {name: m.state_dict() for name, m in trained.items()}
     ema_states = {name: ema.state_dict(name) for name in trained} if ema is not None else None
     if s.mode == "lora":
         save_lora_checkpoint(folder, trained, states, meta, s)
