@@ -57,7 +57,8 @@ class Params:
             the project: its `num_processes` (all machines together), `num_machines`,
             `machine_rank`, `main_process_ip`, `main_process_port` and `gpu_ids` set the launch, on
             one machine or several (the others run `loraforge stage finetune --machine-rank N`).
-            Data-parallel (DDP) only: FSDP and DeepSpeed are refused, with the reason.
+            DDP (`MULTI_GPU`/`MULTI_CPU`), or `FSDP` for mode full (FSDP2 sharding of the trained
+            components; full checkpoints); DeepSpeed is refused, with the reason.
         compile: compile the UNet's forward with `torch.compile` (inductor): the first steps pay
             the compile time, later ones run faster; weights keep their plain key names.
         save_every_n_epochs: checkpoint interval; the last epoch is always saved.

@@ -1111,7 +1111,7 @@ def test_fsdp_refuses_what_it_does_not_run_with(project, tmp_path):
     from loraforge.errors import InputError
 
     (project / "fsdp.yaml").write_text(FSDP_CONFIG)
-    for key, value in {"mode": "lora", "ema_decay": 0.99, "resume": "auto"}.items():
+    for key, value in {"mode": "lora", "ema_decay": 0.99, "resume": "auto", "mixed_precision": "fp16"}.items():
         with pytest.raises(InputError, match=rf"`finetune.{key}: {value}` does not run with `distributed_type: FSDP`"):
             train(project, tmp_path / "out", accelerate_config="fsdp.yaml", **{key: value})
 

@@ -38,6 +38,11 @@ def check_fsdp(values: dict[str, Any], where: str) -> None:
         values: the finetune params as a mapping.
         where: the accelerate config file, for the message.
     """
+    if values["mixed_precision"] == "fp16":  # loss scaling of sharded gradients is not tested
+        raise InputError(
+            f"`finetune.mixed_precision: fp16` does not run with `distributed_type: FSDP` ({where}): its loss "
+            "scaling of sharded gradients is not tested; use bf16 or no"
+        )
     for key, (needed, why) in FSDP_NEEDS.items():
         if values[key] != needed:
             raise InputError(
