@@ -33,7 +33,7 @@ from loraforge.training.captions import CaptionSettings
 from loraforge.training.checkpoints import SaveSettings, save_epoch, training_record
 from loraforge.training.ema import EMA
 from loraforge.training.fsdp import check_fsdp, full_states, shard
-from loraforge.training.launch import LaunchConfig, launch, launch_config
+from loraforge.training.launch import LaunchConfig, launch, launch_config, same_run
 from loraforge.training.lora_net import LoraSettings
 from loraforge.training.losses import LossSettings, diffusion_loss
 from loraforge.training.optimizers import applied_lrs, make_optimizer
@@ -334,6 +334,8 @@ def step_settings(params: Params, class_examples: list[dict[str, Any]]) -> StepS
 
 def save_settings(params: Params, t: Training, inputs: Paths) -> SaveSettings:
     """How checkpoints are saved, and the meta.json entries they share (the dataset hash among them).
+    With several processes (a collective), first check that all of them, on every machine, train
+    with the same params on the same data.
 
     Args:
         params: the finetune params.
@@ -341,6 +343,7 @@ def save_settings(params: Params, t: Training, inputs: Paths) -> SaveSettings:
         inputs: `latents` and `captions` folders (the dataset hash).
     """
     dataset_hash = hash_json({"latents": hash_tree(inputs.latents), "captions": hash_tree(inputs.captions)})
+    same_run(t.accelerator, {"params": dataclasses.asdict(params), "data": dataset_hash})  # on every machine
     about = {"arch": t.info.arch, "base": t.info.source, "ema": t.ema is not None, "mode": params.mode}
     about.update(dataset_hash=dataset_hash, **training_record(dataclasses.asdict(params)))
     lora = pick(LoraSettings, params)

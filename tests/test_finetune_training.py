@@ -1072,6 +1072,33 @@ def test_a_secondary_machine_never_touches_the_pipeline_outputs(project):
     assert (project / ".loraforge" / "machine-1" / "models" / "checkpoints").is_dir()
 
 
+@pytest.mark.slow
+def test_machines_with_other_params_stop_before_training(project, tmp_path):
+    """Machine 1 on its own copy of the project (another filesystem) with another `lr`: both
+    machines stop with one line naming the mismatch, and machine 0 saves nothing."""
+    from loraforge.training.launch import free_port
+
+    (project / "two-machines.yaml").write_text(
+        "distributed_type: MULTI_CPU\nuse_cpu: true\nnum_machines: 2\nnum_processes: 2\n"
+        f"main_process_ip: 127.0.0.1\nmain_process_port: {free_port()}\n"
+    )
+    settings = {"epochs": 1, "train_text_encoder": False, "accelerate_config": "two-machines.yaml"}
+    set_params(project, {"model": {"base": "builtin:tiny-sd15", "device": "cpu"}, "finetune": settings})
+    other = tmp_path / "machine-1"
+    shutil.copytree(project, other, ignore=shutil.ignore_patterns("tmp*"))
+    set_params(other, {"finetune": {"lr": 1e-3}})
+    machines = [stage_process(project), stage_process(other, "--machine-rank", "1")]
+    try:
+        logs = [m.communicate(timeout=600)[0] for m in machines]
+    finally:
+        for m in machines:
+            m.kill()
+    assert [m.returncode for m in machines] == [2, 2], logs
+    for log in logs:
+        assert "loraforge: finetune: processes [1] train with other params or data than process 0" in log
+    assert not list((project / "models" / "checkpoints").rglob("*.safetensors"))
+
+
 FSDP_CONFIG = (
     "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: 'no'\nuse_cpu: true\n"
     "num_machines: 1\nnum_processes: 2\nfsdp_config:\n  fsdp_version: 2\n  fsdp_reshard_after_forward: true\n"

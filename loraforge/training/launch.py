@@ -21,10 +21,34 @@ import socket
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
+from loraforge.errors import InputError
+from loraforge.fingerprint import hash_json
 from loraforge.runner import Paths, StageEnv
 from loraforge.training.accelerate_config import LaunchConfig, launch_config
 
-__all__ = ["LaunchConfig", "launch", "launch_config"]
+__all__ = ["LaunchConfig", "launch", "launch_config", "same_run"]
+
+
+def same_run(accelerator: Any, run: dict[str, Any]) -> None:
+    """Stop every process unless all of them (on every machine) train the same `run` (params and
+    data); machines started from different commits, params.yaml or data would otherwise
+    all-reduce unrelated gradients, or wait forever on a collective that differs.
+
+    Args:
+        accelerator: the Accelerator (its process group).
+        run: what must be equal everywhere (JSON-able).
+    """
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    hashes = gather_object([hash_json(run)])  # one per global rank
+    if len(set(hashes)) > 1:
+        odd = [rank for rank, h in enumerate(hashes) if h != hashes[0]]
+        raise InputError(
+            f"finetune: processes {odd} train with other params or data than process 0 (run hashes {hashes}); "
+            "every machine needs the same commit, params.yaml and inputs (`dvc pull`)"
+        )
 
 
 def free_port() -> int:
