@@ -1023,16 +1023,18 @@ def stage_process(project: Path, *args: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_two_machines_train_as_one_group_and_only_machine_0_writes_the_outputs(project, tmp_path):
+@pytest.mark.parametrize("kind", ["MULTI_CPU", "FSDP"])
+def test_two_machines_train_as_one_group_and_only_machine_0_writes_the_outputs(project, tmp_path, kind):
     """Two "machines" on one host: two stage processes (machine ranks 0 and 1, one process each)
     meet at 127.0.0.1 over gloo; both end with the weights machine 0 saved, which equal a
-    one-machine run of 2 processes (the same global batch)."""
+    one-machine DDP run of 2 processes (the same global batch). With FSDP the UNet is sharded
+    across the two machines."""
     from loraforge.training.checkpoints import states_hash
     from loraforge.training.launch import free_port
 
     settings = {"epochs": 1, "batch_size": 2, "save_dtype": "float32", "train_text_encoder": False}
     (project / "two-machines.yaml").write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nmixed_precision: 'no'\nuse_cpu: true\n"
+        f"compute_environment: LOCAL_MACHINE\ndistributed_type: {kind}\nmixed_precision: 'no'\nuse_cpu: true\n"
         "num_machines: 2\nnum_processes: 2\nmachine_rank: 0\nmain_process_ip: 127.0.0.1\n"
         f"main_process_port: {free_port()}\n"
     )
@@ -1049,13 +1051,16 @@ def test_two_machines_train_as_one_group_and_only_machine_0_writes_the_outputs(p
     second = json.loads((project / ".loraforge" / "machine-1" / "reports" / "finetune.json").read_text())
     saved = {"unet": load_file(str(project / "models" / "checkpoints" / "epoch-0001" / "unet.safetensors"))}
     # each process hashed its own final weights; both equal the checkpoint machine 0 saved
-    assert first["processes"] == second["processes"] == 2
+    assert first["processes"] == second["processes"] == 2 and first["fsdp"] == (kind == "FSDP")
+    if kind == "FSDP":  # each machine held about half the UNet
+        assert first["parameters_held"] == second["parameters_held"]
+        assert max(first["parameters_held"]) < 0.6 * sum(first["parameters_held"])
     assert first["weights_xxh3"] == second["weights_xxh3"] == [states_hash(saved, torch.float32)] * 2
     assert first["plan"] == second["plan"] and first["plan"]["steps_per_epoch"] >= 2
     assert not list((project / ".loraforge" / "machine-1" / "models").rglob("*.safetensors"))  # machine 1 saves nothing
     # the same global batch on one machine: 2 local processes
     _, one = train(project, tmp_path / "one", latents=project / "data" / "latents", num_processes=2, **settings)
-    print("two machines vs one machine, max |diff|:", max_diff(weights(one), saved["unet"]))
+    print(f"two machines ({kind}) vs one machine (DDP), max |diff|:", max_diff(weights(one), saved["unet"]))
     assert max_diff(weights(one), saved["unet"]) < 1e-5
 
 
