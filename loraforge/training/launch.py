@@ -21,6 +21,7 @@ import socket
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
+
 from loraforge.errors import InputError
 from loraforge.fingerprint import hash_json
 from loraforge.runner import Paths, StageEnv
