@@ -27,7 +27,7 @@ from loraforge.spec import PIPELINE_FILE, find_root, load_pipeline
 def cmd_stage(args: argparse.Namespace) -> int:
     from loraforge.runner import run_stage
 
-    manifest = run_stage(find_root(), args.name)
+    manifest = run_stage(find_root(), args.name, machine_rank=args.machine_rank)
     r = manifest["report"]
     print(f"{args.name}: {r['items']} items, {r['computed']} computed, {r['reused']} reused, {r['seconds']:.1f}s")
     return 0
@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stage", help="run one stage (dvc.yaml calls this)")
     p.add_argument("name")
+    p.add_argument(
+        "--machine-rank",
+        type=int,
+        default=None,
+        help="multi-machine training: this machine's rank (overrides the accelerate config's `machine_rank`); "
+        "a rank above 0 writes its outputs under .loraforge/machine-<rank>/, never the pipeline's",
+    )
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("run", help="run the pipeline as a Prefect flow; unchanged stages come from cache")

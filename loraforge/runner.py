@@ -71,6 +71,7 @@ class StageEnv:
         publish: where tables and progress go (Prefect artifacts or nowhere).
         show_progress: whether to draw terminal progress bars.
         fan_out: where per-item chunks run (`runner` section: this process, or a Dask cluster).
+        machine_rank: `loraforge stage --machine-rank` (multi-machine training), or None.
     """
 
     store: ItemStore
@@ -78,6 +79,7 @@ class StageEnv:
     publish: Publisher = field(default_factory=NullPublisher)
     show_progress: bool = True
     fan_out: FanOut = field(default_factory=FanOut)
+    machine_rank: int | None = None
 
     def bar(self, iterable: Any = None, **kwargs: Any) -> Any:
         """A tqdm progress bar; off when `show_progress` is False (TQDM_DISABLE=1 also turns it off)."""
@@ -163,12 +165,18 @@ def fan_out(runner: RunnerParams) -> FanOut:
 
 
 def run_stage(
-    root: Path, name: str, publish: Publisher | None = None, pipeline: Pipeline | None = None
+    root: Path,
+    name: str,
+    publish: Publisher | None = None,
+    pipeline: Pipeline | None = None,
+    machine_rank: int | None = None,
 ) -> dict[str, Any]:
     """Validate params, run stage `name`, write `reports/<name>.json`; return its manifest.
 
     The manifest is small (paths and content hashes of the outputs plus the report): it is what
-    the Prefect task returns and caches, never tensors or images.
+    the Prefect task returns and caches, never tensors or images. With `machine_rank` > 0 (a
+    secondary machine of a multi-machine training run) the outputs and the report go under
+    `.loraforge/machine-<rank>/` instead: only machine 0 writes what DVC and the pipeline track.
     """
     root = Path(root).resolve()
     pipeline = pipeline or load_pipeline(root)
@@ -179,10 +187,11 @@ def run_stage(
     inputs = resolve_inputs(root, stage, read_params_file(root))
     store = open_store(root / STATE_DIR / "store", load_settings(root)["store"])  # a shared one answers first
     store.sweep()  # temp files of killed runs on this host
-    outputs = prepare_outputs(root, stage)
+    out_root = root / STATE_DIR / f"machine-{machine_rank}" if machine_rank else root  # never machine 0's outputs
+    outputs = prepare_outputs(out_root, stage)
     settings = load_settings(root)
     env = StageEnv(store=store, state_dir=root / STATE_DIR, publish=publish or NullPublisher(),
-                   fan_out=fan_out(settings["runner"]))  # fmt: skip
+                   fan_out=fan_out(settings["runner"]), machine_rank=machine_rank)  # fmt: skip
     module = importlib.import_module(stage.module_name)
 
     started = time.perf_counter()
@@ -192,9 +201,11 @@ def run_stage(
     if missing:
         raise RuntimeError(f"stage `{name}` returned a summary without {missing}")
     report = {"stage": name, **summary, "seconds": round(time.perf_counter() - started, 3)}
-    write_report(root / stage.report, report)
+    write_report(out_root / stage.report, report)
     return {
         "stage": name,
-        "outputs": {path: hash_tree(root / path) for path in (*(o.path for o in stage.outputs.values()), stage.report)},
+        "outputs": {
+            path: hash_tree(out_root / path) for path in (*(o.path for o in stage.outputs.values()), stage.report)
+        },
         "report": report,
     }

@@ -7,9 +7,10 @@ update the EMA. Noise, timesteps and caption augmentation come from (seed, globa
 is reproducible step by step and a resumed run follows the uninterrupted one. A checkpoint of the
 trained components (plus their EMA) is saved every `save_every_n_epochs` and after the last epoch.
 
-With `num_processes` > 1 (or an `accelerate_config` file saying so), `run` spawns that many
-processes (`loraforge.training.launch`: gloo on CPU, NCCL on GPUs), each training on its share of
-every epoch's batches with gradients all-reduced; only the first one saves and publishes.
+With `num_processes` > 1 (or an `accelerate_config` file saying so, on one machine or several),
+`run` spawns this machine's processes (`loraforge.training.launch`: gloo on CPU, NCCL on GPUs),
+each training on its share of every epoch's batches with gradients all-reduced; only the first
+process of machine 0 saves, and the report lists every process's final-weights hash.
 
 The pieces live in `loraforge.training` and take the settings they need, not these params; the
 last section here turns the params into those settings.
@@ -31,7 +32,8 @@ from loraforge.training import data, prior, resume
 from loraforge.training.captions import CaptionSettings
 from loraforge.training.checkpoints import SaveSettings, save_epoch, training_record
 from loraforge.training.ema import EMA
-from loraforge.training.launch import launch, launch_config
+from loraforge.training.fsdp import check_fsdp, full_states, shard
+from loraforge.training.launch import LaunchConfig, launch, launch_config, same_run
 from loraforge.training.lora_net import LoraSettings
 from loraforge.training.losses import LossSettings, diffusion_loss
 from loraforge.training.optimizers import applied_lrs, make_optimizer
@@ -57,14 +59,21 @@ def run(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[st
         outputs: `checkpoints` and `loss` folders (emptied by the runner).
         env: item store, state folder, publisher, progress bars.
     """
-    config = launch_config(params.accelerate_config, params.num_processes, params.mixed_precision, env.state_dir.parent)
-    if config.processes == 1:
+    root = env.state_dir.parent
+    config = launch_config(
+        params.accelerate_config, params.num_processes, params.mixed_precision, root, env.machine_rank
+    )
+    if config.world == 1:
         return train(params, inputs, outputs, env)
-    params = dataclasses.replace(params, num_processes=config.processes)  # the plan splits the batches by it
-    return launch(train, config, params, inputs, outputs, env)
+    if config.fsdp:  # what FSDP does not run with stops here, before any process starts
+        check_fsdp(dataclasses.asdict(params), str(params.accelerate_config))
+    params = dataclasses.replace(params, num_processes=config.world)  # the plan splits the batches by it
+    return launch(partial(train, launch=config), config, params, inputs, outputs, env)
 
 
-def train(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[str, Any]:
+def train(
+    params: Params, inputs: Paths, outputs: Paths, env: StageEnv, launch: LaunchConfig | None = None
+) -> dict[str, Any]:
     """Train (as one process of `num_processes`): checkpoints to `outputs.checkpoints`, tables to `outputs.loss`.
 
     Args:
@@ -72,12 +81,12 @@ def train(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[
         inputs: `latents` and `captions` folders.
         outputs: `checkpoints` and `loss` folders (emptied by the runner).
         env: item store, state folder, publisher, progress bars.
+        launch: the launch settings (FSDP or DDP) when one of several processes, else None.
     """
     device, reg = resolve_device(params.model.device), prior.reg_images_folder(params.reg_images, inputs, env.state_dir)
     check(params, device, reg)  # what cannot work stops here, before anything loads
-    examples = data.load_examples(inputs.latents, inputs.captions, params.repeats)
-    plan = plan_steps(params, examples, env)
-    t = setup(params, device, plan["optimizer_steps"], env)  # the model, what trains, optimizer, schedule, EMA
+    examples, plan = plan_steps(params, inputs, env)
+    t = setup(params, device, plan["optimizer_steps"], env, launch)  # the model, what trains, optimizer, schedule, EMA
     # prior preservation: class latents (cached) from the base model before any weight moves, or from reg_images
     class_examples, reg_encoded = class_images(params, reg, plan["images"], t, inputs, env, device)
     s = step_settings(params, class_examples)
@@ -115,13 +124,13 @@ def train(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[
         progress["epochs"].append({"epoch": epoch, "loss": sum(epoch_losses) / len(epoch_losses)})
         progress["epoch"] = epoch
         env.publish.table("epoch-loss", progress["epochs"], "Mean loss per epoch")
-        if t.accelerator.is_main_process and (epoch % params.save_every_n_epochs == 0 or epoch == params.epochs):
+        if epoch % params.save_every_n_epochs == 0 or epoch == params.epochs:  # every process: FSDP gathers
             save(t, epoch, progress, saving, keep, outputs.checkpoints)
     bar.close()
     if t.accelerator.is_main_process:
         write_tables(outputs.loss, progress)
     t.accelerator.wait_for_everyone()
-    return summary(t, plan, progress, len(s.prior), reg_encoded, params.mixed_precision, params.optimizer)
+    return summary(t, plan, progress, len(s.prior), reg_encoded, params.mixed_precision, params.optimizer, saving.dtype)
 
 
 def forward(
@@ -152,8 +161,9 @@ def forward(
 
 
 def save(t: Training, epoch: int, progress: dict[str, Any], s: SaveSettings, keep: Path | None, outputs: Path) -> None:
-    """Checkpoint `epoch-NNNN` into the outputs; with resume on, build it in the resume folder,
-    hard-link it into the outputs, and save the full training state beside it.
+    """Checkpoint `epoch-NNNN` into the outputs (the first process; under FSDP every process
+    gathers the full weights first); with resume on, build it in the resume folder, hard-link it
+    into the outputs, and save the full training state beside it.
 
     Args:
         t: the model and what trains.
@@ -163,9 +173,12 @@ def save(t: Training, epoch: int, progress: dict[str, Any], s: SaveSettings, kee
         keep: the run's resume folder, or None.
         outputs: the stage's checkpoints folder.
     """
+    states = full_states(t.trained, everywhere=False) if t.fsdp else None  # a collective
+    if not t.accelerator.is_main_process:
+        return
     name = f"epoch-{epoch:04d}"
     meta = {"epoch": epoch, "global_step": progress["global_step"], "loss": progress["epochs"][-1]["loss"], **s.about}
-    save_epoch((keep / "checkpoints" if keep else outputs) / name, t.trained, t.ema, meta, s)
+    save_epoch((keep / "checkpoints" if keep else outputs) / name, t.trained, t.ema, meta, s, states)
     progress["saved"].append(name)
     if keep is not None:  # built in the resume folder, hard-linked into the outputs
         resume.publish_checkpoint(keep / "checkpoints" / name, outputs)
@@ -228,14 +241,16 @@ def check(params: Params, device: torch.device, reg: Path | None) -> None:
         prior.reg_image_files(reg)
 
 
-def plan_steps(params: Params, examples: list[dict[str, Any]], env: StageEnv) -> dict[str, Any]:
-    """The steps plan (`loraforge.training.data.plan`), printed and published as a table.
+def plan_steps(params: Params, inputs: Paths, env: StageEnv) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The training examples and the steps plan (`loraforge.training.data.plan`), printed and
+    published as a table.
 
     Args:
         params: the finetune params.
-        examples: the training examples.
+        inputs: `latents` and `captions` folders.
         env: the publisher.
     """
+    examples = data.load_examples(inputs.latents, inputs.captions, params.repeats)
     plan = data.plan(
         examples, params.batch_size, params.epochs, params.gradient_accumulation, params.num_processes, params.seed
     )
@@ -245,20 +260,25 @@ def plan_steps(params: Params, examples: list[dict[str, Any]], env: StageEnv) ->
         f"{params.optimizer}"
     )
     env.publish.table("plan", [plan], "Training plan")
-    return plan
+    return examples, plan
 
 
-def setup(params: Params, device: torch.device, optimizer_steps: int, env: StageEnv) -> Training:
+def setup(
+    params: Params, device: torch.device, optimizer_steps: int, env: StageEnv, launch: LaunchConfig | None
+) -> Training:
     """Load the model and set up what trains: the UNet always, each text encoder when its LR is
-    above 0 (whole in mode full, a LoRA network on it in mode lora), the optimizer, LR schedule, EMA.
+    above 0 (whole in mode full, a LoRA network on it in mode lora; sharded under FSDP), the
+    optimizer, LR schedule, EMA.
 
     Args:
         params: the finetune params.
         device: the training device.
         optimizer_steps: optimizer steps of the whole run (the schedule's length).
         env: item store and state folder (model resolution, text-encoder cache).
+        launch: the launch settings (FSDP or DDP), or None for one process.
     """
     torch.manual_seed(params.seed)
+    fsdp = launch is not None and launch.fsdp
     info = resolve_model(params.model, env.state_dir)
     accelerator, precision = make_accelerator(params.mixed_precision, params.gradient_accumulation, device)
     unet, tokenizers, encoders, noise_scheduler = load_models(
@@ -268,13 +288,15 @@ def setup(params: Params, device: torch.device, optimizer_steps: int, env: Stage
     lrs = component_lrs(len(encoders), params.lr, params.optimizer, *encoder_lrs)
     modules = {"unet": unet, **dict(zip(ENCODER_NAMES, encoders))}
     trained = trainable(info.arch, modules, lrs, params.mode, pick(LoraSettings, params), params.gradient_checkpointing)
+    if fsdp:  # before the optimizer: it must hold the sharded parameters
+        shard(trained, launch.reshard_after_forward)  # type: ignore[union-attr]
     groups = param_groups(trained, lrs)
     optimizer = make_optimizer(params.optimizer, groups, params.optimizer_args, params.weight_decay, device.type)
     warmup = warmup_steps(params.lr_warmup_steps, params.lr_warmup_ratio, optimizer_steps)
     cycles, power = params.lr_scheduler_num_cycles, params.lr_scheduler_power
     lr_schedule = make_lr_schedule(params.lr_scheduler, optimizer, warmup, optimizer_steps, cycles, power)
     unet, encoders, optimizer, lr_schedule = prepare(
-        accelerator, params.mode, unet, encoders, trained, optimizer, lr_schedule
+        accelerator, params.mode, unet, encoders, trained, optimizer, lr_schedule, fsdp
     )
     ema = EMA(trained, params.ema_decay) if params.ema_decay else None
     # a caption always encodes to the same tensors when no encoder trains and captions are not randomised
@@ -294,6 +316,7 @@ def setup(params: Params, device: torch.device, optimizer_steps: int, env: Stage
         optimizer,
         lr_schedule,
         ema,
+        fsdp,
     )
 
 
@@ -311,6 +334,8 @@ def step_settings(params: Params, class_examples: list[dict[str, Any]]) -> StepS
 
 def save_settings(params: Params, t: Training, inputs: Paths) -> SaveSettings:
     """How checkpoints are saved, and the meta.json entries they share (the dataset hash among them).
+    With several processes (a collective), first check that all of them, on every machine, train
+    with the same params on the same data.
 
     Args:
         params: the finetune params.
@@ -318,6 +343,7 @@ def save_settings(params: Params, t: Training, inputs: Paths) -> SaveSettings:
         inputs: `latents` and `captions` folders (the dataset hash).
     """
     dataset_hash = hash_json({"latents": hash_tree(inputs.latents), "captions": hash_tree(inputs.captions)})
+    same_run(t.accelerator, {"params": dataclasses.asdict(params), "data": dataset_hash})  # on every machine
     about = {"arch": t.info.arch, "base": t.info.source, "ema": t.ema is not None, "mode": params.mode}
     about.update(dataset_hash=dataset_hash, **training_record(dataclasses.asdict(params)))
     lora = pick(LoraSettings, params)

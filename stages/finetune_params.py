@@ -54,8 +54,11 @@ class Params:
             GPU, or gloo on CPU); each takes its share of every epoch's batches, so an optimizer
             step sees num_processes × batch_size images; only the first process saves.
         accelerate_config: an accelerate config file (`accelerate config` writes one), relative to
-            the project: its `num_processes`, `gpu_ids` and `main_process_port` set the launch.
-            Data-parallel on one machine only (FSDP, DeepSpeed and multi-machine are refused).
+            the project: its `num_processes` (all machines together), `num_machines`,
+            `machine_rank`, `main_process_ip`, `main_process_port` and `gpu_ids` set the launch, on
+            one machine or several (the others run `loraforge stage finetune --machine-rank N`).
+            DDP (`MULTI_GPU`/`MULTI_CPU`), or `FSDP` for mode full (FSDP2 sharding of the trained
+            components; full checkpoints); DeepSpeed is refused, with the reason.
         compile: compile the UNet's forward with `torch.compile` (inductor): the first steps pay
             the compile time, later ones run faster; weights keep their plain key names.
         save_every_n_epochs: checkpoint interval; the last epoch is always saved.

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -954,7 +957,8 @@ def test_two_processes_share_the_batches_and_save_once(project, tmp_path, mode, 
 
 
 def test_an_accelerate_config_sets_the_launch_and_refuses_what_is_not_supported(tmp_path):
-    from loraforge.training.launch import LaunchConfig, read_accelerate_config
+    from loraforge.errors import InputError, MissingInput
+    from loraforge.training.accelerate_config import LaunchConfig, launch_config, read_accelerate_config
 
     def config(text: str) -> Path:
         path = tmp_path / "acc.yaml"
@@ -971,19 +975,177 @@ def test_an_accelerate_config_sets_the_launch_and_refuses_what_is_not_supported(
     )
     assert got == LaunchConfig(processes=4, port=29511, gpu_ids="0,1,2,3")
     assert read_accelerate_config(config("num_processes: 2\ngpu_ids: all\n"), 2, "no") == LaunchConfig(processes=2)
+    # two machines of 2 GPUs: num_processes counts both (as in accelerate); the rank comes from the file or the CLI
+    two = "distributed_type: MULTI_GPU\nnum_machines: 2\nnum_processes: 4\nmain_process_ip: 10.0.0.1\n"
+    two += "main_process_port: 29500\nmachine_rank: 0\n"
+    first = read_accelerate_config(config(two), 1, "no")
+    assert first == LaunchConfig(processes=2, port=29500, machines=2, machine_rank=0, main_ip="10.0.0.1")
+    second = read_accelerate_config(config(two), 4, "no", machine_rank=1)
+    assert (second.machine_rank, second.first_rank, second.world, second.processes) == (1, 2, 4, 2)
+    fsdp = read_accelerate_config(config("distributed_type: FSDP\nnum_processes: 2\n"), 2, "no")
+    assert fsdp == LaunchConfig(processes=2, fsdp=True, reshard_after_forward=True)
     refused = {
-        "distributed_type: FSDP\nnum_processes: 2\n": r"`distributed_type: FSDP` is not supported",
-        "distributed_type: DEEPSPEED\n": r"`distributed_type: DEEPSPEED` is not supported",
-        "num_machines: 2\nnum_processes: 8\n": r"multi-machine training is not supported",
+        "distributed_type: DEEPSPEED\n": r"`distributed_type: DEEPSPEED` is not supported: DeepSpeed needs CUDA",
+        "distributed_type: TPU\n": r"`distributed_type: TPU` is not supported; use one of NO, MULTI_CPU, MULTI_GPU",
+        "num_machines: 2\nnum_processes: 2\nmain_process_port: 29500\n": r"`main_process_ip` must be set",
+        "num_machines: 2\nnum_processes: 2\nmain_process_ip: 10.0.0.1\n": r"`main_process_port` must be set",
+        "num_machines: 2\nnum_processes: 2\nmachine_rank: 2\n": r"`machine_rank: 2` must be from 0 to below `num_mach",
+        "num_machines: 2\nnum_processes: 3\n": r"`num_processes: 3` \(all machines together\) must divide evenly",
+        "num_machines: 2\nnum_processes: 2\nmachine_rank: 1\nmain_process_ip: h\nmain_process_port: 1\n": (
+            r"`machine_rank: 1`: run that machine with `loraforge stage finetune --machine-rank 1` \(not `dvc repro`\)"
+        ),
+        "distributed_type: FSDP\nnum_processes: 1\nnum_machines: 1\n": r"FSDP` needs `num_processes` of 2 or more",
+        "distributed_type: FSDP\nnum_machines: 1\nnum_processes: 2\nfsdp_config:\n  fsdp_version: 1\n": r"FSDP2 only",
+        "distributed_type: FSDP\nnum_machines: 1\nnum_processes: 2\nfsdp_config: {fsdp_offload_params: true}\n": (
+            r"`fsdp_config.fsdp_offload_params: true` is not supported"
+        ),
+        "num_processes: two\n": r"`num_processes: two` must be a whole number",
+        "num_processes: 0\n": r"`num_processes: 0` must be at least 1",
+        "main_process_port: 70000\nnum_processes: 2\n": r"`main_process_port: 70000` must be a TCP port",
         "mixed_precision: fp16\n": r"differs from `finetune.mixed_precision: no`",
         "num_processes: 3\n": r"differs from `finetune.num_processes: 2`",
         "- a list\n": r"expected a mapping",
     }
     for text, message in refused.items():
-        with pytest.raises(ValueError, match=rf"finetune.accelerate_config.*acc\.yaml.*{message}"):
-            read_accelerate_config(config(text), 2, "no")
-    with pytest.raises(FileNotFoundError, match=r"`finetune.accelerate_config` \(.*missing.yaml\): no such file"):
+        with pytest.raises(InputError, match=rf"finetune.accelerate_config.*acc\.yaml.*{message}"):
+            read_accelerate_config(config(text), 1 if "num_machines" in text else 2, "no")
+    with pytest.raises(MissingInput, match=r"`finetune.accelerate_config` \(.*missing.yaml\): no such file"):
         read_accelerate_config(tmp_path / "missing.yaml", 1, "no")
+    with pytest.raises(InputError, match=r"--machine-rank 1 needs a multi-machine `finetune.accelerate_config`"):
+        launch_config(None, 1, "no", tmp_path, machine_rank=1)
+
+
+def stage_process(project: Path, *args: str) -> subprocess.Popen:
+    """`loraforge stage finetune ARGS` in the project, as a user runs it on one machine."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", "loraforge", "stage", "finetune", *args]
+    return subprocess.Popen(command, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["MULTI_CPU", "FSDP"])
+def test_two_machines_train_as_one_group_and_only_machine_0_writes_the_outputs(project, tmp_path, kind):
+    """Two "machines" on one host: two stage processes (machine ranks 0 and 1, one process each)
+    meet at 127.0.0.1 over gloo; both end with the weights machine 0 saved, which equal a
+    one-machine DDP run of 2 processes (the same global batch). With FSDP the UNet is sharded
+    across the two machines."""
+    from loraforge.training.checkpoints import states_hash
+    from loraforge.training.launch import free_port
+
+    settings = {"epochs": 1, "batch_size": 2, "save_dtype": "float32", "train_text_encoder": False}
+    (project / "two-machines.yaml").write_text(
+        f"compute_environment: LOCAL_MACHINE\ndistributed_type: {kind}\nmixed_precision: 'no'\nuse_cpu: true\n"
+        "num_machines: 2\nnum_processes: 2\nmachine_rank: 0\nmain_process_ip: 127.0.0.1\n"
+        f"main_process_port: {free_port()}\n"
+    )
+    set_params(project, {"model": {"base": "builtin:tiny-sd15", "device": "cpu"}})
+    set_params(project, {"finetune": {**settings, "accelerate_config": "two-machines.yaml", "save_every_n_epochs": 1}})
+    machines = [stage_process(project), stage_process(project, "--machine-rank", "1")]
+    try:
+        logs = [m.communicate(timeout=600)[0] for m in machines]
+    finally:
+        for m in machines:
+            m.kill()
+    assert [m.returncode for m in machines] == [0, 0], logs
+    first = json.loads((project / "reports" / "finetune.json").read_text())
+    second = json.loads((project / ".loraforge" / "machine-1" / "reports" / "finetune.json").read_text())
+    saved = {"unet": load_file(str(project / "models" / "checkpoints" / "epoch-0001" / "unet.safetensors"))}
+    # each process hashed its own final weights; both equal the checkpoint machine 0 saved
+    assert first["processes"] == second["processes"] == 2 and first["fsdp"] == (kind == "FSDP")
+    if kind == "FSDP":  # each machine held about half the UNet
+        assert first["parameters_held"] == second["parameters_held"]
+        assert max(first["parameters_held"]) < 0.6 * sum(first["parameters_held"])
+    assert first["weights_xxh3"] == second["weights_xxh3"] == [states_hash(saved, torch.float32)] * 2
+    assert first["plan"] == second["plan"] and first["plan"]["steps_per_epoch"] >= 2
+    assert not list((project / ".loraforge" / "machine-1" / "models").rglob("*.safetensors"))  # machine 1 saves nothing
+    # the same global batch on one machine: 2 local processes
+    _, one = train(project, tmp_path / "one", latents=project / "data" / "latents", num_processes=2, **settings)
+    print(f"two machines ({kind}) vs one machine (DDP), max |diff|:", max_diff(weights(one), saved["unet"]))
+    assert max_diff(weights(one), saved["unet"]) < 1e-5
+
+
+def test_a_secondary_machine_never_touches_the_pipeline_outputs(project):
+    from loraforge.errors import InputError
+
+    set_params(project, {"finetune": {"accelerate_config": None}, "model": {"base": "builtin:tiny-sd15"}})
+    sentinel = project / "models" / "checkpoints" / "machine-0.txt"
+    sentinel.parent.mkdir(parents=True, exist_ok=True)
+    sentinel.write_text("machine 0's output")
+    with pytest.raises(InputError, match=r"--machine-rank 1 needs a multi-machine `finetune.accelerate_config`"):
+        run_stage(project, "finetune", machine_rank=1)
+    assert sentinel.read_text() == "machine 0's output"  # its outputs were prepared under .loraforge/machine-1/
+    assert (project / ".loraforge" / "machine-1" / "models" / "checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_machines_with_other_params_stop_before_training(project, tmp_path):
+    """Machine 1 on its own copy of the project (another filesystem) with another `lr`: both
+    machines stop with one line naming the mismatch, and machine 0 saves nothing."""
+    from loraforge.training.launch import free_port
+
+    (project / "two-machines.yaml").write_text(
+        "distributed_type: MULTI_CPU\nuse_cpu: true\nnum_machines: 2\nnum_processes: 2\n"
+        f"main_process_ip: 127.0.0.1\nmain_process_port: {free_port()}\n"
+    )
+    settings = {"epochs": 1, "train_text_encoder": False, "accelerate_config": "two-machines.yaml"}
+    set_params(project, {"model": {"base": "builtin:tiny-sd15", "device": "cpu"}, "finetune": settings})
+    other = tmp_path / "machine-1"
+    shutil.copytree(project, other, ignore=shutil.ignore_patterns("tmp*"))
+    set_params(other, {"finetune": {"lr": 1e-3}})
+    machines = [stage_process(project), stage_process(other, "--machine-rank", "1")]
+    try:
+        logs = [m.communicate(timeout=600)[0] for m in machines]
+    finally:
+        for m in machines:
+            m.kill()
+    assert [m.returncode for m in machines] == [2, 2], logs
+    for log in logs:
+        assert "loraforge: finetune: processes [1] train with other params or data than process 0" in log
+    assert not list((project / "models" / "checkpoints").rglob("*.safetensors"))
+
+
+FSDP_CONFIG = (
+    "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: 'no'\nuse_cpu: true\n"
+    "num_machines: 1\nnum_processes: 2\nfsdp_config:\n  fsdp_version: 2\n  fsdp_reshard_after_forward: true\n"
+)
+
+
+def test_fsdp_trains_like_ddp_and_saves_full_checkpoints_that_load(project, tmp_path, baseline):
+    """FSDP2 over gloo on 2 CPU processes (UNet and text encoder sharded block by block) against
+    DDP on 2 processes: the same weights within float tolerance, saved whole (every key and
+    shape of the base model) and loadable as a diffusers UNet."""
+    from loraforge.models import load_unet, resolve_model
+    from loraforge.params import ModelParams
+    from loraforge.training.checkpoints import states_hash
+
+    (project / "fsdp.yaml").write_text(FSDP_CONFIG)
+    summary, fsdp = train(project, tmp_path / "fsdp", accelerate_config="fsdp.yaml")
+    ddp_summary, ddp = train(project, tmp_path / "ddp", num_processes=2)
+    total = ddp_summary["parameters_held"][0]  # DDP: each process holds every parameter
+    assert summary["fsdp"] and ddp_summary["parameters_held"] == [total, total]
+    assert all(held < 0.6 * total for held in summary["parameters_held"])  # FSDP: about half each
+    assert sum(summary["parameters_held"]) >= total
+    saved = {name: weights(fsdp, component=name) for name in ("unet", "text_encoder")}
+    for name, state in saved.items():
+        ddp_state = weights(ddp, component=name)
+        assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in ddp_state.items()}  # unsharded
+        print(f"FSDP vs DDP {name}: max |diff| {max_diff(state, ddp_state):.3g}")
+        assert max_diff(state, ddp_state) < 1e-5
+        assert max_diff(state, weights(baseline, component=name)) > 1e-4  # a 2-process run, not the 1-process one
+    assert summary["weights_xxh3"] == [states_hash(saved, torch.float32)] * 2
+    unet = load_unet(resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge"), torch.device("cpu"))
+    assert not unet.load_state_dict(saved["unet"], strict=True).missing_keys
+    base = weights(baseline)  # the files hold the trained weights, not the base model's
+    assert any(not torch.equal(v, unet.state_dict()[k]) for k, v in base.items())
+
+
+def test_fsdp_refuses_what_it_does_not_run_with(project, tmp_path):
+    from loraforge.errors import InputError
+
+    (project / "fsdp.yaml").write_text(FSDP_CONFIG)
+    for key, value in {"mode": "lora", "ema_decay": 0.99, "resume": "auto", "mixed_precision": "fp16"}.items():
+        with pytest.raises(InputError, match=rf"`finetune.{key}: {value}` does not run with `distributed_type: FSDP`"):
+            train(project, tmp_path / "out", accelerate_config="fsdp.yaml", **{key: value})
 
 
 def test_a_nan_loss_in_one_process_stops_every_process_at_once(project, tmp_path):

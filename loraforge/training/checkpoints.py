@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from safetensors.torch import save_file
 
 from loraforge.lora import lora_metadata, save_lora
@@ -109,7 +110,12 @@ def save_checkpoint(
 
 
 def save_epoch(
-    folder: Path, trained: dict[str, torch.nn.Module], ema: EMA | None, meta: dict[str, Any], s: SaveSettings
+    folder: Path,
+    trained: dict[str, torch.nn.Module],
+    ema: EMA | None,
+    meta: dict[str, Any],
+    s: SaveSettings,
+    states: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> None:
     """One checkpoint: the trained components (mode full) or `lora.safetensors` (mode lora), and
     their EMA under `ema/` (what `extract.from_ema` reads).
@@ -120,8 +126,9 @@ def save_epoch(
         ema: the EMA or None.
         meta: epoch, step, loss, arch, base, ... (meta.json).
         s: how to save.
+        states: the weights to save by component (FSDP: gathered from the shards); None = `trained`'s own.
     """
-    states = {name: m.state_dict() for name, m in trained.items()}
+    states = states if states is not None else {name: m.state_dict() for name, m in trained.items()}
     ema_states = {name: ema.state_dict(name) for name in trained} if ema is not None else None
     if s.mode == "lora":
         save_lora_checkpoint(folder, trained, states, meta, s)
@@ -205,3 +212,20 @@ def save_lora_checkpoint(
     )
     if meta is not None:
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def states_hash(states: Mapping[str, Mapping[str, torch.Tensor]], dtype: torch.dtype) -> str:
+    """xxh3-128 over component name, key, shape and bytes of every tensor, cast to `dtype` as a
+    checkpoint saves it: equal weights give equal hashes, whether live or loaded from the files.
+
+    Args:
+        states: component name -> state dict.
+        dtype: the save dtype.
+    """
+    h = xxhash.xxh3_128()
+    for name in sorted(states):
+        for key in sorted(states[name]):
+            tensor = states[name][key].detach().to("cpu", dtype).contiguous()
+            h.update(f"{name}/{key}:{tuple(tensor.shape)}\n".encode())
+            h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,11 +1,16 @@
-"""Data-parallel launch: N local processes through accelerate, set by `finetune.num_processes` or
-by an accelerate config file (`finetune.accelerate_config`, as `accelerate config` writes it).
+"""Data-parallel launch: this machine's processes through accelerate, set by
+`finetune.num_processes` or by an accelerate config file (`finetune.accelerate_config`, read by
+`loraforge.training.accelerate_config`), on one machine or several.
 
-`launch` spawns the processes (torch.multiprocessing); each sets RANK/WORLD_SIZE/MASTER_* and runs
-the stage's `train`, where accelerate builds the process group (gloo on CPU, NCCL on GPUs). The
-first process draws the terminal bar and sends its tables and progress through a queue to the
-parent, which hands them to the publisher (a Prefect publisher may not pickle). A process's error
-is raised in the parent with its own type and message; torch stops the other processes at once.
+`launch` spawns this machine's processes (torch.multiprocessing); each sets RANK (its global rank:
+machine_rank × local processes + its local index), LOCAL_RANK, WORLD_SIZE (all machines' processes)
+and MASTER_ADDR/PORT (machine 0's address) and runs the stage's `train`, where accelerate builds
+the process group (gloo on CPU, NCCL on GPUs). Each machine runs its own stage process, which
+launches its own processes; the group forms once all of them have joined. The machine's first
+process draws the terminal bar and sends its tables and progress through a queue to the parent,
+which hands them to the publisher (a Prefect publisher may not pickle). A process's error is
+raised in the parent with its own type and message; torch stops the machine's other processes at
+once (and the other machines' processes fail at their next collective).
 """
 
 from __future__ import annotations
@@ -13,92 +18,38 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
-import yaml
 
+from loraforge.errors import InputError
+from loraforge.fingerprint import hash_json
 from loraforge.runner import Paths, StageEnv
+from loraforge.training.accelerate_config import LaunchConfig, launch_config
 
-SUPPORTED_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU")
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """How many local processes train, and where they meet.
-
-    Attributes:
-        processes: the process count.
-        port: the rendezvous port on 127.0.0.1 (0 = pick a free one).
-        gpu_ids: CUDA_VISIBLE_DEVICES for the processes (None = all GPUs).
-    """
-
-    processes: int = 1
-    port: int = 0
-    gpu_ids: str | None = None
+__all__ = ["LaunchConfig", "launch", "launch_config", "same_run"]
 
 
-def launch_config(accelerate_config: str | None, num_processes: int, mixed_precision: str, root: Path) -> LaunchConfig:
-    """The process count (and port, GPUs): from `accelerate_config` when set, else `num_processes`.
+def same_run(accelerator: Any, run: dict[str, Any]) -> None:
+    """Stop every process unless all of them (on every machine) train the same `run` (params and
+    data); machines started from different commits, params.yaml or data would otherwise
+    all-reduce unrelated gradients, or wait forever on a collective that differs.
 
     Args:
-        accelerate_config: `finetune.accelerate_config`, relative to `root`, or None.
-        num_processes: `finetune.num_processes`.
-        mixed_precision: `finetune.mixed_precision` (the file must not set another).
-        root: the project root.
+        accelerator: the Accelerator (its process group).
+        run: what must be equal everywhere (JSON-able).
     """
-    if accelerate_config:
-        return read_accelerate_config(root / accelerate_config, num_processes, mixed_precision)
-    return LaunchConfig(processes=num_processes)
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
 
-
-def read_accelerate_config(path: Path, param_processes: int, mixed_precision: str) -> LaunchConfig:
-    """The launch settings of an accelerate config file (YAML or JSON), checked against params.
-
-    Reads `num_processes`, `gpu_ids` and `main_process_port`. FSDP, DeepSpeed and multi-machine
-    setups are refused (not supported yet), as are settings that params.yaml already owns
-    (`mixed_precision`, and `num_processes` when `finetune.num_processes` is also set).
-
-    Args:
-        path: the config file.
-        param_processes: `finetune.num_processes`.
-        mixed_precision: `finetune.mixed_precision`.
-    """
-    where = f"`finetune.accelerate_config` ({path})"
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: no such file")
-    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(config, dict):
-        raise ValueError(f"{where}: expected a mapping of accelerate settings, got {type(config).__name__}")
-    kind = str(config.get("distributed_type", "NO")).upper()
-    if kind not in SUPPORTED_TYPES:
-        raise ValueError(
-            f"{where}: `distributed_type: {kind}` is not supported; loraforge runs {', '.join(SUPPORTED_TYPES)} "
-            "(data-parallel on one machine)"
+    hashes = gather_object([hash_json(run)])  # one per global rank
+    if len(set(hashes)) > 1:
+        odd = [rank for rank, h in enumerate(hashes) if h != hashes[0]]
+        raise InputError(
+            f"finetune: processes {odd} train with other params or data than process 0 (run hashes {hashes}); "
+            "every machine needs the same commit, params.yaml and inputs (`dvc pull`)"
         )
-    if int(config.get("num_machines", 1)) != 1:
-        raise ValueError(f"{where}: `num_machines: {config['num_machines']}`: multi-machine training is not supported")
-    precision = str(config.get("mixed_precision", "no"))
-    if precision not in ("no", mixed_precision):
-        raise ValueError(
-            f"{where}: `mixed_precision: {precision}` differs from `finetune.mixed_precision: {mixed_precision}`; "
-            "set it in params.yaml only"
-        )
-    processes = int(config.get("num_processes", 1))
-    if processes < 1:
-        raise ValueError(f"{where}: `num_processes: {processes}` must be at least 1")
-    if param_processes > 1 and processes != param_processes:
-        raise ValueError(
-            f"{where}: `num_processes: {processes}` differs from `finetune.num_processes: {param_processes}`; set one"
-        )
-    gpu_ids = str(config.get("gpu_ids", "all")).strip()
-    return LaunchConfig(
-        processes=processes,
-        port=int(config.get("main_process_port") or 0),
-        gpu_ids=None if gpu_ids in ("all", "", "None") else gpu_ids,
-    )
 
 
 def free_port() -> int:
@@ -116,8 +67,8 @@ def launch(
     outputs: "Paths",
     env: "StageEnv",
 ) -> dict[str, Any]:
-    """Run `train(params, inputs, outputs, env)` in `config.processes` processes; return the first
-    process's summary.
+    """Run `train(params, inputs, outputs, env)` in this machine's `config.processes` processes;
+    return the summary of the machine's first process.
 
     Args:
         train: the stage's train function (module level, so it pickles).
@@ -129,18 +80,18 @@ def launch(
     """
     worker_env = StageEnv(store=env.store, state_dir=env.state_dir, show_progress=env.show_progress)
     queue = mp.get_context("spawn").SimpleQueue()
+    if not config.port:  # one machine: any free port on the loopback
+        config = dataclasses.replace(config, port=free_port())
     args = (
         train,
-        config.processes,
-        config.port or free_port(),
-        config.gpu_ids,
+        config,
         params,
         inputs,
         outputs,
         worker_env,
         queue,
     )
-    context = mp.spawn(train_rank, args=args, nprocs=config.processes, join=False)
+    context = mp.spawn(train_rank, args=args, nprocs=config.processes, join=False)  # local ranks 0..processes-1
     messages: dict[str, Any] = {}
     try:
         while not context.join(timeout=0.2):
@@ -196,39 +147,41 @@ class QueuePublisher:
 
 
 def train_rank(
-    rank: int,
+    local_rank: int,
     train: Callable[..., dict[str, Any]],
-    world: int,
-    port: int,
-    gpu_ids: str | None,
+    config: LaunchConfig,
     params: Any,
     inputs: "Paths",
     outputs: "Paths",
     env: "StageEnv",
     queue: Any,
 ) -> None:
-    """One spawned process: join the process group as `rank` and train. The first process shows
-    the bar, publishes through the queue and hands back the summary; any process's error goes
-    to the queue before it is raised.
+    """One spawned process: join the process group as global rank `config.first_rank + local_rank`
+    and train. The machine's first process shows the bar, publishes through the queue and hands
+    back the summary; any process's error goes to the queue before it is raised.
 
     Args:
-        rank: this process's index.
+        local_rank: this process's index on this machine.
         train: the stage's train function.
-        world: the number of processes.
-        port: the rendezvous port on 127.0.0.1.
-        gpu_ids: CUDA_VISIBLE_DEVICES, or None for all.
+        config: the launch settings (machine rank, process counts, rendezvous address, GPUs).
         params: the stage params.
         inputs: the stage inputs.
         outputs: the stage outputs.
         env: item store, state folder (no publisher).
         queue: the messages to the parent.
     """
+    rank, world = config.first_rank + local_rank, config.world
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(config.processes),
+        MASTER_ADDR=config.main_ip,
+        MASTER_PORT=str(config.port),
     )
-    if gpu_ids is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_ids
-    if rank == 0:
+    if config.gpu_ids is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = config.gpu_ids
+    if local_rank == 0:
         env = dataclasses.replace(env, publish=QueuePublisher(queue))
     else:
         env = dataclasses.replace(env, show_progress=False)
@@ -237,5 +190,5 @@ def train_rank(
     except Exception as error:
         queue.put(("error", (type(error), f"{error} (process {rank} of {world})")))
         raise
-    if rank == 0:
+    if local_rank == 0:
         queue.put(("summary", summary))

@@ -10,6 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate.utils import gather_object
+
+from loraforge.training.checkpoints import states_hash
+from loraforge.training.fsdp import full_states
 from loraforge.training.setup import Training
 
 
@@ -67,18 +72,31 @@ def summary(
     reg_encoded: int,
     mixed_precision: str,
     optimizer: str,
+    save_dtype: torch.dtype,
 ) -> dict[str, Any]:
-    """The finetune stage's report (`reports/finetune.json`).
+    """The finetune stage's report (`reports/finetune.json`). With several processes (a collective:
+        every process calls it) `weights_xxh3` lists each process's final-weights hash by global rank
+    (under FSDP, of the full weights it gathered).
 
-    Args:
-        t: the model and what trained.
-        plan: the steps plan (`loraforge.training.data.plan`).
-        progress: the loop's progress (loss rows, saved epochs).
-        class_images: prior preservation's class examples (0: off).
-        reg_encoded: reg images VAE-encoded by this run (the rest came from the store).
-        mixed_precision: `finetune.mixed_precision`.
-        optimizer: `finetune.optimizer`.
+        Args:
+            t: the model and what trained.
+            plan: the steps plan (`loraforge.training.data.plan`).
+            progress: the loop's progress (loss rows, saved epochs).
+            class_images: prior preservation's class examples (0: off).
+            reg_encoded: reg images VAE-encoded by this run (the rest came from the store).
+            mixed_precision: `finetune.mixed_precision`.
+            optimizer: `finetune.optimizer`.
+            save_dtype: the checkpoints' dtype (mode full: the hash equals `states_hash` of the saved files).
     """
+    hashes = held = None
+    if t.accelerator.num_processes > 1:
+        held = gather_object(
+            [held_parameters(t.trained)]
+        )  # FSDP: each process its shard; DDP: all  # data parallel: every process must end with the same weights
+        states = (
+            full_states(t.trained, everywhere=True) if t.fsdp else {n: m.state_dict() for n, m in t.trained.items()}
+        )
+        hashes = gather_object([states_hash(states, save_dtype)])
     return {
         "items": plan["images"],
         "computed": plan["images"],
@@ -98,5 +116,18 @@ def summary(
         "text_cache": {"hits": t.encode.hits, "misses": t.encode.misses} if hasattr(t.encode, "hits") else None,
         "final_lr": progress["lrs"][-1] if progress["lrs"] else {},
         "processes": t.accelerator.num_processes,
+        "weights_xxh3": hashes,
+        "fsdp": t.fsdp,
+        "parameters_held": held,
         "optimizer_steps_taken": getattr(t.lr_schedule, "scheduler", t.lr_schedule).last_epoch,
     }
+
+
+def held_parameters(trained: dict[str, torch.nn.Module]) -> int:
+    """How many trained parameters (elements) this process holds: all of them under DDP, its
+    shard's under FSDP (a DTensor's local part).
+
+    Args:
+        trained: component name -> module.
+    """
+    return sum(getattr(p, "to_local", lambda p=p: p)().numel() for m in trained.values() for p in m.parameters())

@@ -39,6 +39,7 @@ class Training:
         optimizer: one param group per trained component.
         lr_schedule: the LR schedule (one step per optimizer step).
         ema: the EMA of the trained weights, or None.
+        fsdp: the trained components are sharded with FSDP2 (`loraforge.training.fsdp`).
     """
 
     accelerator: Accelerator
@@ -54,6 +55,7 @@ class Training:
     optimizer: Any
     lr_schedule: Any
     ema: EMA | None
+    fsdp: bool = False
 
     @property
     def trains_encoders(self) -> bool:
@@ -155,6 +157,7 @@ def prepare(
     trained: dict[str, torch.nn.Module],
     optimizer: Any,
     lr_schedule: Any,
+    fsdp: bool = False,
 ) -> tuple[Any, list[Any], Any, Any]:
     """Hand the models, optimizer and schedule to accelerate; return them wrapped.
 
@@ -170,12 +173,13 @@ def prepare(
         trained: the trained modules (or LoRA networks) by component.
         optimizer: the optimizer.
         lr_schedule: the LR schedule.
+        fsdp: the trained modules are already sharded (FSDP2 syncs their gradients itself): no DDP.
     """
     if accelerator.num_processes == 1:
         unet, optimizer, lr_schedule, *encoders = accelerator.prepare(unet, optimizer, lr_schedule, *encoders)
         return unet, encoders, optimizer, lr_schedule
     optimizer, lr_schedule = accelerator.prepare(optimizer, lr_schedule)
-    if mode == "full":
+    if mode == "full" and not fsdp:
         wrapped = accelerator.prepare(*trained.values())  # one object back for one argument
         ddp = dict(zip(trained, wrapped if isinstance(wrapped, tuple) else (wrapped,)))
         unet, encoders = ddp["unet"], [ddp.get(name, e) for name, e in zip(ENCODER_NAMES, encoders)]
