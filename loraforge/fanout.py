@@ -90,8 +90,9 @@ class FanOut:
         cluster = None if self.address else LocalCluster(**self._cluster_kwargs())
         try:
             with Client(self.address or cluster) as client:
-                shared = client.scatter(context, broadcast=True)
-                futures = [client.submit(run_chunk, work, shared, c, self.threads, pure=False) for c in chunks]
+                # the (small) context travels inside each task, not scattered once: a scattered value lost
+                # with a dead worker cancels every chunk that needs it ("already forgotten")
+                futures = [client.submit(run_chunk, work, context, c, self.threads, pure=False) for c in chunks]
                 for done in as_completed(futures):
                     progress(done.result())  # re-raises a chunk's error here
                 return client.gather(futures)

@@ -295,7 +295,7 @@ PROBES = {
 
 @pytest.fixture(scope="module")
 def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Architecture:
-    from loraforge.models import materialize_builtin
+    from loraforge.hub import materialize_builtin
 
     return folder_architecture(materialize_builtin("tiny-sd15", tmp_path_factory.mktemp("state")), "sd15")
 
