@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 from loraforge.weights import standard_weights
 from loraforge.errors import InputError
@@ -56,17 +57,24 @@ def materialize_builtin(name: str, state_dir: Path) -> Path:
     final = state_dir / "models" / f"builtin-{name}-v{BUILTIN_VERSION}"
     if (final / "model_index.json").is_file():  # complete: the folder only appears by rename
         return final
+    write_folder_atomically(final, lambda tmp: save_builtin(name, tmp))
+    return final
+
+
+def write_folder_atomically(final: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` into a temp sibling folder, then rename it to `final` (a killed run leaves no
+    half model folder; the folder only appears complete). Losing the race to another process that
+    renamed its copy first is fine."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-builtin-{name}-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        save_builtin(name, tmp)
+        write(tmp)
         os.rename(tmp, final)
     except OSError:
         if not (final / "model_index.json").is_file():  # not a lost race with another process
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def local_or_hub(base: str, revision: str | None, allow_pickle: bool, root: Path) -> Path:

@@ -22,7 +22,6 @@ Cost: the folder is as big as the checkpoint's weights (kept in the file's own d
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from loraforge.errors import InputError
 from loraforge.fingerprint import hash_json
+from loraforge.hub import write_folder_atomically
 from loraforge.original_layout import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, open_clip_from_original
 from loraforge.weights import HASH_CACHE, HashCache
 
@@ -119,7 +119,7 @@ def single_file_folder(params: ModelParams, state_dir: Path, root: Path) -> Path
     if config is not None and _config_arch(config) != arch:
         raise InputError(f"`model.config` = {params.config!r} describes {_config_arch(config)}, but {file} is {arch}")
     final = Path(state_dir) / "models" / f"single-{arch}-{digest}-v{CONVERTER_VERSION}"
-    _write_atomically(final, lambda tmp: convert_checkpoint(state, arch, config, tmp))
+    write_folder_atomically(final, lambda tmp: convert_checkpoint(state, arch, config, tmp))
     return final
 
 
@@ -151,20 +151,6 @@ def _user_config(params: ModelParams, root: Path) -> Path | None:
     if not (path / "model_index.json").is_file():
         raise InputError(f"`model.config` = {params.config!r}: {path} is not a diffusers folder (no model_index.json)")
     return path
-
-
-def _write_atomically(final: Path, write: Any) -> None:
-    """Build a folder in a temp sibling and rename it into place (a killed run leaves no half folder)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
-    try:
-        write(tmp)
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / "model_index.json").is_file():  # not a lost race with another process
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def shipped_config(arch: Arch, dest: Path) -> Path:
