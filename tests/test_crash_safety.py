@@ -47,6 +47,11 @@ def partial_files(project: Path) -> list[Path]:
     return [p for p in (project / ".loraforge" / "store").rglob(".tmp-*")]
 
 
+def stage_processes(stage: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", f"loraforge stage {stage}"], capture_output=True, text=True)
+    return out.stdout.split()
+
+
 def kill_mid_stage(project: Path, stage: str, started: callable, timeout: float = 600) -> None:
     """`dvc repro -f <stage>` in the background; SIGKILL its `loraforge stage` process as soon as
     `started()` says part of the work is done (and before the stage finishes)."""
@@ -54,13 +59,13 @@ def kill_mid_stage(project: Path, stage: str, started: callable, timeout: float 
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     deadline = time.monotonic() + timeout
     try:
-        while not started():
+        # the stage's process must be running first: until DVC has deleted the old outputs and
+        # started it, `started()` may see the previous run's files
+        while not ((out := stage_processes(stage)) and started()):
             assert dvc.poll() is None, f"the stage finished before it could be killed:\n{dvc.stdout.read()}"
             assert time.monotonic() < deadline, "the stage never started its work"
             time.sleep(0.02)
-        out = subprocess.run(["pgrep", "-f", f"loraforge stage {stage}"], capture_output=True, text=True)
-        assert out.stdout.split(), f"no `loraforge stage {stage}` process left to kill"
-        for pid in out.stdout.split():
+        for pid in out:
             os.kill(int(pid), signal.SIGKILL)
         assert dvc.wait(timeout=120) != 0  # DVC saw its stage die
     finally:
