@@ -293,6 +293,12 @@ PROBES = {
 }
 
 
+# Per-process scratch the estimate does not count (oneDNN workspaces, autograd bookkeeping, glibc
+# arenas): it only adds, so it widens the upper bound alone. On CI's 2-core machine the tiny
+# checkpointing probe measured 66 MiB against 43 MiB estimated (1.53x), locally 1.29x.
+SCRATCH = 32 * 2**20
+
+
 @pytest.fixture(scope="module")
 def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Architecture:
     from loraforge.hub import materialize_builtin
@@ -304,11 +310,12 @@ def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Architecture:
 @pytest.mark.parametrize("name", list(PROBES))
 def test_estimate_matches_peak_rss_of_real_training_steps(name: str, tiny_sd15: Architecture) -> None:
     """Peak RSS growth of 3 training steps in a child process, over the loaded model, against the
-    estimate of everything but the weights (already loaded): 0.75x to 1.5x. Measured (2 CPU cores,
-    torch 2.14): 1.17, 1.29, 0.90, 1.05, 1.01. The tiny models run over: their terms are tens of MB,
-    where per-process scratch (oneDNN, autograd) of ~10 MB shows; the weight-dominated runs sit
-    within ±10%. A fixed mmap threshold makes glibc return freed blocks at once, so RSS follows the
-    live tensors as the CUDA allocator's `memory_allocated` would."""
+    estimate of everything but the weights (already loaded): 0.75x to 1.5x, plus SCRATCH above.
+    Measured (2 CPU cores, torch 2.14): 1.17, 1.29, 0.90, 1.05, 1.01 (CI once 1.53 for the tiny
+    checkpointing probe). The tiny models run over: their terms are tens of MB, where per-process
+    scratch (oneDNN, autograd) shows; the weight-dominated runs sit within ±10%. A fixed mmap
+    threshold makes glibc return freed blocks at once, so RSS follows the live tensors as the CUDA
+    allocator's `memory_allocated` would."""
     spec = PROBES[name]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}
     out = subprocess.run(
@@ -336,7 +343,7 @@ def test_estimate_matches_peak_rss_of_real_training_steps(name: str, tiny_sd15: 
     terms = m.estimate(model, s)
     estimate = m.peak(terms, s) - terms["weights unet"]
     print(f"{name}: measured {probe['growth'] / 2**20:.1f} MiB, estimated {estimate / 2**20:.1f} MiB")
-    assert 0.75 < probe["growth"] / estimate < 1.5, (probe["growth"], estimate, terms)
+    assert 0.75 * estimate < probe["growth"] < 1.5 * estimate + SCRATCH, (probe["growth"], estimate, terms)
 
 
 # ---------------------------------------------------------------- loraforge plan
