@@ -96,15 +96,16 @@ def train(
     for epoch in range(progress["epoch"] + 1, params.epochs + 1):
         # this process's share of the epoch's batches, in an order set by (seed, epoch) alone
         batches = data.shard(data.epoch_batches(examples, params.batch_size, params.seed, epoch), rank, world)
-        load = partial(data.load_latents, scaling_factor=t.info.scaling_factor)  # batch -> (B, 4, H/8, W/8)
+        # batch -> latents (B, 4, H/8, W/8) and, with masked_loss, masks (B, 1, H/8, W/8)
+        load = partial(data.load_batch, scaling_factor=t.info.scaling_factor, masked=params.masked_loss)
         epoch_losses = []
-        for i, (batch, latents) in enumerate(data.prefetch(batches, load)):
+        for i, (batch, (latents, masks)) in enumerate(data.prefetch(batches, load)):
             step = progress["global_step"]
             draw = step * world + rank  # this process's random stream (= step with one process)
             # step the optimizer every `gradient_accumulation` batches and at the end of the epoch
             sync = (i + 1) % params.gradient_accumulation == 0 or i + 1 == len(batches)
             with gradient_sync(t.accelerator, [t.unet, *t.encoders], sync):
-                loss = forward(t, s, batch, latents, draw, epoch)  # (), the batch's weighted loss
+                loss = forward(t, s, batch, latents, masks, draw, epoch)  # (), the batch's weighted loss
                 check_finite(loss, step, epoch, s.causes)  # before backward: no NaN ever reaches the weights
                 t.accelerator.backward(t.precision.scale(loss))
             applied = applied_lrs(t.optimizer)  # lr (or d·lr) this step uses
@@ -128,7 +129,13 @@ def train(
 
 
 def forward(
-    t: Training, s: StepSettings, batch: list[dict[str, Any]], latents: torch.Tensor, draw: int, epoch: int
+    t: Training,
+    s: StepSettings,
+    batch: list[dict[str, Any]],
+    latents: torch.Tensor,
+    masks: torch.Tensor | None,
+    draw: int,
+    epoch: int,
 ) -> torch.Tensor:
     """The step's loss (a scalar): augment the captions, encode them, noise the latents, predict,
     weigh the loss against the target; plus `prior_loss_weight` × the loss on a batch of class images.
@@ -138,17 +145,19 @@ def forward(
         s: the step settings.
         batch: the examples of one bucket.
         latents: (B, 4, H/8, W/8) their latents, scaled, on the CPU.
+        masks: (B, 1, H/8, W/8) their masks with `masked_loss`, else None.
         draw: this process's draw of the global step (the random source).
         epoch: 1-based epoch (caption dropout every n epochs).
     """
     latents = latents.to(t.accelerator.device, non_blocking=True)  # (B, 4, H/8, W/8)
     if s.channels_last:
         latents = latents.contiguous(memory_format=torch.channels_last)
+    masks = masks.to(t.accelerator.device) if masks is not None else None  # (B, 1, H/8, W/8)
     captions = data.batch_captions(batch, s.captions, s.seed, draw, epoch)
     with torch.set_grad_enabled(t.trains_encoders):  # frozen encoders: no activations kept
         cond = conditioning(t.info.arch, t.encode, batch, captions, t.accelerator.device)  # hidden: (B, 77, D)
     with t.precision.autocast():  # noise, timesteps (B,) and the target come from the step's generator
-        loss = diffusion_loss(t.unet, t.noise_scheduler, latents, cond, step_generator(s.seed, draw), s.loss)
+        loss = diffusion_loss(t.unet, t.noise_scheduler, latents, cond, step_generator(s.seed, draw), s.loss, masks)
     if s.prior:  # the class keeps what the base model knew while the token learns the concept
         loss = loss + s.prior_loss_weight * prior.prior_loss(s.prior, t, draw, s.batch_size, s.seed, s.loss)
     return loss

@@ -77,6 +77,13 @@ class Params:
         multires_noise_iterations: pyramid noise levels; 0 disables; the 003 guide: 6-10.
         multires_noise_discount: pyramid level weight decay; the 003 guide: 0.2-0.4.
         ip_noise_gamma: input perturbation noise strength; 0 disables (0.1 in the paper).
+        masked_loss: weight the loss by each image's mask (its alpha channel, or `<stem>-mask.png`
+            beside it; kohya's `alpha_mask`, OneTrainer's masked training); off by default. Per
+            sample the loss is Σ w·ℓ / Σ w over the latent, w = mask + unmasked_weight × (1 − mask);
+            images without a mask and class images train everywhere (mask all ones). With no mask
+            in the dataset the run warns and trains unmasked.
+        unmasked_weight: the weight of pixels outside the mask with `masked_loss` (OneTrainer's
+            `unmasked_weight`): 0 (default) = they get no gradient, 1 = no masking.
         ema_decay: EMA of the trained weights, saved as `ema/` beside each checkpoint; 0 disables;
             the 001 guide's A100 config: 0.9995.
         resume: `auto` saves the full training state with each checkpoint (outside the outputs)
@@ -148,6 +155,8 @@ class Params:
     multires_noise_iterations: int = Field(0, ge=0)
     multires_noise_discount: float = Field(0.3, ge=0, le=1)
     ip_noise_gamma: float = Field(0.0, ge=0)
+    masked_loss: bool = False
+    unmasked_weight: float = Field(0.0, ge=0, le=1)
     ema_decay: float = Field(0.0, ge=0, lt=1)
     resume: Literal["off", "auto"] = "off"
     class_prompt: str | None = None

@@ -103,6 +103,10 @@ def plan_steps(params: Params, inputs: Paths, env: StageEnv) -> tuple[list[dict[
         f"{params.epochs} epochs -> {plan['steps']} steps ({plan['optimizer_steps']} optimizer steps), "
         f"{params.optimizer}"
     )
+    if params.masked_loss:
+        print(f"finetune: masked loss: {plan['masked_images']} of {plan['images']} images have a mask")
+        if not plan["masked_images"]:
+            print("finetune: WARNING: `finetune.masked_loss` is on but no image has a mask: training unmasked")
     env.publish.table("plan", [plan], "Training plan")
     return examples, plan
 

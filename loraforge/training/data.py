@@ -3,7 +3,8 @@ process's share of them, the steps plan, latent loading overlapped with compute,
 a step trains with.
 
 An example is a row of the latents manifest plus `path` (its safetensors file) and `caption`:
-`id`, `bucket` [w, h], `original_size` [h, w], `crop_top_left` [top, left], `repeats`. The order of
+`id`, `bucket` [w, h], `original_size` [h, w], `crop_top_left` [top, left], `repeats`, and
+`masked: true` when its entry holds a mask. The order of
 an epoch depends only on (seed, epoch), so a resumed run sees the batches the uninterrupted one saw.
 """
 
@@ -96,6 +97,7 @@ def plan(
     images = len({e["id"] for e in examples})
     return {
         "images": images,
+        "masked_images": len({e["id"] for e in examples if e.get("masked")}),  # with a mask (latents manifest)
         "examples_per_epoch": len(examples),
         "formula_steps": math.ceil(len(examples) / batch_size) * epochs,
         "steps_per_epoch": batches,
@@ -112,14 +114,30 @@ def load_latents(batch: list[Example], scaling_factor: float) -> torch.Tensor:
         batch: examples of one bucket.
         scaling_factor: the VAE's latent scale.
     """
-    latents = [load_file(str(e["path"]))["latent"] for e in batch]
-    for e, lat in zip(batch, latents):
-        if not torch.isfinite(lat).all():
+    return load_batch(batch, scaling_factor, masked=False)[0]
+
+
+def load_batch(batch: list[Example], scaling_factor: float, masked: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The batch's latents (B, 4, H/8, W/8), scaled for the UNet, and with `masked` its masks
+    (B, 1, H/8, W/8) in [0, 1] (an image without a mask: all ones), else None. Each file is read once.
+
+    Args:
+        batch: examples of one bucket.
+        scaling_factor: the VAE's latent scale.
+        masked: `finetune.masked_loss`.
+    """
+    entries = [load_file(str(e["path"])) for e in batch]
+    for e, entry in zip(batch, entries):
+        if not torch.isfinite(entry["latent"]).all():
             raise Diverged(
                 f"latent {e['path']} has NaN/inf values: it was encoded by a VAE in half precision "
                 "(SDXL's VAE overflows in fp16: encode latents with the VAE in float32, 'no half VAE')"
             )
-    return torch.stack(latents) * scaling_factor
+    latents = torch.stack([entry["latent"] for entry in entries]) * scaling_factor
+    if not masked:
+        return latents, None
+    ones = torch.ones(1, *latents.shape[2:])  # (1, H/8, W/8)
+    return latents, torch.stack([entry.get("mask", ones) for entry in entries])
 
 
 def prefetch(batches: list[list[Example]], load: Callable[[list[Example]], Any]) -> Iterator[tuple[list[Example], Any]]:
@@ -128,7 +146,7 @@ def prefetch(batches: list[list[Example]], load: Callable[[list[Example]], Any])
 
     Args:
         batches: the epoch's batches.
-        load: batch -> tensor (`load_latents`).
+        load: batch -> tensors (`load_batch`).
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
         future = pool.submit(load, batches[0]) if batches else None

@@ -2,7 +2,13 @@
 
 Everything random comes from the step's generator (seeded with (seed, global step)), so a
 resumed run draws the same noise as the uninterrupted one. Shapes: latents (B, C, h, w),
-timesteps (B,), per-sample loss and weights (B,).
+timesteps (B,), per-sample loss and weights (B,), masks (B, 1, h, w).
+
+Masked loss (kohya's `alpha_mask`, OneTrainer's masked training): each latent pixel's loss is
+weighted by w = mask + unmasked_weight × (1 − mask), and a sample's loss is the weighted mean
+Σ w·ℓ / Σ w over (C, h, w) (OneTrainer's `normalize_masked_area_loss`): the loss keeps its scale
+whatever share of the image the mask covers. At `unmasked_weight` 0 pixels outside the mask get
+exactly zero gradient.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class LossSettings:
         multires_noise_iterations: pyramid noise levels; 0 disables.
         multires_noise_discount: weight of level i is discount**i.
         ip_noise_gamma: input perturbation: the noisy latents use noise + γ·ε' (target unchanged).
+        masked_loss: weight the loss by each image's mask (`mask_weights`).
+        unmasked_weight: the weight of pixels outside the mask (0 = ignored, 1 = no masking).
     """
 
     loss_type: Literal["l2", "huber"] = "l2"
@@ -43,6 +51,8 @@ class LossSettings:
     multires_noise_iterations: int = 0
     multires_noise_discount: float = 0.3
     ip_noise_gamma: float = 0.0
+    masked_loss: bool = False
+    unmasked_weight: float = 0.0
 
 
 def offset_noise(
@@ -117,21 +127,39 @@ def loss_weights(snr_t: torch.Tensor, v_prediction: bool, min_snr_gamma: float, 
     return w
 
 
-def per_sample_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: float) -> torch.Tensor:
-    """(B,) loss: MSE, or pseudo-Huber 2c(√((p−y)² + c²) − c), averaged over (C, h, w).
+def mask_weights(mask: torch.Tensor, unmasked_weight: float) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, h, w): mask + unmasked_weight × (1 − mask).
+
+    Args:
+        mask: (B, 1, h, w) masks in [0, 1] at latent resolution (1 = train on this pixel).
+        unmasked_weight: `finetune.unmasked_weight`.
+    """
+    mask = mask.float()
+    return mask + unmasked_weight * (1 - mask)
+
+
+def per_sample_loss(
+    pred: torch.Tensor, target: torch.Tensor, loss_type: str, huber_c: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B,) loss: MSE, or pseudo-Huber 2c(√((p−y)² + c²) − c), averaged over (C, h, w); with
+    `weight`, the weighted mean Σ w·ℓ / Σ w (a sample whose weights are all 0 has loss 0).
 
     Args:
         pred: (B, C, h, w) the UNet's prediction.
         target: (B, C, h, w) the target (noise or v).
         loss_type: `l2` or `huber`.
         huber_c: pseudo-Huber threshold c.
+        weight: (B, 1, h, w) per-pixel weights (`mask_weights`), shared by the channels; None = all 1.
     """
     pred, target = pred.float(), target.float()
     if loss_type == "huber":
         elem = 2 * huber_c * (torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c)
     else:
         elem = (pred - target) ** 2
-    return elem.mean(dim=(1, 2, 3))
+    if weight is None:
+        return elem.mean(dim=(1, 2, 3))
+    weight = weight.to(elem.device, elem.dtype).expand_as(elem)  # (B, C, h, w)
+    return (weight * elem).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3)).clamp(min=1e-8)
 
 
 def make_noise(latents: torch.Tensor, gen: torch.Generator, s: LossSettings) -> torch.Tensor:
@@ -147,7 +175,13 @@ def make_noise(latents: torch.Tensor, gen: torch.Generator, s: LossSettings) -> 
 
 
 def diffusion_loss(
-    unet: Any, scheduler: Any, latents: torch.Tensor, cond: dict[str, Any], gen: torch.Generator, s: LossSettings
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    cond: dict[str, Any],
+    gen: torch.Generator,
+    s: LossSettings,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Weighted loss between the UNet's prediction and the target for one batch (a scalar).
 
@@ -158,6 +192,7 @@ def diffusion_loss(
         cond: `hidden` (B, 77, D) and, for SDXL, `added` (text_embeds, time_ids).
         gen: the step's CPU generator (all randomness of the step comes from it).
         s: loss settings.
+        mask: (B, 1, h, w) masks in [0, 1]; used with `s.masked_loss` (None: unweighted, as for class images).
     """
     noise = make_noise(latents, gen, s)  # (B, C, h, w)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)  # (B,)
@@ -168,7 +203,8 @@ def diffusion_loss(
     v_pred = s.v_parameterization or scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, t) if v_pred else noise
     pred = unet(noisy, t, encoder_hidden_states=cond["hidden"], added_cond_kwargs=cond.get("added")).sample
-    loss = per_sample_loss(pred, target, s.loss_type, s.huber_c)  # (B,)
+    weight = mask_weights(mask, s.unmasked_weight) if s.masked_loss and mask is not None else None
+    loss = per_sample_loss(pred, target, s.loss_type, s.huber_c, weight)  # (B,)
     if s.min_snr_gamma or s.debiased_estimation:
         loss = loss * loss_weights(snr(scheduler, t), v_pred, s.min_snr_gamma, s.debiased_estimation)
     return loss.mean()
