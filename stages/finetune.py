@@ -96,10 +96,9 @@ def train(
     for epoch in range(progress["epoch"] + 1, params.epochs + 1):
         # this process's share of the epoch's batches, in an order set by (seed, epoch) alone
         batches = data.shard(data.epoch_batches(examples, params.batch_size, params.seed, epoch), rank, world)
-        # batch -> latents (B, 4, H/8, W/8) and, with masked_loss, masks (B, 1, H/8, W/8)
         load = partial(data.load_batch, scaling_factor=t.info.scaling_factor, masked=params.masked_loss)
         epoch_losses = []
-        for i, (batch, (latents, masks)) in enumerate(data.prefetch(batches, load)):
+        for i, (batch, (latents, masks)) in enumerate(data.prefetch(batches, load)):  # masks None unless masked
             step = progress["global_step"]
             draw = step * world + rank  # this process's random stream (= step with one process)
             # step the optimizer every `gradient_accumulation` batches and at the end of the epoch
