@@ -210,7 +210,7 @@ def lanczos_upscale(img: Image.Image, min_side: int) -> Image.Image:
 
 
 def resize_cover_crop(
-    img: Image.Image, width: int, height: int
+    img: Image.Image, width: int, height: int, resample: Image.Resampling = Image.Resampling.LANCZOS
 ) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
     """Resize so the image covers `width` x `height` (Lanczos), then centre-crop to it.
 
@@ -218,6 +218,7 @@ def resize_cover_crop(
         img: the source image.
         width: target width in pixels (≥ 1).
         height: target height in pixels (≥ 1).
+        resample: the filter (a mask takes the same geometry with BOX: no ringing past its edges).
 
     Returns:
         (cropped image of exactly `width` x `height`, crop top-left as (top, left) in resized
@@ -232,7 +233,7 @@ def resize_cover_crop(
     # ceil, not round: the covering side must never come out one pixel short of the target.
     rw = max(width, math.ceil(w * scale - 1e-9))
     rh = max(height, math.ceil(h * scale - 1e-9))
-    resized = img if (rw, rh) == (w, h) else img.resize((rw, rh), Image.Resampling.LANCZOS)
+    resized = img if (rw, rh) == (w, h) else img.resize((rw, rh), resample)
     top, left = (rh - height) // 2, (rw - width) // 2
     return resized.crop((left, top, left + width, top + height)), (top, left), original
 

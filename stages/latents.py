@@ -7,6 +7,13 @@ micro-conditioning needs them). Key: image pixels + bucket/crop/flip + VAE weigh
 version, so a changed image re-encodes alone and a changed VAE re-encodes all. Captions are not an
 input of this stage: changing the trigger never re-encodes a latent.
 
+Masks (masked loss): an image whose ingest row carries a `mask` (its alpha channel or
+`<stem>-mask.png`) gets the same cover-resize and centre crop applied to the mask (BOX filter),
+area-averaged down to the latent grid (h/8, w/8), mirrored with the flip, and stored as a `mask`
+tensor (1, h/8, w/8) in [0, 1] beside `latent` in the same entry; the mask's hash joins that
+entry's key (a changed mask re-encodes that image only), and its manifest row says `masked: true`.
+An image without a mask has no mask tensor and the key it always had.
+
 `latents.vae_check` (003 guide) decodes every cached latent again and measures what the VAE loses:
 PSNR per image, and the worst window of the worst images saved side by side (original |
 reconstruction | error) into `reports/vae_check/`, shown on the evaluation page. Results are cached
@@ -33,7 +40,7 @@ from loraforge.fanout import chunked
 from loraforge.models import ModelInfo
 from loraforge.safetensors_io import save_tensors
 from loraforge.store import Item, materialize
-from loraforge.vae import encode_batch
+from loraforge.vae import encode_batch, latent_mask
 from loraforge.vaecheck import check as vae_check_image
 from loraforge.vaecheck import decode_latent
 from stages.latents_params import Params
@@ -52,9 +59,16 @@ def plan_items(
     items = []
     for row in rows:
         bucket = grid.select(row["width"], row["height"])
+        mask = {"mask": row["mask_hash"]} if row.get("mask") else {}  # no mask: the key it always had
         for flip in (False, True) if params.flip else (False,):
             entry = store.item(
-                "latent", image=row["pixel_hash"], bucket=bucket, flip=flip, vae=vae_hash, dtype=params.vae_dtype
+                "latent",
+                image=row["pixel_hash"],
+                bucket=bucket,
+                flip=flip,
+                vae=vae_hash,
+                dtype=params.vae_dtype,
+                **mask,
             )
             items.append({"row": row, "bucket": bucket, "flip": flip, "item": entry, "key": entry.key})
     return items
@@ -84,9 +98,10 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         materialize(entry, outputs.latents / name)
         meta = read_latent_meta(entry)
         bucket_counts[f"{it['bucket'][0]}x{it['bucket'][1]}"] += 1
+        masked = {"masked": True} if it["row"].get("mask") else {}  # absent without a mask: manifests as before
         out_rows.append({"id": it["row"]["id"], "file": name, "bucket": list(it["bucket"]), "flip": it["flip"],
                          "original_size": meta["original_size"], "crop_top_left": meta["crop_top_left"],
-                         "repeats": it["row"].get("repeats", 1)})  # fmt: skip
+                         "repeats": it["row"].get("repeats", 1), **masked})  # fmt: skip
     write_jsonl(outputs.latents / "manifest.jsonl", out_rows)
     grid.save(outputs.latents)
     env.publish.table(
@@ -133,8 +148,9 @@ def job_vae(job: VaeJob) -> Any:
 def work_item(it: dict[str, Any]) -> dict[str, Any]:
     """The plain, picklable part of a work item that a chunk needs (no store objects)."""
     check = it.get("check")
-    return {"file": it["row"]["file"], "bucket": it["bucket"], "flip": it["flip"], "key": it["key"],
-            "check": check.key if check is not None else None, "window": it.get("window")}  # fmt: skip
+    return {"file": it["row"]["file"], "mask": it["row"].get("mask"), "bucket": it["bucket"], "flip": it["flip"],
+            "key": it["key"], "check": check.key if check is not None else None,
+            "window": it.get("window")}  # fmt: skip
 
 
 def encode_and_check(
@@ -181,10 +197,8 @@ def encode_chunk(job: VaeJob, batches: list[list[dict[str, Any]]]) -> int:
             w, h = it["bucket"]
             meta = {"bucket": f"{w}x{h}", "original_size": f"{original[0]}x{original[1]}",
                     "crop_top_left": f"{top_left[0]}x{top_left[1]}", "flip": str(it["flip"])}  # fmt: skip
-            tensor = latent.contiguous()
-            Item(job.store, "latent", it["key"]).put(
-                LATENT, lambda p, t=tensor, m=meta: save_tensors({"latent": t}, p, m)
-            )
+            tensors = {"latent": latent.contiguous(), **mask_for(it, job.images, latent.shape[-2:])}
+            Item(job.store, "latent", it["key"]).put(LATENT, lambda p, t=tensors, m=meta: save_tensors(t, p, m))
             if it["check"]:
                 store_check(vae, it, crop, latent, job.store)
         done += len(batch)
@@ -209,6 +223,22 @@ def crop_for(item: dict[str, Any], folder: Path) -> tuple[Any, tuple[int, int], 
     """
     with Image.open(folder / item["file"]) as img:
         return resize_cover_crop(img.convert("RGB"), *item["bucket"])
+
+
+def mask_for(item: dict[str, Any], folder: Path, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """`{"mask": (1, h, w)}` for an item with a mask: the bucket crop of the mask on the latent
+    grid (`loraforge.vae.latent_mask`); `{}` without one.
+
+    Args:
+        item: a work item (`mask`, `bucket`, `flip`).
+        folder: the input images folder.
+        size: (h, w) of the latent.
+    """
+    if not item.get("mask"):
+        return {}
+    with Image.open(folder / item["mask"]) as img:
+        crop = resize_cover_crop(img.convert("L"), *item["bucket"], resample=Image.Resampling.BOX)[0]
+    return {"mask": latent_mask(crop, item["flip"], tuple(size))}
 
 
 # ---------------------------------------------------------------- the VAE reconstruction check
