@@ -131,9 +131,35 @@ def tile_one(item: Ingested, rows: int, cols: int, store: ItemStore) -> list[Ing
                 pixel_hash=meta["pixel_hash"],
                 reused=item.reused and reused,
                 tile=name,
+                **sector_mask(item, box, store),
             )
         )
     return sectors
+
+
+def sector_mask(item: Ingested, box: tuple[int, int, int, int], store: ItemStore) -> dict[str, Any]:
+    """A sector's `mask` and `mask_hash`: the same box cut from the image's mask (cached); `{}`
+    for an image without a mask.
+
+    Args:
+        item: the image being cut.
+        box: the sector's (left, top, right, bottom).
+        store: the item store.
+    """
+    if item.mask is None:
+        return {}
+    cut: list[Image.Image] = []
+
+    def make(tmp: Path) -> None:
+        with Image.open(item.mask) as opened:
+            cut.append(opened.convert("L").crop(box))
+        save_png(cut[0], tmp)
+
+    path, _ = store.cached("mask-sector", {"mask": item.mask_hash, "box": list(box)}, ".png", make)
+    if not cut:
+        with Image.open(path) as opened:
+            cut.append(opened.convert("L"))
+    return {"mask": path, "mask_hash": pixel_hash(cut[0])}
 
 
 def metrics_entry(item: Ingested, store: ItemStore) -> Item:

@@ -1,8 +1,9 @@
 """Image helpers shared by the image stages: decode and normalise, hash, save, resize, JSONL.
 
 Pure functions over PIL images and paths; no torch. Every image that enters the pipeline goes
-through `decode_image`, which either returns an 8-bit RGB image or raises `ImageRejected` with a
-reason a user can act on ("empty file", "truncated: ..."), so a bad file is never silently skipped.
+through `decode_image` (or `decode_with_alpha`, which also returns its transparency as a mask),
+which either returns an 8-bit RGB image or raises `ImageRejected` with a reason a user can act on
+("empty file", "truncated: ..."), so a bad file is never silently skipped.
 """
 
 from __future__ import annotations
@@ -77,6 +78,49 @@ def decode_image(path: Path, background: tuple[int, int, int], max_pixels: int |
         ImageRejected: the file is empty, not an image, too large, truncated or corrupt, or of an
             unsupported pixel format; the reason names the problem.
     """
+    return to_rgb(open_upright(path, max_pixels), background)
+
+
+def decode_with_alpha(
+    path: Path, background: tuple[int, int, int], max_pixels: int | None = None
+) -> tuple[Image.Image, Image.Image | None]:
+    """`decode_image`'s RGB image and its alpha channel as an "L" mask (None when the image has
+    no transparency, or every pixel is opaque): the masked loss's mask (kohya's `alpha_mask`).
+
+    Args:
+        path: the file to read.
+        background: (r, g, b) colour that transparent pixels are composited onto.
+        max_pixels: see `decode_image`.
+
+    Raises:
+        ImageRejected: see `decode_image`.
+    """
+    upright = open_upright(path, max_pixels)
+    return to_rgb(upright, background), alpha_mask(upright)
+
+
+def alpha_mask(img: Image.Image) -> Image.Image | None:
+    """The alpha channel of a decoded image as an "L" image; None without transparency.
+
+    Args:
+        img: a loaded PIL image, before `to_rgb`.
+    """
+    if img.mode not in _WITH_ALPHA and not (img.mode == "P" and "transparency" in img.info):
+        return None
+    alpha = img.convert("RGBA").getchannel("A")
+    return None if alpha.getextrema() == (255, 255) else alpha
+
+
+def open_upright(path: Path, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode `path` (any training format), EXIF orientation applied; no mode change.
+
+    Args:
+        path: the file to read.
+        max_pixels: see `decode_image`.
+
+    Raises:
+        ImageRejected: see `decode_image`.
+    """
     path = Path(path)
     if path.stat().st_size == 0:
         raise ImageRejected("empty file")
@@ -88,7 +132,7 @@ def decode_image(path: Path, background: tuple[int, int, int], max_pixels: int |
                     f"{w}x{h} is {w * h / 1e6:.2f} MP, over `ingest.max_pixels` ({max_pixels / 1e6:g} MP)"
                 )
             opened.load()  # lazy by default: force the full decode so truncation shows up here
-            upright = ImageOps.exif_transpose(opened, in_place=True) or opened  # no copy when upright
+            return ImageOps.exif_transpose(opened, in_place=True) or opened  # no copy when upright
     except ImageRejected:
         raise
     except Image.UnidentifiedImageError:
@@ -98,7 +142,29 @@ def decode_image(path: Path, background: tuple[int, int, int], max_pixels: int |
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
         # Pillow reports broken data with any of these, depending on the codec.
         raise ImageRejected(f"cannot decode ({type(e).__name__}): {e}") from None
-    return to_rgb(upright, background)
+
+
+def decode_mask(path: Path, size: tuple[int, int], max_pixels: int | None = None) -> Image.Image:
+    """A mask file (`<stem>-mask.png`) as an upright "L" image (255 = train on this pixel, 0 = not).
+
+    Args:
+        path: the mask file.
+        size: (width, height) of its image, which the mask must match.
+        max_pixels: see `decode_image`.
+
+    Raises:
+        ImageRejected: the mask does not decode, or its size differs from the image's.
+    """
+    try:
+        upright = open_upright(path, max_pixels)
+    except ImageRejected as e:
+        raise ImageRejected(f"mask {Path(path).name}: {e.reason}") from None
+    if upright.mode in _SIXTEEN_BIT or upright.mode == "I":
+        upright = _sixteen_to_eight(upright)
+    mask = upright.convert("L")
+    if mask.size != tuple(size):
+        raise ImageRejected(f"mask {Path(path).name} is {mask.width}x{mask.height}, its image is {size[0]}x{size[1]}")
+    return mask
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:

@@ -3,6 +3,9 @@
 kohya's layout: `N_name/` subfolders give N repeats and class token `name` (`10_sks dog` → 10
 repeats, class token `sks dog`); `<stem>.txt` / `<stem>.caption` beside an image is its caption.
 Notes and tool files (`.md`, `.json`, `thumbs.db`...) are listed as ignored, never rejected.
+A `<stem>-mask.png` (or OneTrainer's `<stem>-masklabel.png`) beside an image is that image's
+mask for the masked loss, never an image itself; one with no image of its stem is listed as an
+orphan mask (and ignored).
 
 Also `Ingested`: a source image once decoded into the item store, which the ingest stage and
 dataset craft (`loraforge.craft`) pass around.
@@ -22,6 +25,7 @@ from loraforge.images import ImageRejected
 
 log = logging.getLogger(__name__)
 CAPTION_SUFFIXES = (".txt", ".caption")  # in order of precedence when both exist
+MASK_SUFFIXES = ("-mask.png", "-masklabel.png")  # `<stem>-mask.png`; OneTrainer: `<stem>-masklabel.png`
 # Notes and tool files that live beside datasets; listed under `ignored` in the report, not rejected.
 IGNORED_SUFFIXES = frozenset({".md", ".json", ".jsonl", ".yaml", ".yml", ".toml", ".npz"})
 IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
@@ -40,6 +44,7 @@ class SourceImage:
         repeats: times per epoch the trainer sees it (from an `N_name` folder, else 1).
         class_token: `name` of an `N_name` folder, else "".
         caption_file: the sidecar caption beside it, if any.
+        mask_file: the `<stem>-mask.png` beside it, if any.
     """
 
     path: Path
@@ -48,6 +53,7 @@ class SourceImage:
     repeats: int
     class_token: str
     caption_file: Path | None
+    mask_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,9 @@ class Ingested:
         caption: sidecar caption text, or None.
         reused: True when the store already held it (nothing decoded this run).
         tile: `r<row>c<col>` (1-based) for a precision-tiling sector, else None.
+        mask: its mask in the item store ("L" PNG of the same size; from the alpha channel or the
+            mask file), else None.
+        mask_hash: `pixel_hash` of the mask, else None.
     """
 
     source: SourceImage
@@ -73,17 +82,20 @@ class Ingested:
     caption: str | None
     reused: bool
     tile: str | None = None
+    mask: Path | None = None
+    mask_hash: str | None = None
 
 
 @dataclass(frozen=True)
 class SourceScan:
     """What the source folder holds. Every entry under it is in exactly one of `images`,
-    `rejected` or `ignored` (or is the sidecar caption of an image).
+    `rejected` or `ignored` (or is the sidecar caption or mask of an image).
 
     Attributes:
         images: files to try as images, sorted by relative path.
         ignored: relative paths of notes, tool files, hidden entries and orphan captions.
         orphan_captions: the caption files among `ignored` with no file of the same stem.
+        orphan_masks: the mask files among `ignored` with no image of their stem.
         folders: per top-level folder: its repeats and class token.
         rejected: `{"source", "reason"}` per entry refused before decoding (a symlink leading out
             of the source folder, a broken link, a link loop, a socket or device).
@@ -94,6 +106,7 @@ class SourceScan:
     orphan_captions: list[str]
     folders: dict[str, dict[str, Any]]
     rejected: list[dict[str, str]] = field(default_factory=list)
+    orphan_masks: list[str] = field(default_factory=list)
 
 
 def folder_convention(folder: str) -> tuple[int, str]:
@@ -176,8 +189,10 @@ def scan_source(root: Path, follow_symlinks: bool = False) -> SourceScan:
     rels = {path: rel for path, rel in walked}
     captions = {p for p in files if p.suffix.lower() in CAPTION_SUFFIXES}
     ignored = [p for p in files if p.suffix.lower() in IGNORED_SUFFIXES or p.name.lower() in IGNORED_NAMES]
-    candidates = [p for p in files if p not in captions and p not in set(ignored)]
+    masks = {p for p in files if mask_stem(p.name) is not None and p not in set(ignored)}
+    candidates = [p for p in files if p not in captions and p not in set(ignored) and p not in masks]
     stems = {(p.parent, p.stem) for p in candidates}
+    mask_of = {(m.parent, mask_stem(m.name)): m for m in sorted(masks, reverse=True)}  # `-mask` wins
     folders: dict[str, dict[str, Any]] = {}
     images = []
     for path in candidates:
@@ -189,15 +204,32 @@ def scan_source(root: Path, follow_symlinks: bool = False) -> SourceScan:
             if folder != ROOT_FOLDER and not token:
                 log.info("folder `%s` has no `N_name` prefix: repeats 1, no class token", folder)
         sidecar = next((c for c in _caption_candidates(path) if c in captions), None)
-        images.append(SourceImage(path, rels[path], folder, repeats, token, sidecar))
+        mask = mask_of.get((path.parent, path.stem))
+        images.append(SourceImage(path, rels[path], folder, repeats, token, sidecar, mask))
     orphans = sorted(rels[c] for c in captions if (c.parent, c.stem) not in stems)
+    lone = sorted(rels[m] for m in masks if (m.parent, mask_stem(m.name)) not in stems)
+    lone += sorted(rels[m] for m in masks if m not in mask_of.values() and rels[m] not in lone)  # both kinds
+    for rel in lone:
+        log.warning("%s: a mask file whose image is not there (or is not the mask used); ignored", rel)
     return SourceScan(
         images=images,
-        ignored=sorted([rels[p] for p in ignored] + hidden + orphans),
+        ignored=sorted([rels[p] for p in ignored] + hidden + orphans + lone),
         orphan_captions=orphans,
         folders=folders,
         rejected=refused,
+        orphan_masks=lone,
     )
+
+
+def mask_stem(name: str) -> str | None:
+    """The image stem a mask file name belongs to (`cat-mask.png` -> `cat`), None for other names.
+
+    Args:
+        name: a file name.
+    """
+    lower = name.lower()
+    suffix = next((s for s in MASK_SUFFIXES if lower.endswith(s)), None)
+    return name[: -len(suffix)] if suffix and len(name) > len(suffix) else None
 
 
 def _caption_candidates(path: Path) -> list[Path]:

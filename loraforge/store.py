@@ -49,11 +49,16 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "ingested-image": Kind(1, "a source file decoded to 8-bit RGB (.png) + width, height, pixel hash (.json)"),
+    "ingested-image": Kind(
+        1,
+        "a source file decoded to 8-bit RGB (.png), its mask (.mask.png) + width, height, pixel and mask hash (.json)",
+    ),
     "cleaned-image": Kind(1, "the anti-AI-filter cleanup of an image (.png) + its PSNR (.json)"),
     "tile-sector": Kind(1, "one sector of a tiled image (.png) + its gate measurements (.json)"),
+    "mask-sector": Kind(1, "the same sector cut from the image's mask (.png)"),
     "image-metrics": Kind(1, "DSB shares, sharpness, clipped share and dHash of an image (.json)"),
     "upscaled": Kind(2, "an image brought up to min_side (.png); 2: model upscales land exactly on it"),
+    "upscaled-mask": Kind(1, "an image's mask resized to its upscaled size (.png)"),
     "autocaption-blip": Kind(1, "a BLIP caption of an image (.txt)"),
     "autocaption-wd14": Kind(1, "a WD14 tagger's scores for an image (.json)"),
     "latent": Kind(1, "the VAE posterior mean of a bucket crop (.safetensors) + original size, crop box"),

@@ -4,6 +4,9 @@ Reads the user's folder (kohya layout, `loraforge.sources`: `N_name/` subfolders
 class token `name`; `<stem>.txt` / `<stem>.caption` beside an image is its caption) and writes:
 
     <images>/images/<id>.png   every kept image as 8-bit RGB PNG; id = first 16 hex of its pixel hash
+    <images>/masks/<id>.png    its mask (8-bit "L", 255 = train) for the masked loss, when it has one:
+                               the `<stem>-mask.png` beside it, else its alpha channel (kohya's
+                               `alpha_mask`); its manifest row then has `mask`, `mask_hash`, `mask_source`
     <images>/manifest.jsonl    one line per kept image, sorted by source path
     <images>/rejects.jsonl     {"source", "reason"} per file that could not be used
     <images>/duplicates.jsonl  {"source", "tile", "kept", "kept_tile", "distance"} per exact (distance 0)
@@ -26,11 +29,12 @@ in this order, on final pixels:
 Cleaned images, sectors and per-image metrics are item-store entries keyed by their input pixels
 and settings, so a rerun measures nothing twice.
 
-Caching: each source file's normalised PNG is an item-store entry keyed by the file's bytes, the
-background colour, the Pillow version and the kind's version (`loraforge.store.KINDS`), with a
-small JSON entry beside it holding width, height and pixel hash (written after the PNG, so it also
-marks the pair complete). A rerun over unchanged files only hashes them. Rejected files are not
-cached: they are few, and a transient read error must not stick.
+Caching: each source file's normalised PNG is an item-store entry keyed by the file's bytes (and
+its mask file's, when it has one), the background colour, the Pillow version and the kind's
+version (`loraforge.store.KINDS`), with its mask (`.mask.png`) and a small JSON entry beside it
+holding width, height, pixel hash and mask hash (written last, so it also marks the entry
+complete). A rerun over unchanged files only hashes them. Rejected files are not cached: they
+are few, and a transient read error must not stick.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import PIL
@@ -57,7 +61,8 @@ from loraforge.duplicates import settle_duplicates, split_duplicates
 from loraforge.errors import InputError, MissingInput
 from loraforge.fanout import chunked
 from loraforge.fingerprint import hash_file
-from loraforge.images import ImageRejected, decode_image, parse_color, pixel_hash, save_png, write_jsonl
+from loraforge.images import ImageRejected, decode_mask, decode_with_alpha, parse_color, pixel_hash, save_png
+from loraforge.images import write_jsonl
 from loraforge.models import native_resolution
 from loraforge.runner import Paths, StageEnv
 from loraforge.sources import Ingested, SourceImage, SourceScan, read_caption, scan_source
@@ -70,28 +75,32 @@ KIND = "ingested-image"
 SHOWN_REASONS = 5  # how many reject reasons the stop message quotes
 
 
-def image_item(store: ItemStore, source_hash: str, background: str) -> Item:
+def image_item(store: ItemStore, source_hash: str, background: str, mask_hash: str | None = None) -> Item:
     """Item-store entry of one normalised image.
 
     Args:
         store: the item store.
         source_hash: `hash_file` of the source file.
         background: the `#rrggbb` flatten colour (lower-case).
+        mask_hash: `hash_file` of its mask file, None without one (the key it had before masks).
     """
     # Pillow's version is an ingredient: a new decoder may produce different pixels.
-    return store.item(KIND, source=source_hash, background=background, decoder=f"pillow-{PIL.__version__}")
+    mask = {"mask_file": mask_hash} if mask_hash else {}
+    return store.item(KIND, source=source_hash, background=background, decoder=f"pillow-{PIL.__version__}", **mask)
 
 
-def _stored(entry: Item) -> tuple[Path, dict[str, Any]] | None:
-    # The JSON entry is written after the PNG: both present and readable means complete.
+def _stored(entry: Item) -> tuple[Path, dict[str, Any], Path | None] | None:
+    # The JSON entry is written last: present and readable (with its mask if it names one) means complete.
     png, meta_path = entry.get(".png"), entry.get(".json")
     if png is None or meta_path is None:
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        return png, {k: meta[k] for k in ("width", "height", "pixel_hash")}
+        meta = {k: meta[k] for k in ("width", "height", "pixel_hash", "mask_hash")}  # no mask_hash: made before masks
     except (ValueError, KeyError, TypeError):
         return None  # unreadable entry: recompute and overwrite it
+    mask = entry.get(".mask.png") if meta["mask_hash"] else None
+    return None if meta["mask_hash"] and mask is None else (png, meta, mask)
 
 
 def ingest_one(src: SourceImage, store: ItemStore, background: str, max_pixels: int | None = None) -> Ingested:
@@ -107,16 +116,21 @@ def ingest_one(src: SourceImage, store: ItemStore, background: str, max_pixels: 
         ImageRejected: the file (or its caption) cannot be used; the reason says why.
     """
     caption = read_caption(src.caption_file) if src.caption_file else None
-    entry = image_item(store, hash_file(src.path), background)
+    entry = image_item(store, hash_file(src.path), background, hash_file(src.mask_file) if src.mask_file else None)
     hit = _stored(entry)
     if hit is None:
-        img = decode_image(src.path, parse_color(background), max_pixels)
+        img, mask = decode_with_alpha(src.path, parse_color(background), max_pixels)
+        if src.mask_file:  # the mask file wins over the alpha channel
+            mask = decode_mask(src.mask_file, img.size, max_pixels)
         meta = {"width": img.width, "height": img.height, "pixel_hash": pixel_hash(img)}
+        meta["mask_hash"] = pixel_hash(mask) if mask is not None else None
         png = entry.put(".png", lambda p: save_png(img, p))
+        mask_png = entry.put(".mask.png", lambda p: save_png(mask, p)) if mask is not None else None
         entry.put_bytes(".json", json.dumps(meta).encode())
     else:
-        png, meta = hit
-    return Ingested(src, png, meta["width"], meta["height"], meta["pixel_hash"], caption, reused=hit is not None)
+        png, meta, mask_png = hit
+    return Ingested(src, png, meta["width"], meta["height"], meta["pixel_hash"], caption, reused=hit is not None,
+                    mask=mask_png, mask_hash=meta["mask_hash"])  # fmt: skip
 
 
 def assign_ids(kept: list[Ingested]) -> list[str]:
@@ -158,7 +172,23 @@ def manifest_row(item: Ingested, image_id: str) -> dict[str, Any]:
         "caption_source": "sidecar" if item.caption is not None else None,
         "pixel_hash": item.pixel_hash,
         "tile": item.tile,
+        **mask_fields(item, image_id),
     }
+
+
+def mask_fields(item: Ingested, image_id: str) -> dict[str, Any]:
+    """The manifest fields of an image's mask: `mask` (its file), `mask_hash`, `mask_source` (the
+    mask file's source path, or `alpha`); none for an image without a mask (rows as before masks).
+
+    Args:
+        item: the kept image.
+        image_id: its output id.
+    """
+    if item.mask is None:
+        return {}
+    mask_file = item.source.mask_file
+    source = (PurePosixPath(item.source.rel).parent / mask_file.name).as_posix() if mask_file else "alpha"
+    return {"mask": f"masks/{image_id}.png", "mask_hash": item.mask_hash, "mask_source": source}
 
 
 def check_reject_ratio(
@@ -232,6 +262,8 @@ def run(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[st
     rows = []
     for item, image_id in zip(kept, assign_ids(kept)):
         materialize(item.png, out / "images" / f"{image_id}.png")
+        if item.mask is not None:
+            materialize(item.mask, out / "masks" / f"{image_id}.png")
         rows.append(manifest_row(item, image_id))
     write_jsonl(out / "manifest.jsonl", rows)
     return {**_summary(scan, ingested, kept, rejects, duplicates, ratio), "dropped": dropped, **craft_report}
@@ -323,10 +355,12 @@ def _summary(
         "reject_ratio": round(ratio, 4),
         "duplicates": len(duplicates),
         "captions": sum(k.caption is not None for k in kept),
+        "masks": sum(k.mask is not None for k in kept),
         "samples_per_epoch": sum(k.source.repeats for k in kept),  # images × repeats
         "folders": folders,
         "rejected": rejects,
         "duplicates_dropped": duplicates,
         "ignored": scan.ignored,
         "orphan_captions": scan.orphan_captions,
+        "orphan_masks": scan.orphan_masks,
     }

@@ -3,6 +3,7 @@
 Small images train badly (the 001 guide: at least 1024 px for SDXL), so images whose short side
 is below `min_side` (default: the model's native resolution) are upscaled with Lanczos or with an
 ESRGAN-family network loaded by spandrel. Results are cached per image in the item store.
+An image's mask (masked loss) follows it: resized (bilinear) to the upscaled size, also cached.
 """
 
 from __future__ import annotations
@@ -128,17 +129,48 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         src, dst = inputs.images / row["file"], outputs.images / row["file"]
         if row["id"] not in entries:
             materialize(src, dst)
-            out_rows.append({**row, "upscaled_from": None})
+            out_rows.append({**row, **carry_mask(row, None, inputs.images, outputs.images, env.store),
+                             "upscaled_from": None})  # fmt: skip
             continue
         entry = entries[row["id"]].get(".png")
         materialize(entry, dst)
         with Image.open(entry) as img:
             size, digest = img.size, pixel_hash(img.convert("RGB"))  # new pixels: later caches key on this
         out_rows.append({**row, "width": size[0], "height": size[1], "pixel_hash": digest,
+                         **carry_mask(row, size, inputs.images, outputs.images, env.store),
                          "upscaled_from": [row["width"], row["height"]]})  # fmt: skip
     write_jsonl(outputs.images / "manifest.jsonl", out_rows)
     counts = {"computed": len(pending), "reused": len(small) - len(pending), "passed_through": len(rows) - len(small)}
     return {"items": len(rows), **counts, "min_side": min_side, "method": params.method}
+
+
+def carry_mask(
+    row: dict[str, Any], size: tuple[int, int] | None, images: Path, out: Path, store: "ItemStore"
+) -> dict[str, Any]:
+    """Bring a row's mask into the outputs: as it is (`size` None), or resized (bilinear) to its
+    image's upscaled `size` through the store. Returns the row's new `mask_hash` (`{}` without a mask).
+
+    Args:
+        row: the input manifest row.
+        size: the upscaled (width, height), or None when the image passed through.
+        images: the input images folder.
+        out: the output images folder.
+        store: the item store.
+    """
+    if not row.get("mask"):
+        return {}
+    if size is None:
+        materialize(images / row["mask"], out / row["mask"])
+        return {"mask_hash": row["mask_hash"]}
+
+    def make(tmp: Path) -> None:
+        with Image.open(images / row["mask"]) as mask:
+            save_png(mask.convert("L").resize(size, Image.Resampling.BILINEAR), tmp)
+
+    path, _ = store.cached("upscaled-mask", {"mask": row["mask_hash"], "size": list(size)}, ".png", make)
+    materialize(path, out / row["mask"])
+    with Image.open(path) as mask:
+        return {"mask_hash": pixel_hash(mask.convert("L"))}
 
 
 class Upscaler:

@@ -4,13 +4,18 @@ weighting the diffusion loss: at `unmasked_weight` 0, pixels outside the mask ge
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from loraforge.images import pixel_hash, read_jsonl, to_rgb
 from loraforge.tiny import build_tiny_sd15
 from loraforge.training import losses
+from tests.helpers import run_ingest as ingest
 
 
 class Spy:
@@ -96,3 +101,80 @@ def test_weighted_mean_formula() -> None:
     assert losses.per_sample_loss(pred, target, "l2", 0.1, w).item() == pytest.approx(expected)
     empty = losses.per_sample_loss(pred, target, "l2", 0.1, losses.mask_weights(torch.zeros(1, 1, 2, 2), 0.0))
     assert empty.item() == 0.0  # an all-zero mask trains nothing (no NaN)
+
+
+# ---------------------------------------------------------------- ingest: where masks come from
+
+
+def smooth(path: Path, size: tuple[int, int], seed: int, alpha: np.ndarray | None = None) -> None:
+    """A smooth random picture (RGBA when `alpha` (H, W) uint8 is given)."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(size, Image.Resampling.BILINEAR)
+    if alpha is not None:
+        img.putalpha(Image.fromarray(alpha))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def left_half(size: tuple[int, int], soft: bool = False) -> np.ndarray:
+    """(H, W) uint8 mask: 255 on the left half (a ramp across it with `soft`), 0 elsewhere."""
+    w, h = size
+    mask = np.zeros((h, w), dtype=np.uint8)
+    mask[:, : w // 2] = np.linspace(255, 64, w // 2).astype(np.uint8) if soft else 255
+    return mask
+
+
+def write_mask(path: Path, mask: np.ndarray) -> None:
+    Image.fromarray(mask).save(path)
+
+
+def masked_source(src: Path) -> Path:
+    """a.png + a-mask.png; b.png with an alpha channel; c.jpg plain (captioned); z-mask.png alone."""
+    smooth(src / "a.png", (150, 150), 0)
+    write_mask(src / "a-mask.png", left_half((150, 150)))
+    alpha = np.full((120, 210), 255, dtype=np.uint8)
+    alpha[60:, :] = 0  # the bottom half transparent
+    smooth(src / "5_cats" / "b.png", (210, 120), 1, alpha)
+    smooth(src / "c.png", (120, 200), 2)
+    (src / "c.txt").write_text("a caption", encoding="utf-8")
+    write_mask(src / "z-mask.png", left_half((64, 64)))
+    return src
+
+
+def pixels(path: Path, mode: str) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert(mode))
+
+
+def test_ingest_reads_masks_from_mask_files_and_alpha(tmp_path: Path) -> None:
+    src = masked_source(tmp_path / "src")
+    summary, out = ingest(src, tmp_path / "work")
+    rows = {r["source"]: r for r in read_jsonl(out / "manifest.jsonl")}
+    assert sorted(rows) == ["5_cats/b.png", "a.png", "c.png"], "a mask file is never an image"
+    assert rows["a.png"]["mask_source"] == "a-mask.png" and rows["5_cats/b.png"]["mask_source"] == "alpha"
+    assert np.array_equal(pixels(out / rows["a.png"]["mask"], "L"), left_half((150, 150)))
+    b_mask = pixels(out / rows["5_cats/b.png"]["mask"], "L")
+    assert (b_mask[:60] == 255).all() and (b_mask[60:] == 0).all()
+    # the RGB image is what it was before masks: alpha flattened onto the background, same bytes
+    with Image.open(src / "5_cats" / "b.png") as img:
+        flat = to_rgb(img.convert("RGBA"), (255, 255, 255))
+    assert rows["5_cats/b.png"]["pixel_hash"] == pixel_hash(flat)
+    assert "mask" not in rows["c.png"] and list(rows["c.png"])[-1] == "tile", "no mask: the row as before"
+    assert not (out / "masks" / f"{rows['c.png']['id']}.png").exists()
+    for row in rows.values():
+        if "mask" in row:
+            assert row["mask_hash"] == pixel_hash(Image.open(out / row["mask"]))
+    assert summary["masks"] == 2 and summary["orphan_masks"] == ["z-mask.png"]
+    listed = [*rows, *summary["ignored"], "a-mask.png", "c.txt"]  # a mask, like a caption, belongs to its image
+    assert sorted(listed) == sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+
+    # a changed mask decodes that image again, only it; a mask of the wrong size rejects its image
+    write_mask(src / "a-mask.png", left_half((150, 150), soft=True))
+    again, out = ingest(src, tmp_path / "work")
+    assert (again["computed"], again["reused"]) == (1, 2)
+    row = {r["source"]: r for r in read_jsonl(out / "manifest.jsonl")}["a.png"]
+    assert row["pixel_hash"] == rows["a.png"]["pixel_hash"] and row["mask_hash"] != rows["a.png"]["mask_hash"]
+    write_mask(src / "a-mask.png", left_half((100, 150)))
+    _, out = ingest(src, tmp_path / "work", max_reject_ratio=0.5)
+    (reject,) = read_jsonl(out / "rejects.jsonl")
+    assert reject == {"source": "a.png", "reason": "mask a-mask.png is 100x150, its image is 150x150"}
