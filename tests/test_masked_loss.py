@@ -4,6 +4,7 @@ weighting the diffusion loss: at `unmasked_weight` 0, pixels outside the mask ge
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
-from loraforge.images import pixel_hash, read_jsonl, to_rgb
+from loraforge.images import pixel_hash, read_jsonl, resize_cover_crop, to_rgb
+from loraforge.models import component_hash, resolve_model
+from loraforge.params import ModelParams
+from loraforge.runner import Paths, StageEnv
+from loraforge.store import ItemStore
 from loraforge.tiny import build_tiny_sd15
-from loraforge.training import losses
+from loraforge.training import data, losses
+from stages import latents as latents_stage
+from stages import upscale as upscale_stage
 from tests.helpers import run_ingest as ingest
 
 
@@ -178,3 +186,98 @@ def test_ingest_reads_masks_from_mask_files_and_alpha(tmp_path: Path) -> None:
     _, out = ingest(src, tmp_path / "work", max_reject_ratio=0.5)
     (reject,) = read_jsonl(out / "rejects.jsonl")
     assert reject == {"source": "a.png", "reason": "mask a-mask.png is 100x150, its image is 150x150"}
+
+
+# ---------------------------------------------------------------- latents: the mask on the latent grid
+
+
+def encode(images: Path, work: Path, state_dir: Path) -> tuple[dict[str, Any], Path]:
+    out = work / "latents"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    env = StageEnv(store=ItemStore(work / "store"), state_dir=state_dir, show_progress=False)
+    params = latents_stage.Params(model=ModelParams(base="builtin:tiny-sd15", device="cpu"), bucket_step=32, flip=True)
+    return latents_stage.run(params, Paths(images=images), Paths(latents=out), env), out
+
+
+@pytest.fixture
+def one_torch_thread() -> Any:
+    """The tiny VAE gains nothing from threads on a busy box; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_latents_carry_the_mask_at_latent_resolution(tmp_path: Path, state_dir: Path, one_torch_thread: Any) -> None:
+    src, work = masked_source(tmp_path / "src"), tmp_path / "work"
+    _, images = ingest(src, work)
+    summary, out = encode(images, work, state_dir)
+    rows = {r["source"]: r for r in read_jsonl(images / "manifest.jsonl")}
+    latents = {(r["id"], r["flip"]): r for r in read_jsonl(out / "manifest.jsonl")}
+    entry = {key: load_file(out / r["file"]) for key, r in latents.items()}
+    a, b, c = (rows[name]["id"] for name in ("a.png", "5_cats/b.png", "c.png"))
+
+    mask = entry[a, False]["mask"]  # 150x150 -> bucket 128x128 -> (1, 16, 16); the left half trains
+    assert mask.shape == (1, 16, 16) == (1, *entry[a, False]["latent"].shape[1:]) and mask.dtype == torch.float32
+    assert (mask[..., :7] > 0.99).all() and (mask[..., 9:] < 0.01).all() and 0 <= mask.min() <= mask.max() <= 1
+    with Image.open(images / rows["a.png"]["mask"]) as img:  # the image's own crop, area-averaged 8x8
+        crop = np.asarray(resize_cover_crop(img, 128, 128, Image.Resampling.BOX)[0], dtype=np.float32) / 255
+    assert torch.allclose(mask[0], torch.from_numpy(crop.reshape(16, 8, 16, 8).mean(axis=(1, 3))), atol=1e-6)
+    assert torch.equal(entry[a, True]["mask"], torch.flip(mask, dims=[-1])), "the flipped copy's mask is flipped"
+    alpha = entry[b, False]["mask"]  # 210x120 -> 160x96: (1, 12, 20); the opaque top half trains
+    assert alpha.shape == (1, 12, 20) and (alpha[:, :6] > 0.99).all() and (alpha[:, 6:] < 0.01).all()
+    assert "mask" not in entry[c, False] and "masked" not in latents[c, False] and latents[a, False]["masked"]
+
+    # an image without a mask keeps its key (caches made before masks stay valid)
+    row, vae = (
+        rows["c.png"],
+        component_hash(resolve_model(ModelParams(base="builtin:tiny-sd15"), state_dir), "vae", state_dir),
+    )
+    key = ItemStore(work / "store").item(
+        "latent", image=row["pixel_hash"], bucket=(96, 160), flip=False, vae=vae, dtype="float32"
+    )
+    assert key.get(".safetensors") is not None and torch.equal(
+        load_file(key.get(".safetensors"))["latent"], entry[c, False]["latent"]
+    )
+
+    # the trainer's batch: masks (B, 1, h, w), all ones for an image without one
+    examples = [{**latents[a, False], "path": out / latents[a, False]["file"]}]
+    lat, masks = data.load_batch(examples, 0.18215, masked=True)
+    assert lat.shape == (1, 4, 16, 16) and torch.equal(masks[0], mask)
+    assert torch.equal(
+        data.load_batch([{"path": out / latents[c, False]["file"]}], 1.0, True)[1], torch.ones(1, 1, 20, 12)
+    )
+    assert data.load_batch(examples, 1.0, masked=False)[1] is None
+
+    # a changed mask re-encodes that image (and its flipped copy) only
+    write_mask(src / "a-mask.png", 255 - left_half((150, 150)))
+    _, images = ingest(src, work)
+    again, out = encode(images, work, state_dir)
+    assert (summary["computed"], again["computed"], again["reused"]) == (6, 2, 4)
+    flipped = load_file(out / f"{a}.safetensors")["mask"]
+    assert (flipped[..., :7] < 0.01).all() and (flipped[..., 9:] > 0.99).all()
+
+
+# ---------------------------------------------------------------- upscale: the mask follows its image
+
+
+def test_upscale_resizes_the_mask_with_its_image(tmp_path: Path, state_dir: Path) -> None:
+    src, work = masked_source(tmp_path / "src"), tmp_path / "work"
+    _, images = ingest(src, work)
+    out = work / "upscaled"
+    out.mkdir()
+    env = StageEnv(store=ItemStore(work / "store"), state_dir=state_dir, show_progress=False)
+    params = upscale_stage.Params(model=ModelParams(base="builtin:tiny-sd15", device="cpu"), min_side=140)
+    upscale_stage.run(params, Paths(images=images), Paths(images=out), env)
+    before = {r["source"]: r for r in read_jsonl(images / "manifest.jsonl")}
+    rows = {r["source"]: r for r in read_jsonl(out / "manifest.jsonl")}
+    assert rows["a.png"]["upscaled_from"] is None and rows["a.png"]["mask_hash"] == before["a.png"]["mask_hash"]
+    b = rows["5_cats/b.png"]  # 210x120 -> 245x140, and its mask with it
+    assert (b["width"], b["height"]) == (245, 140) and b["mask_hash"] != before["5_cats/b.png"]["mask_hash"]
+    for row in (rows["a.png"], b):
+        with Image.open(out / row["mask"]) as mask:
+            assert mask.size == (row["width"], row["height"]) and row["mask_hash"] == pixel_hash(mask)
+    mask = pixels(out / b["mask"], "L")
+    assert (mask[:65] == 255).all() and (mask[75:] == 0).all()  # the opaque top half, scaled
+    assert "mask" not in rows["c.png"]
