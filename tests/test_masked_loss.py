@@ -4,6 +4,7 @@ weighting the diffusion loss: at `unmasked_weight` 0, pixels outside the mask ge
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from loraforge.runner import Paths, StageEnv
 from loraforge.store import ItemStore
 from loraforge.tiny import build_tiny_sd15
 from loraforge.training import data, losses
+from stages import finetune, finetune_settings
 from stages import latents as latents_stage
 from stages import upscale as upscale_stage
 from tests.helpers import run_ingest as ingest
@@ -200,19 +202,27 @@ def encode(images: Path, work: Path, state_dir: Path) -> tuple[dict[str, Any], P
     return latents_stage.run(params, Paths(images=images), Paths(latents=out), env), out
 
 
-@pytest.fixture
+@pytest.fixture(scope="module", autouse=True)
 def one_torch_thread() -> Any:
-    """The tiny VAE gains nothing from threads on a busy box; restored afterwards."""
+    """The tiny models gain nothing from threads on a busy box; restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-def test_latents_carry_the_mask_at_latent_resolution(tmp_path: Path, state_dir: Path, one_torch_thread: Any) -> None:
-    src, work = masked_source(tmp_path / "src"), tmp_path / "work"
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory: pytest.TempPathFactory, state_dir: Path) -> dict[str, Any]:
+    """`masked_source` ingested and encoded (tiny SD1.5, flip on): src, work, images, out, summary."""
+    root = tmp_path_factory.mktemp("masked")
+    src, work = masked_source(root / "src"), root / "work"
     _, images = ingest(src, work)
     summary, out = encode(images, work, state_dir)
+    return {"src": src, "work": work, "images": images, "out": out, "summary": summary}
+
+
+def test_latents_carry_the_mask_at_latent_resolution(encoded: dict[str, Any], tmp_path: Path, state_dir: Path) -> None:
+    work, images, out, summary = encoded["work"], encoded["images"], encoded["out"], encoded["summary"]
     rows = {r["source"]: r for r in read_jsonl(images / "manifest.jsonl")}
     latents = {(r["id"], r["flip"]): r for r in read_jsonl(out / "manifest.jsonl")}
     entry = {key: load_file(out / r["file"]) for key, r in latents.items()}
@@ -250,7 +260,10 @@ def test_latents_carry_the_mask_at_latent_resolution(tmp_path: Path, state_dir: 
     )
     assert data.load_batch(examples, 1.0, masked=False)[1] is None
 
-    # a changed mask re-encodes that image (and its flipped copy) only
+    # a changed mask re-encodes that image (and its flipped copy) only (in a copy: the fixture is shared)
+    src, work = tmp_path / "src", tmp_path / "work"
+    shutil.copytree(encoded["src"], src)
+    shutil.copytree(encoded["work"], work)
     write_mask(src / "a-mask.png", 255 - left_half((150, 150)))
     _, images = ingest(src, work)
     again, out = encode(images, work, state_dir)
@@ -281,3 +294,52 @@ def test_upscale_resizes_the_mask_with_its_image(tmp_path: Path, state_dir: Path
     mask = pixels(out / b["mask"], "L")
     assert (mask[:65] == 255).all() and (mask[75:] == 0).all()  # the opaque top half, scaled
     assert "mask" not in rows["c.png"]
+
+
+# ---------------------------------------------------------------- finetune: the loop hands the masks to the loss
+
+
+def test_finetune_trains_with_the_masks(
+    encoded: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, rows = encoded["out"], read_jsonl(encoded["images"] / "manifest.jsonl")
+    captions = tmp_path / "captions"
+    captions.mkdir()
+    (captions / "manifest.jsonl").write_text("".join(json.dumps({"id": r["id"], "caption": "x"}) + "\n" for r in rows))
+    seen: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    real = finetune.diffusion_loss
+
+    def spy(unet: Any, scheduler: Any, latents: torch.Tensor, *args: Any) -> torch.Tensor:
+        seen.append((latents, args[3] if len(args) > 3 else None))
+        return real(unet, scheduler, latents, *args)
+
+    monkeypatch.setattr(finetune, "diffusion_loss", spy)
+    model = ModelParams(base="builtin:tiny-sd15", device="cpu")
+    params = finetune.Params(model=model, epochs=1, batch_size=2, lr=1e-4, masked_loss=True, save_dtype="float32")
+    outputs = Paths(checkpoints=tmp_path / "ckpt", loss=tmp_path / "loss")
+    outputs.checkpoints.mkdir()
+    env = StageEnv(store=ItemStore(encoded["work"] / "store"), state_dir=tmp_path / "state", show_progress=False)
+    summary = finetune.run(params, Paths(latents=out, captions=captions), outputs, env)
+    assert summary["plan"]["masked_images"] == 2 and "masked loss: 2 of 3 images have a mask" in capsys.readouterr().out
+    assert len(seen) == 1 + 5 + 1  # batches of 2 in one bucket: a and its flipped copy; b (5_cats: 5 repeats); c
+    stored = {r["file"]: load_file(out / r["file"]).get("mask") for r in read_jsonl(out / "manifest.jsonl")}
+    expected = {tuple(m.shape[1:]): m for m in stored.values() if m is not None}
+    for latents, masks in seen:
+        assert masks is not None and masks.shape == (2, 1, *latents.shape[2:])
+        shape = tuple(latents.shape[2:])
+        if shape in expected:  # a masked image's batch: its mask and the flipped one (either order)
+            assert {masks[0].sum().item(), masks[1].sum().item()} == {expected[shape].sum().item()}
+            assert not torch.equal(masks, torch.ones_like(masks))
+        else:
+            assert torch.equal(masks, torch.ones_like(masks))  # c has no mask: all ones
+
+    # masked_loss on a dataset without masks: trains unmasked, with a warning line
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    c = next(r for r in read_jsonl(out / "manifest.jsonl") if "masked" not in r)
+    shutil.copy(out / c["file"], plain / c["file"])
+    (plain / "manifest.jsonl").write_text(json.dumps(c) + "\n")
+    _, plan = finetune_settings.plan_steps(params, Paths(latents=plain, captions=captions), env)
+    assert (
+        plan["masked_images"] == 0 and "WARNING: `finetune.masked_loss` is on but no image" in capsys.readouterr().out
+    )
