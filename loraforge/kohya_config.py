@@ -42,7 +42,7 @@ lr_scheduler_num_cycles finetune.lr_scheduler_num_cycles I      lr_scheduler_pow
 num_processes finetune.num_processes I      flip_aug latents.flip b      bucket_reso_steps latents.bucket_step i
 min_bucket_reso latents.min_bucket I      max_bucket_reso latents.max_bucket I      vae_batch_size latents.batch_size I
 clamp_quantile extract.clamp_quantile f      min_diff extract.min_diff f
-new_rank resize.rank i      dynamic_param resize.param F
+new_rank resize.rank i      dynamic_param resize.param F      alpha_mask finetune.masked_loss b
 """
 DIRECT: dict[str, tuple[str, str]] = {
     words[i]: (words[i + 1], words[i + 2]) for words in [_DIRECT_TABLE.split()] for i in range(0, len(words), 3)
@@ -81,7 +81,11 @@ _REASON_GROUPS = {
         "training starts from the base model; `finetune.resume: auto` continues loraforge's own runs"
     ),
     "min_timestep max_timestep": "timesteps are sampled over the full range",
-    "zero_terminal_snr masked_loss alpha_mask no_token_padding weighted_captions": "not implemented in loraforge",
+    "zero_terminal_snr no_token_padding weighted_captions": "not implemented in loraforge",
+    "masked_loss": (
+        "kohya reads these masks from conditioning_data_dir: put each beside its image as `<stem>-mask.png` "
+        "and set `finetune.masked_loss: true`"
+    ),
     "caption_extension": "captions are read from `.txt` / `.caption` sidecar files",
     "keep_tokens_separator secondary_separator enable_wildcard caption_prefix caption_suffix token_warmup_min "
     "token_warmup_step": "caption option loraforge does not have (edit the captions or `caption.template`)",

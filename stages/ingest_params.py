@@ -14,7 +14,9 @@ class Params:
     Attributes:
         source: folder of source images, relative to the project root.
         max_reject_ratio: stop the run when rejected files / all image files exceeds this.
-        background: `#rrggbb` colour that transparent pixels are flattened onto.
+        background: `#rrggbb` colour that transparent pixels are flattened onto (the alpha channel
+            itself becomes the image's mask for `finetune.masked_loss` unless a `<stem>-mask.png`
+            beside the image gives one; kohya's `alpha_mask`).
         dedupe: drop exact duplicates (same decoded pixels and size), keeping the first by path.
         clean_adversarial: run the anti-AI-filter cleanup (003 guide) on every image; off by default
             because it slightly softens every image.

@@ -377,3 +377,10 @@ def test_values_are_parsed_never_evaluated():
     }
     with pytest.raises(InputError, match="`optimizer_args`"):
         parse_pairs(["decouple"], "optimizer_args", Path("f"))
+
+
+def test_alpha_mask_turns_on_the_masked_loss_and_kohya_s_masked_loss_says_where_masks_go(project):
+    config = write(project / "masked.toml", "alpha_mask = true\nmasked_loss = true\nnetwork_dim = 4\n")
+    imp, _ = import_kohya(config, None, project / "params.yaml")
+    assert params_of(project)["finetune"]["masked_loss"] is True
+    assert "`<stem>-mask.png`" in dict(imp.unmapped)["masked_loss"]
