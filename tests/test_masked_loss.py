@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from loraforge.images import pixel_hash, read_jsonl, resize_cover_crop, to_rgb
 from loraforge.models import component_hash, resolve_model
-from loraforge.params import ModelParams
+from loraforge.params import DatasetParams, ModelParams, TileParams
 from loraforge.runner import Paths, StageEnv
 from loraforge.store import ItemStore
 from loraforge.tiny import build_tiny_sd15
@@ -343,3 +343,19 @@ def test_finetune_trains_with_the_masks(
     assert (
         plan["masked_images"] == 0 and "WARNING: `finetune.masked_loss` is on but no image" in capsys.readouterr().out
     )
+
+
+def test_tiling_cuts_the_mask_with_each_sector(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(30, 226, (64, 64, 3), dtype=np.uint8)).save(src / "big.png")
+    mask = rng.integers(0, 256, (64, 64), dtype=np.uint8)
+    write_mask(src / "big-mask.png", mask)
+    ds = DatasetParams(tile=(TileParams(source="big.png", rows=2, cols=2),), tile_min_sharpness=0, tile_max_clipped=1)
+    _, out = ingest(src, tmp_path / "work", dataset=ds)
+    rows = read_jsonl(out / "manifest.jsonl")
+    assert [r["tile"] for r in rows] == ["r1c1", "r1c2", "r2c1", "r2c2"]
+    for r, (top, left) in zip(rows, [(0, 0), (0, 32), (32, 0), (32, 32)]):
+        assert np.array_equal(pixels(out / r["mask"], "L"), mask[top : top + 32, left : left + 32])
+        assert r["mask_hash"] == pixel_hash(Image.open(out / r["mask"])) and r["mask_source"] == "big-mask.png"
