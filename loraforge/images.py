@@ -111,6 +111,19 @@ def alpha_mask(img: Image.Image) -> Image.Image | None:
     return None if alpha.getextrema() == (255, 255) else alpha
 
 
+def may_have_alpha(path: Path) -> bool:
+    """Whether a file's header says it has transparency (True when it cannot be read: ask the decoder).
+
+    Args:
+        path: the image file.
+    """
+    try:
+        with Image.open(path, formats=_allowed_formats()) as img:  # the header only: no pixel decoded
+            return img.mode in _WITH_ALPHA or "transparency" in img.info
+    except Exception:  # noqa: BLE001 - anything unreadable goes to the full decode, which explains it
+        return True
+
+
 def open_upright(path: Path, max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode `path` (any training format), EXIF orientation applied; no mode change.
 

@@ -62,7 +62,7 @@ from loraforge.errors import InputError, MissingInput
 from loraforge.fanout import chunked
 from loraforge.fingerprint import hash_file
 from loraforge.images import ImageRejected, decode_mask, decode_with_alpha, parse_color, pixel_hash, save_png
-from loraforge.images import write_jsonl
+from loraforge.images import may_have_alpha, write_jsonl
 from loraforge.models import native_resolution
 from loraforge.runner import Paths, StageEnv
 from loraforge.sources import Ingested, SourceImage, SourceScan, read_caption, scan_source
@@ -89,16 +89,26 @@ def image_item(store: ItemStore, source_hash: str, background: str, mask_hash: s
     return store.item(KIND, source=source_hash, background=background, decoder=f"pillow-{PIL.__version__}", **mask)
 
 
-def _stored(entry: Item) -> tuple[Path, dict[str, Any], Path | None] | None:
+def _stored(entry: Item, src: SourceImage) -> tuple[Path, dict[str, Any], Path | None] | None:
+    """The entry's (png, meta, mask png) when complete, else None (recompute and overwrite it).
+
+    Args:
+        entry: the image's store entry.
+        src: its source file (an entry made before masks is kept when the file has no transparency).
+    """
     # The JSON entry is written last: present and readable (with its mask if it names one) means complete.
     png, meta_path = entry.get(".png"), entry.get(".json")
     if png is None or meta_path is None:
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        meta = {k: meta[k] for k in ("width", "height", "pixel_hash", "mask_hash")}  # no mask_hash: made before masks
+        meta = {k: meta[k] for k in ("width", "height", "pixel_hash")} | {"mask_hash": meta.get("mask_hash", "?")}
     except (ValueError, KeyError, TypeError):
         return None  # unreadable entry: recompute and overwrite it
+    if meta["mask_hash"] == "?":  # made before masks: still right for a file without transparency
+        if src.mask_file or may_have_alpha(src.path):
+            return None
+        meta["mask_hash"] = None
     mask = entry.get(".mask.png") if meta["mask_hash"] else None
     return None if meta["mask_hash"] and mask is None else (png, meta, mask)
 
@@ -117,7 +127,7 @@ def ingest_one(src: SourceImage, store: ItemStore, background: str, max_pixels: 
     """
     caption = read_caption(src.caption_file) if src.caption_file else None
     entry = image_item(store, hash_file(src.path), background, hash_file(src.mask_file) if src.mask_file else None)
-    hit = _stored(entry)
+    hit = _stored(entry, src)
     if hit is None:
         img, mask = decode_with_alpha(src.path, parse_color(background), max_pixels)
         if src.mask_file:  # the mask file wins over the alpha channel

@@ -178,6 +178,13 @@ def test_ingest_reads_masks_from_mask_files_and_alpha(tmp_path: Path) -> None:
     listed = [*rows, *summary["ignored"], "a-mask.png", "c.txt"]  # a mask, like a caption, belongs to its image
     assert sorted(listed) == sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
 
+    # a store filled before masks: entries of files without transparency stay valid, the others decode again
+    manifest = (out / "manifest.jsonl").read_bytes()
+    for meta in (tmp_path / "work" / "store" / "ingested-image").rglob("*.json"):
+        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "mask_hash"}))
+    old, out = ingest(src, tmp_path / "work")
+    assert (old["computed"], old["reused"]) == (2, 1) and (out / "manifest.jsonl").read_bytes() == manifest
+
     # a changed mask decodes that image again, only it; a mask of the wrong size rejects its image
     write_mask(src / "a-mask.png", left_half((150, 150), soft=True))
     again, out = ingest(src, tmp_path / "work")
