@@ -127,7 +127,9 @@ class DeltaAdapter:
         strength: the initial strength.
     """
 
-    def __init__(self, models: Mapping[str, nn.Module], arch: str, tensors: Mapping[str, Tensor], strength: float = 1.0):
+    def __init__(
+        self, models: Mapping[str, nn.Module | None], arch: str, tensors: Mapping[str, Tensor], strength: float = 1.0
+    ):
         self.strength = strength
         self._restore: list[tuple[nn.Module, Any]] = []
         used: set[str] = set()
