@@ -140,6 +140,41 @@ def test_render_adapter_applies_the_file_at_a_strength_and_removes_cleanly(train
         DeltaAdapter({"unet": fresh["unet"]}, "sd15", tensors)
 
 
+def test_sdxl_lokr_uses_kohyas_sgm_names_and_renders_as_trained():
+    from loraforge.tiny import build_tiny_sdxl
+    from loraforge.training.lora_net import add_lora
+
+    torch.manual_seed(0)
+    unet, fresh = build_tiny_sdxl()["unet"], build_tiny_sdxl()["unet"]
+    net = add_lora(unet, "sdxl", "unet", LoraSettings(network_dim=2, network_alpha=1.0, network_algo="lokr"))
+    with torch.no_grad():  # a non-zero update without training: the zero-initialised factor drawn
+        for m in net.layers.values():
+            (m.lokr_w2 if m.use_w2 else m.lokr_w2_b).normal_(std=0.5)
+    tensors = net.kohya_state(1.0)
+    names = {k.split(".", 1)[0] for k in tensors}
+    assert set(lora_targets("sdxl", "unet", fresh.state_dict(), unet_config=dict(fresh.config)).values()) == names
+    assert any("_input_blocks_" in n for n in names) and not any("down_blocks" in n for n in names)
+    c = fresh.config
+    g = torch.Generator().manual_seed(0)
+    extra = {
+        "text_embeds": torch.randn(
+            1, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim, generator=g
+        ),
+        "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]),
+    }
+    x = (
+        torch.randn(1, 4, 16, 16, generator=g),
+        torch.tensor([500]),
+        torch.randn(1, 77, c.cross_attention_dim, generator=g),
+    )
+    with torch.no_grad():
+        want, base = unet.eval()(*x, added_cond_kwargs=extra).sample, fresh.eval()(*x, added_cond_kwargs=extra).sample
+        DeltaAdapter({"unet": fresh}, "sdxl", tensors)
+        got = fresh(*x, added_cond_kwargs=extra).sample  # (1, 4, 16, 16)
+    assert (want - base).abs().max() > 1e-4
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_network_algo_params_are_checked():
     from stages.finetune_params import Params
 
@@ -161,11 +196,11 @@ def test_network_algo_params_are_checked():
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """Tiny SD1.5 project with latents and captions of 4 demo images."""
+    """Tiny SD1.5 project with latents and captions of 2 demo images (3 repeats each)."""
     root = make_project(tmp_path_factory.mktemp("lyco") / "p", git=False)
     set_params(root, {"model": {"base": "builtin:tiny-sd15"}})
     images = sorted(p for p in (root / "data" / "demo").rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    for extra in images[4:]:
+    for extra in images[2:]:
         extra.unlink()
         extra.with_suffix(".txt").unlink(missing_ok=True)
     for stage in ("ingest", "upscale", "caption", "latents"):
@@ -186,8 +221,8 @@ def test_finetune_trains_loha_extract_and_resize_pass_it_through_evaluation_rend
 
     model = {"base": "builtin:tiny-sd15", "device": "cpu"}
     params = finetune.Params(
-        model=model, mode="lora", network_algo="loha", network_dim=4, network_alpha=2.0, conv_dim=2, epochs=1,
-        batch_size=2, lr=1e-2, save_dtype="float32", train_text_encoder=True, scale_weight_norms=0.5,
+        model=model, mode="lora", network_algo="loha", network_dim=4, network_alpha=2.0, epochs=1,
+        batch_size=3, lr=1e-2, save_dtype="float32", train_text_encoder=False, scale_weight_norms=0.5, ema_decay=0.5,
     )  # fmt: skip
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()
@@ -195,8 +230,10 @@ def test_finetune_trains_loha_extract_and_resize_pass_it_through_evaluation_rend
     finetune.run(params, data, Paths(checkpoints=ckpt, loss=tmp_path / "loss"), env(project))
     trained = ckpt / "epoch-0001" / "lora.safetensors"
     tensors, meta = load_lora(trained)
-    assert file_algo(tensors) == "loha" and any(k.startswith("lora_te_") for k in tensors)
-    assert json.loads(meta["ss_network_args"]) == {"algo": "loha", "conv_dim": 2, "conv_alpha": 1.0}
+    assert file_algo(tensors) == "loha" and all(k.startswith("lora_unet_") for k in tensors)
+    assert json.loads(meta["ss_network_args"]) == {"algo": "loha"} and meta["ss_network_module"] == "lycoris.kohya"
+    ema, _ = load_lora(ckpt / "epoch-0001" / "ema" / "lora.safetensors")  # the EMA saves the same layers
+    assert ema.keys() == tensors.keys() and any(not torch.equal(ema[k], tensors[k]) for k in tensors)
     # extract passes the trained file through, byte for byte
     loras, final = tmp_path / "loras", tmp_path / "final" / "lora.safetensors"
     loras.mkdir(), final.parent.mkdir(), (tmp_path / "resized").mkdir()
