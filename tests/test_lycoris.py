@@ -120,6 +120,15 @@ def test_lycoris_file_has_kohya_names_and_loads_back_equal(trained):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_resize_command_refuses_a_lycoris_file_in_one_line(trained, tmp_path):
+    from loraforge import cli
+
+    algo, _, _, file = trained
+    with pytest.raises(SystemExit, match=f"a {algo} file .* not SVD-resizable"):
+        cli.main(["resize", str(file), "--rank", "2", "--out", str(tmp_path / "small.safetensors")])
+    assert not (tmp_path / "small.safetensors").exists()
+
+
 def test_render_adapter_applies_the_file_at_a_strength_and_removes_cleanly(trained):
     _, c, _, file = trained
     tensors, _ = load_lora(file)
