@@ -198,6 +198,12 @@ def test_network_algo_params_are_checked():
         with pytest.raises(ValueError, match=message):
             Params(model={}, **given)
     assert Params(model={}, mode="lora", network_algo="lokr", network_factor=4).network_factor == 4
+    # locon is the plain LoRA network with the 3×3 convolutions: kohya's networks.lora file
+    from loraforge.training.lora_net import LoRANetwork, add_lora
+
+    net = add_lora(build_tiny_sd15()["unet"], "sd15", "unet", LoraSettings(conv_dim=2, network_algo="locon"))
+    state = net.kohya_state(1.0)
+    assert isinstance(net, LoRANetwork) and any(v.dim() == 4 and v.shape[-1] == 3 for v in state.values())
 
 
 # ---------------------------------------------------------------- the stages
