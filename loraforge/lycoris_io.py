@@ -4,7 +4,7 @@
 training, the load-back tests and evaluation share: which algorithm a file holds, and building
 lycoris' modules from a file onto a model's layers. Files name layers exactly as plain LoRA files
 do (`lora_unet_...`, `lora_te_...`, SDXL UNet in sgm names: `loraforge.lora.lora_targets`), with
-LyCORIS' suffixes, which ComfyUI and A1111 (built-in Lora extension, 1.9+) read:
+LyCORIS' suffixes, the keys ComfyUI's and A1111's LoRA loaders map:
 
     loha   <name>.hada_w1_a (out, r)  .hada_w1_b (r, in·k·k)  .hada_w2_a  .hada_w2_b  .alpha
            ΔW = (alpha/r) · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from loraforge.lora import PREFIXES, load_lora, lora_targets
-from loraforge.lycoris_io import DeltaAdapter, component_targets, file_algo
+from loraforge.lycoris_io import DeltaAdapter, component_targets, file_algo, layer_update, modules_from_weights
 from loraforge.runner import Paths, StageEnv, run_stage
 from loraforge.store import ItemStore
 from loraforge.tiny import build_tiny_sd15
@@ -237,7 +237,7 @@ def test_finetune_trains_loha_extract_and_resize_pass_it_through_evaluation_rend
     model = {"base": "builtin:tiny-sd15", "device": "cpu"}
     params = finetune.Params(
         model=model, mode="lora", network_algo="loha", network_dim=4, network_alpha=2.0, epochs=1,
-        batch_size=3, lr=1e-2, save_dtype="float32", train_text_encoder=False, scale_weight_norms=0.5, ema_decay=0.5,
+        batch_size=3, lr=1e-2, save_dtype="float32", train_text_encoder=False, scale_weight_norms=0.05, ema_decay=0.5,
     )  # fmt: skip
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()
@@ -247,6 +247,13 @@ def test_finetune_trains_loha_extract_and_resize_pass_it_through_evaluation_rend
     tensors, meta = load_lora(trained)
     assert file_algo(tensors) == "loha" and all(k.startswith("lora_unet_") for k in tensors)
     assert json.loads(meta["ss_network_args"]) == {"algo": "loha"} and meta["ss_network_module"] == "lycoris.kohya"
+    # max-norm held: every saved layer's ΔW (rebuilt by lycoris' loader) is within 0.05
+    head, *rows = (tmp_path / "loss" / "steps.tsv").read_text().splitlines()
+    assert int(dict(zip(head.split("\t"), rows[-1].split("\t")))["keys_scaled"]) > 0
+    unet = build_tiny_sd15()["unet"]
+    layers = modules_from_weights(unet, component_targets(unet, "sd15", "unet"), tensors)
+    assert layers.keys() == {k.split(".")[0] for k in tensors}
+    assert max(layer_update(m).norm().item() for m in layers.values()) <= 0.05 * 1.001
     ema, _ = load_lora(ckpt / "epoch-0001" / "ema" / "lora.safetensors")  # the EMA saves the same layers
     assert ema.keys() == tensors.keys() and any(not torch.equal(ema[k], tensors[k]) for k in tensors)
     # extract passes the trained file through, byte for byte
