@@ -2,6 +2,7 @@
 
     epoch-NNNN/unet.safetensors, text_encoder*.safetensors   mode full: diffusers key names
     epoch-NNNN/lora.safetensors                              mode lora: kohya format, `ss_*` metadata
+                                                             (LyCORIS keys with network_algo loha/lokr/dora)
     epoch-NNNN/model.safetensors                             finetune.save_single_file: the whole model,
                                                              original layout (A1111, ComfyUI)
     epoch-NNNN/meta.json                                     epoch, step, loss, model, settings

@@ -6,6 +6,9 @@ A LoRA module patches the forward of the layer it adapts (kohya's approach), so 
 module tree and state-dict names stay untouched:
 
     y = W x + (alpha / rank) · up(dropout(down(x)))        down: (rank, in), up: (out, rank)
+
+`network_algo` loha, lokr and dora attach lycoris' modules instead, on the same targets
+(`loraforge.training.lycoris_net`).
 """
 
 from __future__ import annotations
