@@ -48,8 +48,11 @@ DIRECT: dict[str, tuple[str, str]] = {
     words[i]: (words[i + 1], words[i + 2]) for words in [_DIRECT_TABLE.split()] for i in range(0, len(words), 3)
 }
 _KINDS = {"f": "a number", "i": "an integer", "b": "true or false", "s": "a string"}
-LYCORIS = "algo use_cp use_tucker use_scalar rank_dropout_scale constrain rescaled train_norm bypass_mode dora_wd "
-LYCORIS += "decompose_both factor unit train_on_input"
+LYCORIS = "algo use_cp use_scalar rank_dropout_scale constrain rescaled train_norm bypass_mode "
+LYCORIS += "unit train_on_input"
+LYCORIS_MAPPED = "dora_wd factor decompose_both use_tucker"  # with algo loha/lokr: `lycoris_settings`
+# the GUI's LyCORIS types loraforge trains (`finetune.network_algo`)
+LYCORIS_TYPES = {"LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr"}
 _REASON_GROUPS = {
     "xformers sdpa mem_eff_attn": "loraforge uses torch SDPA attention; no setting needed",
     "cache_latents cache_latents_to_disk": "latents are always cached (content-addressed)",
@@ -95,7 +98,8 @@ _REASON_GROUPS = {
     "lr_scheduler_args lr_scheduler_type": "loraforge's schedulers take no extra arguments",
     "stop_text_encoder_training": "the text encoders train for the whole run (`finetune.text_encoder_lr: 0` freezes)",
     "network_train_text_encoder_only": "loraforge always trains the UNet",
-    LYCORIS: "LyCORIS option: loraforge trains LoRA (LoCon with `finetune.conv_dim`)",
+    LYCORIS: "LyCORIS option: loraforge trains lora, locon, loha, lokr, dora (`finetune.network_algo`)",
+    LYCORIS_MAPPED: "applies to `finetune.network_algo` loha / lokr / dora only",
     "huber_schedule huber_scale": "loraforge's pseudo-Huber threshold is constant (`finetune.huber_c`)",
     "log_with log_tracker_name log_tracker_config log_config use_wandb wandb_api_key wandb_run_name": (
         "progress goes to the Prefect UI and reports/"
@@ -125,7 +129,7 @@ INERT: dict[str, tuple[Any, ...]] = {
     "model_prediction_type": ("sigma_scaled",), "weighting_scheme": ("logit_normal",), "mode_scale": (1.29,),
     "t5xxl_dtype": ("bf16",), "t5xxl_max_token_length": (512,), "sd3_text_encoder_batch_size": (1,),
     "train_blocks": ("all",), "algo": ("lora", "locon"), "network_module": ("networks.lora", "networks.lora_sdxl"),
-    "LoRA_type": ("Standard", "Kohya LoCon", "LyCORIS/LoCon", "LoCon"),
+    "LoRA_type": ("Standard", "Kohya LoCon", "LyCORIS/LoCon", "LoCon", *LYCORIS_TYPES),
 }  # fmt: skip
 # GUI bookkeeping, or settings that loraforge reads off the model itself
 SILENT = set(
@@ -142,7 +146,8 @@ OPTIMIZERS = {
 PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32", "no": "float32"}
 PICKLE_FILE = (".ckpt", ".pt", ".pth", ".bin")
 REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: `2_lfx style` -> 2 repeats, class tokens `lfx style`
-NETWORK_ARGS = ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "algo")  # kept; others reported
+NETWORK_ARGS = ("conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "algo", "dora_wd", "factor")
+NETWORK_ARGS += ("decompose_both", "use_tucker")  # kept; others reported
 # read by `loraforge.kohya_import`'s map_* functions (mapped, reported, or ignored as kohya would)
 HANDLED = set(
     "train_data_dir image_folder reg_data_dir pretrained_model_name_or_path vae no_half_vae sdxl_no_half_vae "
@@ -186,7 +191,9 @@ def ignored_by_kohya(s: dict[str, Any], lora: bool) -> set[str]:
     if not any(number(s.get(k)) for k in ("sample_every_n_epochs", "sample_every_n_steps")):
         unused |= {"sample_sampler", "sample_prompts"}
     if "LoRA_type" in s and not str(s["LoRA_type"]).startswith("LyCORIS"):
-        unused |= set(LYCORIS.split()) | ({"conv_dim", "conv_alpha"} if s["LoRA_type"] == "Standard" else set())
+        unused |= set(f"{LYCORIS} {LYCORIS_MAPPED}".split()) | (
+            {"conv_dim", "conv_alpha"} if s["LoRA_type"] == "Standard" else set()
+        )
     if not lora:  # a finetune's network keys, if any, are inert
         unused |= {"network_dim", "network_alpha", "conv_dim", "conv_alpha", "unet_lr", "text_encoder_lr"}
     return unused | ({"max_train_steps"} if number(s.get("max_train_epochs")) or number(s.get("epoch")) else set())
@@ -293,6 +300,29 @@ def number(value: Any) -> float | int | None:
         return float(value.strip()) if isinstance(value, str) else None
     except ValueError:
         return None
+
+
+def lycoris_settings(s: dict[str, Any], where: Path) -> list[tuple[str, Any, str]]:
+    """The `finetune.network_algo` (and its LoKr / Tucker options) a LyCORIS config asks for, as
+    (params key, value, kohya key): `algo=loha|lokr` (or the GUI's `LyCORIS/LoHa|LoKr`), and
+    `dora_wd=True` on a LoRA / LoCon -> `dora`. Empty for a plain LoRA.
+
+    Args:
+        s: the settings (`network_args` spelled out).
+        where: the config file (error messages).
+    """
+    algo = str(s.get("algo") or LYCORIS_TYPES.get(str(s.get("LoRA_type")), "")).lower()
+    source = "algo" if s.get("algo") else "LoRA_type"
+    dora = s.get("dora_wd") not in (None, "") and coerce(s["dora_wd"], "b", "dora_wd", where)
+    if algo not in ("loha", "lokr") and not (dora and algo in ("", "lora", "locon")):
+        return []
+    out = [("finetune.network_algo", algo if algo in ("loha", "lokr") else "dora", source if not dora else "dora_wd")]
+    if algo == "lokr" and s.get("factor") not in (None, "", -1, "-1"):
+        out.append(("finetune.network_factor", coerce(s["factor"], "i", "factor", where), "factor"))
+    for key in ("decompose_both", "use_tucker"):
+        if s.get(key) not in (None, "") and coerce(s[key], "b", key, where) and (key == "use_tucker" or algo == "lokr"):
+            out.append((f"finetune.{key}", True, key))
+    return out
 
 
 def inactive(value: Any, key: str) -> bool:

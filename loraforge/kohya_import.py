@@ -290,6 +290,8 @@ def map_optimizer_and_network(s: dict[str, Any], lora: bool, imp: Imported) -> N
     imp.put("finetune.network_alpha", 1.0 if alpha is None else alpha, "network_alpha")
     imp.put("resize.rank", dim, "network_dim (the trained LoRA ships at its rank)")
     imp.put("resize.method", "fixed", "network_dim (the trained LoRA ships at its rank)")
+    for target, value, source in kc.lycoris_settings(s, imp.config):  # LoHa / LoKr / DoRA
+        imp.put(target, value, source)
     for key in ("LoRA_type", "network_module"):
         value = s.get(key)
         if not kc.inactive(value, key) and not (key == "network_module" and value == "lycoris.kohya"):

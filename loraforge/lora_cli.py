@@ -156,12 +156,18 @@ def cmd_resize(args: argparse.Namespace) -> int:
 
     from loraforge.lora import load_lora, save_lora
     from loraforge.lora_resize import layer_table, resize_lora, resize_metadata
+    from loraforge.lycoris_io import file_algo
 
     if args.rank < 1:
         raise SystemExit(f"loraforge resize: `--rank` must be ≥ 1, got {args.rank}")
     if not args.lora.is_file():
         raise SystemExit(f"loraforge resize: {args.lora} does not exist")
     tensors, metadata = load_lora(args.lora)
+    if file_algo(tensors) != "lora":
+        raise SystemExit(
+            f"loraforge resize: {args.lora}: a {file_algo(tensors)} file (LyCORIS / DoRA) is not SVD-resizable; "
+            "use it at its trained size"
+        )
     try:
         resized, stats = resize_lora(
             tensors, rank=args.rank, method=args.method, param=args.param, device=_device(args.device)

@@ -221,10 +221,16 @@ class Renderer:
         self.info, self.device = info, model.device
         self._pipe: Any = None
         self._adapter: str | None = None
+        self._lycoris: Any = None  # a DeltaAdapter while a LyCORIS / DoRA file is applied
         self.computed = self.reused = 0
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_pipe": None, "_adapter": None}  # a worker loads the pipeline itself
+        return {
+            **self.__dict__,
+            "_pipe": None,
+            "_adapter": None,
+            "_lycoris": None,
+        }  # a worker loads the pipeline itself
 
     def item(self, lora_hash: str, prompt: str, seed: int, weight: float) -> Item:
         """The store entry of one image.
@@ -256,6 +262,8 @@ class Renderer:
 
     def _set_lora(self, pipe: Any, lora: Path | None, weight: float) -> None:
         """Switch the pipeline's adapter to `lora` at `weight` (None: LoRA off, the base model).
+        Plain LoRA files load as diffusers adapters; LyCORIS / DoRA files (which diffusers does
+        not apply) through `loraforge.lycoris_io.DeltaAdapter`, with `weight` as its strength.
 
         Args:
             pipe: the loaded diffusers pipeline.
@@ -263,17 +271,32 @@ class Renderer:
             weight: the adapter weight.
         """
         if lora is None:
-            if self._adapter:
+            if self._lycoris is not None:
+                self._lycoris.strength = 0.0
+            elif self._adapter:
                 pipe.disable_lora()
             return
         name = lora.stem.replace("-", "_").replace(".", "_")
         if self._adapter != name:
-            if self._adapter:
-                pipe.delete_adapters(self._adapter)
-            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=name)
+            self._drop_adapter(pipe)
+            self._lycoris = lycoris_adapter(pipe, self.info.arch, lora)
+            if self._lycoris is None:
+                pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=name)
             self._adapter = name
+        if self._lycoris is not None:
+            self._lycoris.strength = weight
+            return
         pipe.enable_lora()
         pipe.set_adapters([name], adapter_weights=[weight])
+
+    def _drop_adapter(self, pipe: Any) -> None:
+        """Unload the current adapter (diffusers' or the LyCORIS one)."""
+        if self._lycoris is not None:
+            self._lycoris.remove()
+            self._lycoris = None
+        elif self._adapter:
+            pipe.delete_adapters(self._adapter)
+        self._adapter = None
 
     def _generate(self, lora: Path | None, prompt: str, seed: int, weight: float) -> Image.Image:
         """One image from the pipeline (loaded on first use).
@@ -296,6 +319,25 @@ class Renderer:
             height=self.size,
             generator=torch.Generator().manual_seed(seed),
         ).images[0]
+
+
+def lycoris_adapter(pipe: Any, arch: str, lora: Path) -> Any:
+    """A `DeltaAdapter` applying a LyCORIS / DoRA file to the pipeline's UNet and text encoders
+    (at strength 1), or None when the file is a plain LoRA (diffusers loads those).
+
+    Args:
+        pipe: the diffusers pipeline.
+        arch: `sd15` or `sdxl`.
+        lora: the `.safetensors` file.
+    """
+    from loraforge.lora import load_lora
+    from loraforge.lycoris_io import DeltaAdapter, file_algo
+
+    tensors, _ = load_lora(lora)
+    if file_algo(tensors) == "lora":
+        return None
+    names = ("unet", "text_encoder", "text_encoder_2")
+    return DeltaAdapter({n: getattr(pipe, n, None) for n in names}, arch, tensors)
 
 
 def render_chunk(renderer: Renderer, shots: list[dict[str, Any]]) -> int:

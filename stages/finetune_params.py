@@ -25,6 +25,20 @@ class Params:
         rank_dropout: drop whole rank channels per sample with this probability.
         module_dropout: skip a whole LoRA module for a step with this probability.
         scale_weight_norms: cap each LoRA update's norm after every step (max-norm); the 003 guide: 1; 0 = off.
+        network_algo: the adapter trained in mode lora (kohya's `--network_module lycoris.kohya
+            --network_args algo=...`): `lora` (default; `conv_dim` makes it LoCon), `locon` (the
+            same, and says so: needs `conv_dim` > 0), `loha` (LyCORIS LoHa, Hadamard product of
+            two low-rank pairs), `lokr` (LyCORIS LoKr, Kronecker product), `dora` (LoRA with a
+            learned per-output magnitude: LyCORIS' `dora_wd=True`, peft's `use_dora`). loha, lokr
+            and dora train through the `lycoris-lora` package and save LyCORIS keys
+            (`.hada_*`, `.lokr_*`, `.dora_scale`) that ComfyUI and A1111 load; `resize` passes
+            them through unresized; not with `network_dropout` for loha / lokr (LyCORIS has none).
+        network_factor: LoKr's Kronecker factor (LyCORIS `factor`); -1 (default) = the most
+            balanced split of each dimension.
+        decompose_both: LoKr: also decompose the smaller Kronecker factor into a low-rank pair
+            (LyCORIS `decompose_both`); default off.
+        use_tucker: Tucker decomposition of the 3×3 convolutions (LyCORIS `use_tucker`; loha,
+            lokr, dora with `conv_dim` > 0); default off.
         epochs: passes over the (repeated) dataset; the 001 guide trains 100.
         batch_size: images per step (same bucket); the 001 guide: 1, with accumulation 3.
         gradient_accumulation: steps whose gradients are summed before one optimizer step.
@@ -115,6 +129,10 @@ class Params:
     rank_dropout: float = Field(0.0, ge=0, lt=1)
     module_dropout: float = Field(0.0, ge=0, lt=1)
     scale_weight_norms: float = Field(0.0, ge=0)
+    network_algo: Literal["lora", "locon", "loha", "lokr", "dora"] = "lora"
+    network_factor: int = Field(-1, ge=-1)
+    decompose_both: bool = False
+    use_tucker: bool = False
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(1, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
@@ -178,4 +196,25 @@ class Params:
             )
         if self.save_single_file and self.mode != "full":
             raise ValueError("`finetune.save_single_file` writes whole models: it needs `finetune.mode: full`")
+        self._check_network_algo()
         return self
+
+    def _check_network_algo(self) -> None:
+        algo = self.network_algo
+        if algo != "lora" and self.mode != "lora":
+            raise ValueError(f"`finetune.network_algo: {algo}` trains an adapter: it needs `finetune.mode: lora`")
+        if algo == "locon" and not self.conv_dim:
+            raise ValueError("`finetune.network_algo: locon` trains the 3×3 convolutions: set `finetune.conv_dim` > 0")
+        if algo in ("loha", "lokr") and self.network_dropout:
+            raise ValueError(f"`finetune.network_dropout` is not implemented by LyCORIS {algo}: set it to 0")
+        if algo == "dora" and self.scale_weight_norms:
+            raise ValueError(
+                "`finetune.scale_weight_norms` does not apply to `network_algo: dora` (its norm is learned)"
+            )
+        if algo != "lokr" and (self.network_factor != -1 or self.decompose_both):
+            key = "network_factor" if self.network_factor != -1 else "decompose_both"
+            raise ValueError(f"`finetune.{key}` applies to `finetune.network_algo: lokr` only (it is `{algo}`)")
+        if self.use_tucker and algo not in ("loha", "lokr", "dora"):
+            raise ValueError(f"`finetune.use_tucker` applies to `network_algo` loha, lokr or dora (it is `{algo}`)")
+        if self.network_factor == 0:
+            raise ValueError("`finetune.network_factor` must be -1 (balanced) or a factor ≥ 1, got 0")

@@ -236,7 +236,7 @@ def test_003_gui_json_reads_the_guide_s_quoted_optimizer_arguments(project):
 
 def test_what_loraforge_does_not_train_is_reported_not_written(project):
     config = {
-        "LoRA_type": "LyCORIS/LoHa",
+        "LoRA_type": "LyCORIS/iA3",
         "pretrained_model_name_or_path": "D:/models/sd_xl_base_1.0.ckpt",
         "vae": "D:/models/sdxl_vae.safetensors",
         "optimizer": "DAdaptAdanIP",
@@ -244,15 +244,36 @@ def test_what_loraforge_does_not_train_is_reported_not_written(project):
         "max_resolution": "1024,768",
         "network_dim": 8,
     }
-    imp, _ = import_kohya(write(project / "loha.json", config), None, project / "params.yaml")
+    imp, _ = import_kohya(write(project / "ia3.json", config), None, project / "params.yaml")
     reasons = dict(imp.unmapped)
     assert "model.allow_pickle" in reasons["pretrained_model_name_or_path"]  # mapped, with the opt-in it needs
-    assert "'LyCORIS/LoHa'" in reasons["LoRA_type"] and "DAdaptAdanIP" in reasons["optimizer"]
+    assert "'LyCORIS/iA3'" in reasons["LoRA_type"] and "DAdaptAdanIP" in reasons["optimizer"]
     assert "about 886" in reasons["max_resolution"]  # the same bucket area as 1024 × 768
     p = params_of(project)
     assert p["model"]["base"] == "D:/models/sd_xl_base_1.0.ckpt" and p["latents"]["resolution"] is None
     assert p["model"]["vae"] == "D:/models/sdxl_vae.safetensors"
     assert p["finetune"]["mode"] == "lora" and "optimizer_args" not in p["finetune"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"network_module": "lycoris.kohya", "network_args": ["algo=loha", "use_tucker=True"]}, ("loha", None, True)),
+        ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=8"]}, ("lokr", 8, None)),
+        ({"network_module": "lycoris.kohya", "network_args": ["algo=locon", "dora_wd=True"]}, ("dora", None, None)),
+        ({"LoRA_type": "LyCORIS/LoKr", "factor": -1, "decompose_both": True}, ("lokr", None, None)),
+    ],
+)
+def test_lycoris_algo_and_dora_map_onto_network_algo(project, settings, expected):
+    config = {"pretrained_model_name_or_path": "runwayml/stable-diffusion-v1-5", "network_dim": 8, **settings}
+    imp, _ = import_kohya(write(project / "lyco.json", config), None, project / "params.yaml")
+    f = params_of(project)["finetune"]
+    assert (f["network_algo"], f.get("network_factor"), f.get("use_tucker")) == expected
+    assert f.get("decompose_both") is (True if "decompose_both" in settings else None)
+    assert [k for k, _ in imp.unmapped if "algo" in k or "dora" in k or "factor" in k or "LoRA_type" in k] == []
+    from stages.finetune_params import Params
+
+    Params(model={}, **{k: v for k, v in f.items()})  # what was written validates
 
 
 def test_a_dataset_config_gives_images_repeats_trigger_and_reg_images(project):

@@ -2,6 +2,7 @@
 
     epoch-NNNN/unet.safetensors, text_encoder*.safetensors   mode full: diffusers key names
     epoch-NNNN/lora.safetensors                              mode lora: kohya format, `ss_*` metadata
+                                                             (LyCORIS keys with network_algo loha/lokr/dora)
     epoch-NNNN/model.safetensors                             finetune.save_single_file: the whole model,
                                                              original layout (A1111, ComfyUI)
     epoch-NNNN/meta.json                                     epoch, step, loss, model, settings
@@ -203,8 +204,7 @@ def save_lora_checkpoint(
     }
     if meta is not None:
         training.update(ss_epoch=meta["epoch"], ss_steps=meta["global_step"])
-    if s.lora.conv_dim:
-        training["ss_network_args"] = {"conv_dim": s.lora.conv_dim, "conv_alpha": s.lora.conv_alpha}
+    training.update(network_args(s.lora))
     save_lora(
         folder / "lora.safetensors",
         tensors,
@@ -212,6 +212,26 @@ def save_lora_checkpoint(
     )
     if meta is not None:
         (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def network_args(lora: LoraSettings) -> dict[str, Any]:
+    """`ss_network_module` / `ss_network_args` as kohya writes them: `networks.lora` (+ LoCon's
+    conv_dim), or `lycoris.kohya` with `algo` (DoRA: `locon` with `dora_wd`) and its options.
+
+    Args:
+        lora: the network settings.
+    """
+    args: dict[str, Any] = {"conv_dim": lora.conv_dim, "conv_alpha": lora.conv_alpha} if lora.conv_dim else {}
+    if lora.network_algo not in ("loha", "lokr", "dora"):
+        return {"ss_network_args": args} if args else {}
+    args["algo"] = "locon" if lora.network_algo == "dora" else lora.network_algo
+    if lora.network_algo == "dora":
+        args["dora_wd"] = True
+    if lora.network_algo == "lokr":
+        args.update(factor=lora.network_factor, decompose_both=lora.decompose_both)
+    if lora.use_tucker:
+        args["use_tucker"] = True
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": args}
 
 
 def states_hash(states: Mapping[str, Mapping[str, torch.Tensor]], dtype: torch.dtype) -> str:

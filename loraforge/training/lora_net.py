@@ -6,6 +6,9 @@ A LoRA module patches the forward of the layer it adapts (kohya's approach), so 
 module tree and state-dict names stay untouched:
 
     y = W x + (alpha / rank) · up(dropout(down(x)))        down: (rank, in), up: (out, rank)
+
+`network_algo` loha, lokr and dora attach lycoris' modules instead, on the same targets
+(`loraforge.training.lycoris_net`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraforge.lora import lora_targets
+from loraforge.training.lycoris_net import ALGO_MODULES, LycorisNetwork
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,11 @@ class LoraSettings:
         network_dropout: dropout on the rank activations.
         rank_dropout: drop whole rank channels per sample with this probability.
         module_dropout: skip a whole adapter for a step with this probability.
+        network_algo: `lora` / `locon` (this module's LoRANetwork), `loha`, `lokr`, `dora`
+            (lycoris modules: `loraforge.training.lycoris_net`).
+        network_factor: LoKr's Kronecker factor (-1: the most balanced split).
+        decompose_both: LoKr: also split the smaller Kronecker factor into a low-rank pair.
+        use_tucker: LyCORIS' Tucker decomposition of k×k convolutions (loha, lokr, dora).
     """
 
     network_dim: int = 16
@@ -41,6 +50,10 @@ class LoraSettings:
     network_dropout: float = 0.0
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
+    network_algo: str = "lora"
+    network_factor: int = -1
+    decompose_both: bool = False
+    use_tucker: bool = False
 
 
 class LoRAModule(nn.Module):
@@ -159,8 +172,9 @@ class LoRANetwork(nn.Module):
         return out
 
 
-def add_lora(model: nn.Module, arch: str, component: str, s: LoraSettings) -> LoRANetwork:
-    """Freeze `model` and attach adapters to its LoRA targets (kohya's choice of layers).
+def add_lora(model: nn.Module, arch: str, component: str, s: LoraSettings) -> LoRANetwork | LycorisNetwork:
+    """Freeze `model` and attach adapters to its LoRA targets (kohya's choice of layers): a
+    `LoRANetwork` (`network_algo` lora / locon) or a `LycorisNetwork` (loha, lokr, dora).
 
     Args:
         model: the UNet or a text encoder.
@@ -171,6 +185,8 @@ def add_lora(model: nn.Module, arch: str, component: str, s: LoraSettings) -> Lo
     model.requires_grad_(False)
     config = dict(model.config) if component == "unet" else None
     targets = lora_targets(arch, component, model.state_dict().keys(), conv=s.conv_dim > 0, unet_config=config)  # type: ignore[arg-type]
+    if s.network_algo in ALGO_MODULES:
+        return LycorisNetwork.create(model, targets, s)
     return LoRANetwork(
         model,
         targets,
@@ -185,7 +201,7 @@ def add_lora(model: nn.Module, arch: str, component: str, s: LoraSettings) -> Lo
 
 
 @torch.no_grad()
-def scale_weight_norms(networks: list[LoRANetwork], max_norm: float) -> tuple[int, float]:
+def scale_weight_norms(networks: list[LoRANetwork | LycorisNetwork], max_norm: float) -> tuple[int, float]:
     """Shrink every layer whose update ‖(alpha/rank)·up@down‖ exceeds `max_norm` (the 003 guide: 1).
 
     Both factors are scaled by √(max_norm / norm), so the update's norm becomes max_norm.
@@ -197,6 +213,10 @@ def scale_weight_norms(networks: list[LoRANetwork], max_norm: float) -> tuple[in
     """
     scaled, norms = 0, []
     for net in networks:
+        if isinstance(net, LycorisNetwork):  # LoHa / LoKr: scales the factor ΔW is linear in
+            n, layer_norms = net.scale_norms(max_norm)
+            scaled, norms = scaled + n, norms + layer_norms
+            continue
         for m in net.layers.values():
             norm = m.delta().norm().item()
             norms.append(norm)
