@@ -39,7 +39,8 @@ from loraforge.training.step import StepSettings, check_finite, gradient_sync
 from loraforge.training.step import optimizer_step, step_generator
 from loraforge.training.text_cache import conditioning
 from stages.finetune_params import Params
-from stages.finetune_settings import check, class_images, plan_steps, resume_folder, save_settings, setup
+from stages.finetune_settings import check, check_savers, class_images, plan_steps, resume_folder, save_settings
+from stages.finetune_settings import setup
 from stages.finetune_settings import step_settings
 
 
@@ -57,6 +58,7 @@ def run(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[st
     config = launch_config(
         params.accelerate_config, params.num_processes, params.mixed_precision, root, env.machine_rank
     )
+    check_savers(params, config.world)  # fused backward and bf16 weights: one process, and more
     if config.world == 1:
         return train(params, inputs, outputs, env)
     if config.fsdp:  # what FSDP does not run with stops here, before any process starts
