@@ -180,7 +180,7 @@ def training_optimizer(
     bf16 = params.weights_dtype == "bfloat16"
     if bf16:
         for module in trained.values():
-            module.to(torch.bfloat16)
+            torch.nn.Module.to(module, torch.bfloat16)  # diffusers' own `to` warns about a dtype cast
 
     def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         return make_optimizer(params.optimizer, groups, params.optimizer_args, params.weight_decay, device.type)

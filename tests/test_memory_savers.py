@@ -39,11 +39,13 @@ def adamw(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=1e-2, weight_decay=1e-2)
 
 
-def train_steps(model: torch.nn.Module, fused: bool | None, loss_of: Callable[[int], torch.Tensor], steps: int) -> Any:
+def train_steps(
+    model: torch.nn.Module, fused: bool | None, loss_of: Callable[[int], torch.Tensor], steps: int, seed: int = 0
+) -> Any:
     """`steps` steps with a cosine schedule: the plain optimizer (`fused` None), else a
     PerParameterOptimizer (fused or stepped in a loop). Returns the optimizer."""
     groups = [{"name": "unet", "params": list(model.parameters()), "lr": 1e-2}]
-    opt = adamw(groups) if fused is None else PerParameterOptimizer(groups, adamw, fused=fused)
+    opt = adamw(groups) if fused is None else PerParameterOptimizer(groups, adamw, fused=fused, seed=seed)
     schedule = make_lr_schedule("cosine", opt, 1, steps, 1, 1.0)
     for step in range(steps):
         loss_of(step).backward()
@@ -80,6 +82,11 @@ def test_fused_step_equals_the_plain_step_and_holds_one_gradient_at_a_time() -> 
     assert max_diff(plain, stack()) > 1e-3  # it trained
     assert max_diff(fused, plain) < 1e-6 and max_diff(looped, plain) < 1e-6
     assert held and max(held) == 1  # when a gradient completes, every earlier one is gone already
+    # bf16 weights: the rounding draws come from (seed, step, parameter), so fused and looped agree exactly
+    bf16 = {fused: stack().to(torch.bfloat16) for fused in (True, False)}
+    for fused, model in bf16.items():
+        train_steps(model, fused, stack_loss(model), 4, seed=3)
+    assert max_diff(bf16[True], bf16[False]) == 0 and max_diff(bf16[True], stack().to(torch.bfloat16)) > 0
 
 
 def test_fused_step_on_a_real_tiny_unet_equals_the_plain_step() -> None:
