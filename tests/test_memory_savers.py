@@ -9,7 +9,7 @@ import copy
 import dataclasses
 import io
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -21,6 +21,15 @@ from loraforge.model_sizes import reference_architecture
 from loraforge.training.fused import PerParameterOptimizer, check_memory_savers
 from loraforge.training.schedules import make_lr_schedule
 from loraforge.training.stochastic_rounding import round_to_bf16, rounding_generator
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One torch thread: these steps are small, and on a shared machine threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def stack() -> torch.nn.Module:
@@ -89,11 +98,12 @@ def test_fused_step_equals_the_plain_step_and_holds_one_gradient_at_a_time() -> 
     assert max_diff(bf16[True], bf16[False]) == 0 and max_diff(bf16[True], stack().to(torch.bfloat16)) > 0
 
 
-def test_fused_step_on_a_real_tiny_unet_equals_the_plain_step() -> None:
+def test_fused_step_on_a_real_tiny_unet_equals_the_plain_step_with_checkpointing_too() -> None:
     from loraforge.tiny import build_tiny_sd15
 
     unet = build_tiny_sd15(0)["unet"].train()
-    copies = {"plain": copy.deepcopy(unet), "fused": copy.deepcopy(unet)}
+    copies = {name: copy.deepcopy(unet) for name in ("plain", "fused", "fused checkpointing")}
+    copies["fused checkpointing"].enable_gradient_checkpointing()  # each segment's grads complete in its recompute
 
     def loss_of(model: torch.nn.Module) -> Callable[[int], torch.Tensor]:
         def loss(step: int) -> torch.Tensor:
@@ -104,8 +114,10 @@ def test_fused_step_on_a_real_tiny_unet_equals_the_plain_step() -> None:
         return loss
 
     for name, model in copies.items():
-        train_steps(model, None if name == "plain" else True, loss_of(model), 3)
-    assert max_diff(copies["fused"], copies["plain"]) < 1e-6 and max_diff(copies["plain"], unet) > 0
+        train_steps(model, None if name == "plain" else True, loss_of(model), 2)
+    assert max_diff(copies["plain"], unet) > 0
+    assert max_diff(copies["fused"], copies["plain"]) < 1e-6
+    assert max_diff(copies["fused checkpointing"], copies["plain"]) < 1e-6
 
 
 def test_fused_clips_each_parameter_on_its_own() -> None:
