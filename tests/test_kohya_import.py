@@ -377,3 +377,10 @@ def test_values_are_parsed_never_evaluated():
     }
     with pytest.raises(InputError, match="`optimizer_args`"):
         parse_pairs(["decouple"], "optimizer_args", Path("f"))
+
+
+def test_fused_backward_pass_maps_and_full_bf16_points_to_weights_dtype(project):
+    config = {"fused_backward_pass": True, "full_bf16": True, "max_grad_norm": 0}
+    imp, _ = import_kohya(write(project / "memory.json", config), None, project / "params.yaml")
+    assert params_of(project)["finetune"]["fused_backward"] is True
+    assert "`finetune.weights_dtype: bfloat16`" in dict(imp.unmapped)["full_bf16"]
