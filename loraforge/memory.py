@@ -369,7 +369,8 @@ def savings(model: Architecture, s: Setup) -> list[tuple[str, int]]:
     if s.mode == "full" and s.processes == 1 and s.optimizer not in ("Prodigy", "DAdaptAdam"):  # what the trainer runs
         if s.accumulation == 1 and s.mixed_precision != "fp16":
             options["fused backward"] = r(s, fused_backward=True)
-        options["bf16 weights"] = r(s, weights_dtype="bfloat16", mixed_precision="bf16")
+        label = "bf16 weights" if s.mixed_precision == "bf16" else "bf16 weights + bf16 autocast"  # it needs both
+        options[label] = r(s, weights_dtype="bfloat16", mixed_precision="bf16")
     base = peak(estimate(model, s), s)
     found = [(label, base - peak(estimate(model, alt), alt)) for label, alt in options.items()]
     return sorted(((label, saved) for label, saved in found if saved > 0), key=lambda x: -x[1])

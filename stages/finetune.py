@@ -12,6 +12,10 @@ With `num_processes` > 1 (or an `accelerate_config` file saying so, on one machi
 each training on its share of every epoch's batches with gradients all-reduced; only the first
 process of machine 0 saves, and the report lists every process's final-weights hash.
 
+Mode full can save memory with `fused_backward` (each parameter's optimizer steps inside
+backward as its gradient completes) and `weights_dtype: bfloat16` (bf16 weights, float32 steps
+rounded back stochastically): `loraforge.training.fused`; the loop reads the same either way.
+
 The pieces live in `loraforge.training` and take the settings they need, not these params;
 `stages/finetune_settings.py` turns the params into those settings.
 """

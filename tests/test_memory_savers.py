@@ -323,6 +323,8 @@ def test_memory_estimate_counts_fused_backward_and_bf16_weights(sdxl: Architectu
     assert m.estimate(sdxl, dataclasses.replace(lora, weights_dtype="bfloat16")) == m.estimate(sdxl, lora)
     assert not {"fused backward", "bf16 weights"} & set(dict(m.savings(sdxl, lora)))
     assert "fused backward" not in dict(m.savings(sdxl, dataclasses.replace(s, accumulation=3)))
+    fp32 = dict(m.savings(sdxl, dataclasses.replace(s, mixed_precision="no")))
+    assert "bf16 weights + bf16 autocast" in fp32 and "bf16 weights" not in fp32  # the trainer needs both
     assert not {"fused backward", "bf16 weights"} & set(
         dict(m.savings(sdxl, dataclasses.replace(s, optimizer="Prodigy")))
     )
