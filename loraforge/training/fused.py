@@ -159,14 +159,8 @@ def check_memory_savers(
         mixed_precision: `finetune.mixed_precision` (fused: not fp16; bf16 weights: bf16).
         world: training processes (both: 1).
     """
-    savers = [
-        k
-        for k, on in (
-            ("fused_backward: true", fused_backward),
-            ("weights_dtype: bfloat16", weights_dtype == "bfloat16"),
-        )
-        if on
-    ]
+    on = {"fused_backward: true": fused_backward, "weights_dtype: bfloat16": weights_dtype == "bfloat16"}
+    savers = [setting for setting, enabled in on.items() if enabled]
     if not savers:
         return
     key = f"`finetune.{savers[0]}`"
