@@ -31,6 +31,7 @@ adaptive_noise_scale finetune.adaptive_noise_scale f      multires_noise_iterati
 multires_noise_discount finetune.multires_noise_discount f      ip_noise_gamma finetune.ip_noise_gamma f
 loss_type finetune.loss_type s      huber_c finetune.huber_c f      max_grad_norm finetune.max_grad_norm f
 gradient_checkpointing finetune.gradient_checkpointing b      prior_loss_weight finetune.prior_loss_weight f
+fused_backward_pass finetune.fused_backward b
 shuffle_caption finetune.shuffle_caption b      keep_tokens finetune.keep_tokens i
 caption_dropout_rate finetune.caption_dropout_rate f      caption_tag_dropout_rate finetune.caption_tag_dropout_rate f
 caption_dropout_every_n_epochs finetune.caption_dropout_every_n_epochs i
@@ -71,7 +72,8 @@ _REASON_GROUPS = {
     "max_data_loader_n_workers persistent_data_loader_workers num_cpu_threads_per_process": (
         "training reads cached latents in-process; no loader workers to set"
     ),
-    "full_fp16 full_bf16 fp8_base": "loraforge keeps float32 weights and autocasts (`finetune.mixed_precision`)",
+    "full_fp16 fp8_base": "loraforge keeps float32 weights and autocasts (`finetune.mixed_precision`)",
+    "full_bf16": "set `finetune.weights_dtype: bfloat16` (bf16 weights, float32 steps, stochastic rounding)",
     "clip_skip": "loraforge conditions on the text encoders' usual layer (clip skip 1)",
     "max_token_length": "loraforge encodes one 75-token CLIP window (`caption.max_tokens` reports longer captions)",
     "color_aug random_crop face_crop_aug_range": (

@@ -39,6 +39,14 @@ accumulation step the real peak sits somewhat below it (by at most the activatio
   and saves the copy for backward; trained leaf weights are also kept in autocast's cast cache until
   the forward's autocast region ends. So 2 B × UNet params through forward (and backward, when the
   ops save them: without checkpointing); with checkpointing a frozen base (mode lora) keeps none.
+- fused backward (`finetune.fused_backward`): each parameter steps inside backward as its
+  gradient completes and drops it, so the gradients term is the largest trained tensor's, and the
+  optimizer-step temporaries move into the backward phase. It steps per parameter (one optimizer
+  each), so AdamW loses the foreach copy: per-tensor temporaries, as for the others.
+- bf16 weights (`finetune.weights_dtype: bfloat16`, mode full): trained weights and gradients
+  2 B; optimizer states stay float32 (`loraforge.training.fused` steps each parameter through a
+  float32 proxy, so even `zeros_like` states are float32), the EMA too; the step adds the proxy
+  and its float32 gradient (8 B × the largest tensor); no weight casts under autocast.
 - CUDA context: the CUDA runtime with lazily loaded kernels, cuBLAS/cuDNN handles and workspaces,
   0.5 GiB, a typical figure on recent GPUs (nvidia-smi counts it; `torch.cuda.memory_allocated`
   does not).
@@ -156,7 +164,10 @@ class Setup:
         processes: data-parallel processes (each holds all of this).
         device: `cuda` (a CUDA context; foreach AdamW) or `cpu`.
         weight_bytes: bytes per frozen weight (4: float32).
-        trained_bytes: bytes per trained weight and per gradient (4: float32 master weights).
+        trained_bytes: bytes per trained weight and per gradient (4: float32 master weights), and
+            per element of `zeros_like` optimizer states.
+        fused_backward: `finetune.fused_backward` (mode full): no full set of gradients.
+        weights_dtype: `finetune.weights_dtype` (mode full): `bfloat16` halves trained weights and gradients.
     """
 
     mode: Literal["full", "lora"] = "full"
@@ -177,6 +188,18 @@ class Setup:
     device: Literal["cuda", "cpu"] = "cuda"
     weight_bytes: int = 4
     trained_bytes: int = 4
+    fused_backward: bool = False
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes per trained weight and gradient as held: 2 with bf16 weights (mode full)."""
+        return 2 if self.weights_dtype == "bfloat16" and self.mode == "full" else self.trained_bytes
+
+    @property
+    def per_parameter(self) -> bool:
+        """One optimizer per parameter (fused backward or bf16 weights, mode full)."""
+        return self.mode == "full" and (self.fused_backward or self.weights_dtype == "bfloat16")
 
 
 # ---------------------------------------------------------------- optimizers
@@ -238,7 +261,7 @@ def estimate(model: Architecture, s: Setup) -> dict[str, int]:
     for name, comp in model.components.items():
         on_device = name == "unet" or name in s.trained or not s.text_cached or s.encoders_on_device
         trained_here = name in s.trained and s.mode == "full"
-        terms[f"weights {name}"] = comp.params.numel * (s.trained_bytes if trained_here else s.weight_bytes) * on_device
+        terms[f"weights {name}"] = comp.params.numel * (s.held_bytes if trained_here else s.weight_bytes) * on_device
     terms["weights vae"] = 0  # latents are cached: the VAE is not loaded for training
     trained = ParamStats()
     for name in s.trained:
@@ -247,12 +270,15 @@ def estimate(model: Architecture, s: Setup) -> dict[str, int]:
     terms["lora weights"] = trained.numel * s.trained_bytes if s.mode == "lora" else 0
     terms["optimizer state"] = optimizer_state_bytes(s.optimizer, s.optimizer_args, trained, s.trained_bytes)
     terms["ema"] = 4 * trained.numel if s.ema else 0
-    terms["ddp buckets"] = trained.numel * s.trained_bytes if s.processes > 1 and s.mode == "full" else 0
+    terms["ddp buckets"] = trained.numel * s.held_bytes if s.processes > 1 and s.mode == "full" else 0
     terms["cuda context"] = CUDA_CONTEXT if s.device == "cuda" else 0
-    terms["gradients"] = trained.numel * s.trained_bytes
+    fused = s.fused_backward and s.mode == "full"  # one parameter's gradient at a time
+    terms["gradients"] = (trained.largest if fused else trained.numel) * s.held_bytes
     terms["activations"] = activation_bytes(model, s)
     terms["weight casts"] = weight_cast_bytes(model, s)
     terms["optimizer step"] = optimizer_step_bytes(s.optimizer, s.optimizer_args, trained, s.trained_bytes, s.device)
+    if s.per_parameter:  # per-tensor temporaries (no foreach over all), + the float32 proxy and gradient of bf16
+        terms["optimizer step"] = 2 * 4 * trained.largest + (8 * trained.largest if s.held_bytes == 2 else 0)
     return terms
 
 
@@ -289,7 +315,7 @@ def weight_cast_bytes(model: Architecture, s: Setup) -> int:
         model: the architecture.
         s: the training setup.
     """
-    held = s.trained_bytes if s.mode == "full" else s.weight_bytes
+    held = s.held_bytes if s.mode == "full" else s.weight_bytes
     if s.mixed_precision == "no" or held <= 2 or (s.gradient_checkpointing and s.mode == "lora"):
         return 0
     return 2 * model.components["unet"].params.numel
@@ -302,11 +328,12 @@ def phases(terms: Mapping[str, int], s: Setup) -> dict[str, int]:
         terms: from `estimate`.
         s: the training setup (checkpointing, accumulation).
     """
-    grads, acts, casts = terms["gradients"], terms["activations"], terms["weight casts"]
+    grads, acts, casts, step = terms["gradients"], terms["activations"], terms["weight casts"], terms["optimizer step"]
+    fused = s.fused_backward and s.mode == "full"  # the steps run inside backward
     return {
         "forward": acts + casts + (grads if s.accumulation > 1 else 0),
-        "backward": grads + acts + (0 if s.gradient_checkpointing else casts),
-        "step": grads + terms["optimizer step"],
+        "backward": grads + acts + (0 if s.gradient_checkpointing else casts) + (step if fused else 0),
+        "step": 0 if fused else grads + step,
     }
 
 
@@ -339,6 +366,11 @@ def savings(model: Architecture, s: Setup) -> list[tuple[str, int]]:
         "no EMA": r(s, ema=False),
         "mode: lora": r(s, mode="lora"),
     }
+    if s.mode == "full" and s.processes == 1 and s.optimizer not in ("Prodigy", "DAdaptAdam"):  # what the trainer runs
+        if s.accumulation == 1 and s.mixed_precision != "fp16":
+            options["fused backward"] = r(s, fused_backward=True)
+        label = "bf16 weights" if s.mixed_precision == "bf16" else "bf16 weights + bf16 autocast"  # it needs both
+        options[label] = r(s, weights_dtype="bfloat16", mixed_precision="bf16")
     base = peak(estimate(model, s), s)
     found = [(label, base - peak(estimate(model, alt), alt)) for label, alt in options.items()]
     return sorted(((label, saved) for label, saved in found if saved > 0), key=lambda x: -x[1])

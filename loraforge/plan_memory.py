@@ -69,6 +69,8 @@ def setup_from_params(ft: FinetuneParams, arch: str, bucket: tuple[int, int], de
         forward_passes=2 if (ft.class_prompt or ft.reg_images) else 1,  # the class batch's graph is alive too
         processes=ft.num_processes,
         device="cpu" if device == "cpu" else "cuda",
+        fused_backward=ft.fused_backward,
+        weights_dtype=ft.weights_dtype,
     )
 
 

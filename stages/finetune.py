@@ -12,6 +12,10 @@ With `num_processes` > 1 (or an `accelerate_config` file saying so, on one machi
 each training on its share of every epoch's batches with gradients all-reduced; only the first
 process of machine 0 saves, and the report lists every process's final-weights hash.
 
+Mode full can save memory with `fused_backward` (each parameter's optimizer steps inside
+backward as its gradient completes) and `weights_dtype: bfloat16` (bf16 weights, float32 steps
+rounded back stochastically): `loraforge.training.fused`; the loop reads the same either way.
+
 The pieces live in `loraforge.training` and take the settings they need, not these params;
 `stages/finetune_settings.py` turns the params into those settings.
 """
@@ -39,7 +43,8 @@ from loraforge.training.step import StepSettings, check_finite, gradient_sync
 from loraforge.training.step import optimizer_step, step_generator
 from loraforge.training.text_cache import conditioning
 from stages.finetune_params import Params
-from stages.finetune_settings import check, class_images, plan_steps, resume_folder, save_settings, setup
+from stages.finetune_settings import check, check_savers, class_images, plan_steps, resume_folder, save_settings
+from stages.finetune_settings import setup
 from stages.finetune_settings import step_settings
 
 
@@ -57,6 +62,7 @@ def run(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[st
     config = launch_config(
         params.accelerate_config, params.num_processes, params.mixed_precision, root, env.machine_rank
     )
+    check_savers(params, config.world)  # fused backward and bf16 weights: one process, and more
     if config.world == 1:
         return train(params, inputs, outputs, env)
     if config.fsdp:  # what FSDP does not run with stops here, before any process starts

@@ -62,6 +62,21 @@ class Params:
         mixed_precision: `fp16` (autocast + dynamic loss scaling) / `bf16` autocast; `no` = float32.
             Meant for GPUs; both also run on CPU (fp16 slowly).
         gradient_checkpointing: trade compute for memory in the UNet and text encoders.
+        fused_backward: mode full: step each parameter's optimizer as soon as its gradient is
+            complete, inside backward, and drop the gradient (kohya's `--fused_backward_pass`,
+            OneTrainer's fused back pass): no full set of gradients is ever held. Each parameter
+            gets its own optimizer of the configured class; `max_grad_norm` then clips each
+            parameter's gradient on its own (as kohya does), not the global norm. Needs
+            `gradient_accumulation: 1`, one process, no fp16, and not Prodigy/DAdaptAdam. Default false.
+        weights_dtype: mode full: `bfloat16` holds the trained components' weights (and so their
+            gradients) in bf16, half of float32 (OneTrainer's weight dtype, kohya's `--full_bf16`);
+            each step runs in float32 per parameter and rounds back; optimizer states stay float32;
+            the EMA stays float32. Needs `mixed_precision: bf16`, one process, not Prodigy/DAdaptAdam.
+            Default `float32`.
+        stochastic_rounding: with `weights_dtype: bfloat16`, round each updated weight to bf16
+            stochastically (unbiased: updates under half a bf16 step accumulate instead of
+            vanishing; random bits from (seed, step, parameter)); false rounds to nearest.
+            Default true; no effect with float32 weights.
         channels_last: UNet weights and latents in channels-last memory format (faster convolutions
             on tensor-core GPUs).
         num_processes: data-parallel training processes on this machine (through accelerate: one per
@@ -154,6 +169,9 @@ class Params:
     max_grad_norm: float = Field(1.0, ge=0)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    fused_backward: bool = False
+    weights_dtype: Literal["float32", "bfloat16"] = "float32"
+    stochastic_rounding: bool = True
     channels_last: bool = False
     compile: bool = False
     num_processes: int = Field(1, ge=1)

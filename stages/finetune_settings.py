@@ -17,6 +17,7 @@ from loraforge.training import data, prior, resume
 from loraforge.training.captions import CaptionSettings
 from loraforge.training.checkpoints import SaveSettings, training_record
 from loraforge.training.ema import EMA
+from loraforge.training.fused import PerParameterOptimizer, check_memory_savers
 from loraforge.training.fsdp import shard
 from loraforge.training.launch import LaunchConfig, same_run
 from loraforge.training.lora_net import LoraSettings
@@ -138,8 +139,7 @@ def setup(
     trained = trainable(info.arch, modules, lrs, params.mode, pick(LoraSettings, params), params.gradient_checkpointing)
     if fsdp:  # before the optimizer: it must hold the sharded parameters
         shard(trained, launch.reshard_after_forward)  # type: ignore[union-attr]
-    groups = param_groups(trained, lrs)
-    optimizer = make_optimizer(params.optimizer, groups, params.optimizer_args, params.weight_decay, device.type)
+    optimizer = training_optimizer(params, trained, lrs, device)  # bf16 weights: the components cast first
     warmup = warmup_steps(params.lr_warmup_steps, params.lr_warmup_ratio, optimizer_steps)
     cycles, power = params.lr_scheduler_num_cycles, params.lr_scheduler_power
     lr_schedule = make_lr_schedule(params.lr_scheduler, optimizer, warmup, optimizer_steps, cycles, power)
@@ -166,6 +166,45 @@ def setup(
         ema,
         fsdp,
     )
+
+
+def training_optimizer(
+    params: Params, trained: dict[str, torch.nn.Module], lrs: dict[str, float], device: torch.device
+) -> Any:
+    """The optimizer over one param group per trained component: the configured one, or with
+    `fused_backward` or bf16 weights a `PerParameterOptimizer` of it (`loraforge.training.fused`),
+    after casting the trained components to bf16 with `weights_dtype: bfloat16`.
+
+    Args:
+        params: the finetune params.
+        trained: component -> what trains.
+        lrs: component -> LR.
+        device: the training device.
+    """
+    bf16 = params.weights_dtype == "bfloat16"
+    if bf16:
+        for module in trained.values():
+            torch.nn.Module.to(module, torch.bfloat16)  # diffusers' own `to` warns about a dtype cast
+
+    def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        return make_optimizer(params.optimizer, groups, params.optimizer_args, params.weight_decay, device.type)
+
+    groups = param_groups(trained, lrs)
+    if not (params.fused_backward or bf16):
+        return make(groups)
+    clip, rounding = params.max_grad_norm if params.fused_backward else 0.0, params.stochastic_rounding
+    return PerParameterOptimizer(groups, make, params.fused_backward, clip, rounding, params.seed)
+
+
+def check_savers(params: Params, world: int) -> None:
+    """Refuse what fused backward or bf16 weights cannot run with (`check_memory_savers`).
+
+    Args:
+        params: the finetune params.
+        world: the training processes of the launch.
+    """
+    keys = ("fused_backward", "weights_dtype", "mode", "optimizer", "gradient_accumulation", "mixed_precision")
+    check_memory_savers(**{key: getattr(params, key) for key in keys}, world=world)
 
 
 def step_settings(params: Params, class_examples: list[dict[str, Any]]) -> StepSettings:

@@ -9,6 +9,9 @@ default arguments), noise on the latents (DDPM schedule), MSE against the noise,
 step, gradients set to None, EMA. The context comes from the builtin's frozen text encoder (run
 under no_grad, as with a cached or frozen encoder), or is random when the UNet is not a builtin's.
 
+With `"fused": true` or `"bf16": true` the optimizer is `loraforge.training.fused`'s
+PerParameterOptimizer (fused backward; bf16 weights under bf16 autocast, as the trainer requires).
+
 Measured: VmHWM (peak RSS) after the steps minus VmRSS before them, with the peak reset at that
 point (/proc/self/clear_refs), after a warm-up step on a small latent (first-call allocations of
 the CPU kernels) whose gradients and optimizer state are dropped again. Prints one JSON line.
@@ -78,8 +81,10 @@ def step(unet: Any, opt: Any, encode: Any, latents: torch.Tensor, ema: dict[str,
     noise = torch.randn_like(latents)
     t = torch.randint(0, 1000, (latents.shape[0],))
     noisy = noise_scheduler.add_noise(latents, noise, t)
-    pred = unet(noisy, t, encode(latents.shape[0])).sample
-    loss = torch.nn.functional.mse_loss(pred, noise)
+    bf16 = next(unet.parameters()).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        pred = unet(noisy, t, encode(latents.shape[0])).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), noise)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     opt.step()
@@ -98,10 +103,20 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     unet.train().requires_grad_(True)
     if spec.get("checkpointing"):
         unet.enable_gradient_checkpointing()
+    if spec.get("bf16"):
+        torch.nn.Module.to(unet, torch.bfloat16)
     params = list(unet.parameters())
-    opt = optimizer(spec["optimizer"], params)
     h, w = spec["latent"]
     step(unet, optimizer(spec["optimizer"], params), encode, torch.randn(1, 4, 8, 8), None)  # warm-up
+    unet.zero_grad(set_to_none=True)
+    opt = optimizer(spec["optimizer"], params)
+    if spec.get("fused") or spec.get("bf16"):
+        from loraforge.training.fused import PerParameterOptimizer
+
+        groups = [{"params": params, "lr": 1e-5}]
+        opt = PerParameterOptimizer(
+            groups, lambda g: optimizer(spec["optimizer"], g[0]["params"]), bool(spec.get("fused"))
+        )
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = status("VmRSS")

@@ -1180,3 +1180,72 @@ def test_save_single_file_writes_an_original_layout_model_that_loads_back_equal(
     assert all(torch.equal(vae[k], base_vae[k]) for k in base_vae)  # untrained parts come from the base model
     with pytest.raises(ValueError, match="save_single_file"):
         finetune.Params(**{**BASE, "mode": "lora", "save_single_file": True})
+
+
+# ---------------------------------------------------------------- issue 14: memory savers (mode full)
+
+
+def test_fused_backward_through_the_stage_trains_what_the_plain_step_trains(project, tmp_path):
+    """UNet and text encoder, AdamW with a cosine schedule and weight decay: the fused run's
+    checkpoints equal the plain run's (global clipping off in both: fused clips per parameter)."""
+    opts = {"max_grad_norm": 0.0, "lr_scheduler": "cosine", "lr_warmup_steps": 1}
+    _, plain = train(project, tmp_path / "plain", **opts)
+    _, fused = train(project, tmp_path / "fused", fused_backward=True, **opts)
+    for component in ("unet", "text_encoder"):
+        assert max_diff(weights(fused, component=component), weights(plain, component=component)) < 1e-6
+    assert tsv(fused / "loss" / "lr.tsv") == tsv(plain / "loss" / "lr.tsv")  # the schedule drove every part
+    with pytest.raises(ValueError, match=r"`finetune.fused_backward: true` .*`finetune.gradient_accumulation: 1`"):
+        train(project, tmp_path / "refused", fused_backward=True, gradient_accumulation=2)
+
+
+def one_batch(project: Path, folder: Path) -> Path:
+    """Two latents of one bucket with repeats 1: one step per epoch at batch size 2 (bf16 autocast
+    is slow on CPUs)."""
+    rows = [json.loads(r) for r in (project / "data" / "latents-small" / "manifest.jsonl").read_text().splitlines()]
+    pair = [r for r in rows if r["bucket"] == rows[0]["bucket"]][:2]
+    folder.mkdir(parents=True)
+    for row in pair:
+        shutil.copy(project / "data" / "latents-small" / row["file"], folder / row["file"])
+    (folder / "manifest.jsonl").write_text("".join(json.dumps({**r, "repeats": 1}) + "\n" for r in pair))
+    shutil.copy(project / "data" / "latents-small" / "buckets.json", folder / "buckets.json")
+    return folder
+
+
+def test_bf16_weights_train_in_bf16_fused_or_not_and_resume_exactly(project, tmp_path, monkeypatch, capsys):
+    """bf16 weights, UNet and text encoder: the fused run equals the looped one (the same rounding
+    draws per (seed, step, parameter)); killed after epoch 1 and resumed, the per-parameter optimizer
+    states, the rounding's step count and the weights come back exactly."""
+    seen: list[torch.dtype] = []
+    real = finetune.diffusion_loss
+
+    def recording(unet: Any, *args: Any) -> torch.Tensor:
+        seen.append(next(unet.parameters()).dtype)
+        return real(unet, *args)
+
+    monkeypatch.setattr(finetune, "diffusion_loss", recording)
+    latents = one_batch(project, tmp_path / "latents")
+    opts = {"weights_dtype": "bfloat16", "mixed_precision": "bf16", "max_grad_norm": 0.0, "ema_decay": 0.9}
+    opts.update(epochs=2, resume="auto", latents=latents)
+    shutil.rmtree(project / ".loraforge" / "resume", ignore_errors=True)
+    summary, looped = train(project, tmp_path / "looped", **opts)
+    assert summary["plan"]["optimizer_steps"] == 2 and seen and set(seen) == {torch.bfloat16}
+    _, straight = train(project, tmp_path / "straight", fused_backward=True, **opts)
+    want = weights(straight, 2)
+    assert max_diff(want, weights(looped, 2)) == 0 and max_diff(want, weights(straight, 1)) > 0
+    assert max_diff(weights(straight, 2, "text_encoder"), weights(looped, 2, "text_encoder")) == 0
+    assert all(v.dtype == torch.float32 for v in weights(straight, 2, sub="ema").values())  # save_dtype float32
+    shutil.rmtree(project / ".loraforge" / "resume")
+    real_save = resume.save_state
+
+    def killed(folder: Path, epoch: int, *args: Any) -> Path:
+        real_save(folder, epoch, *args)
+        raise KeyboardInterrupt("killed after epoch 1")
+
+    monkeypatch.setattr(resume, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(project, tmp_path / "killed", fused_backward=True, **opts)
+    monkeypatch.setattr(resume, "save_state", real_save)
+    capsys.readouterr()
+    train(project, tmp_path / "killed", fused_backward=True, **opts)
+    assert "resumed from state-epoch-0001 (step 1)" in capsys.readouterr().out
+    assert max_diff(weights(tmp_path / "killed", 2), want) == 0

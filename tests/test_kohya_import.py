@@ -405,3 +405,10 @@ def test_alpha_mask_turns_on_the_masked_loss_and_kohya_s_masked_loss_says_where_
     imp, _ = import_kohya(config, None, project / "params.yaml")
     assert params_of(project)["finetune"]["masked_loss"] is True
     assert "`<stem>-mask.png`" in dict(imp.unmapped)["masked_loss"]
+
+
+def test_fused_backward_pass_maps_and_full_bf16_points_to_weights_dtype(project):
+    config = {"fused_backward_pass": True, "full_bf16": True, "max_grad_norm": 0}
+    imp, _ = import_kohya(write(project / "memory.json", config), None, project / "params.yaml")
+    assert params_of(project)["finetune"]["fused_backward"] is True
+    assert "`finetune.weights_dtype: bfloat16`" in dict(imp.unmapped)["full_bf16"]

@@ -282,6 +282,16 @@ PROBES = {
         "batch": 1,
         "checkpointing": True,
     },
+    "wide AdamW fused": {"unet": WIDE, "optimizer": "AdamW", "latent": [32, 32], "batch": 1, "fused": True},
+    "wide AdamW bf16 weights fused checkpointing": {
+        "unet": WIDE,
+        "optimizer": "AdamW",
+        "latent": [32, 32],
+        "batch": 1,
+        "checkpointing": True,
+        "fused": True,
+        "bf16": True,
+    },
     "wide Adafactor checkpointing EMA": {
         "unet": WIDE,
         "optimizer": "Adafactor",
@@ -312,8 +322,9 @@ def test_estimate_matches_peak_rss_of_real_training_steps(name: str, tiny_sd15: 
     """Peak RSS growth of 3 training steps in a child process, over the loaded model, against the
     estimate of everything but the weights (already loaded): 0.75x to 1.5x, plus SCRATCH above.
     Measured (2 CPU cores, torch 2.14): 1.17, 1.29, 0.90, 1.05, 1.01 (CI once 1.53 for the tiny
-    checkpointing probe). The tiny models run over: their terms are tens of MB, where per-process
-    scratch (oneDNN, autograd) shows; the weight-dominated runs sit within ±10%. A fixed mmap
+    checkpointing probe); the fused and the bf16-weights fused probes 1.01 and 1.15. The tiny
+    models run over: their terms are tens of MB, where per-process scratch (oneDNN, autograd) shows;
+    the weight-dominated runs sit within ±10%. A fixed mmap
     threshold makes glibc return freed blocks at once, so RSS follows the live tensors as the CUDA
     allocator's `memory_allocated` would."""
     spec = PROBES[name]
@@ -339,6 +350,9 @@ def test_estimate_matches_peak_rss_of_real_training_steps(name: str, tiny_sd15: 
         latent=tuple(spec["latent"]),
         ema=spec.get("ema", False),
         device="cpu",
+        mixed_precision="bf16" if spec.get("bf16") else "no",
+        fused_backward=spec.get("fused", False),
+        weights_dtype="bfloat16" if spec.get("bf16") else "float32",
     )
     terms = m.estimate(model, s)
     estimate = m.peak(terms, s) - terms["weights unet"]

@@ -41,6 +41,8 @@ RECORD_KEYS = (
     "gradient_accumulation",
     "repeats",
     "mixed_precision",
+    "weights_dtype",
+    "fused_backward",
     "min_snr_gamma",
     "noise_offset",
     "ema_decay",
