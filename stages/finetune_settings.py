@@ -90,15 +90,19 @@ def plan_steps(
     params: Params, inputs: Paths, env: StageEnv
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """The training examples, the held-out ones (`finetune.validation_split`; none when off) and
-    the steps plan (`loraforge.training.data.plan`) of the training ones, printed and published.
+    the steps plan (`loraforge.training.data.plan`) of the training ones, printed and published;
+    a missing or empty `validation_folder` is refused.
 
     Args:
         params: the finetune params.
-        inputs: `latents` and `captions` folders.
-        env: the publisher.
+        inputs: `latents` and `captions` folders (and `validation_folder` when declared).
+        env: the publisher and state folder.
     """
     examples = data.load_examples(inputs.latents, inputs.captions, params.repeats)
     examples, held = validation.split_examples(examples, params.validation_split)
+    folder = prior.reg_images_folder(params.validation_folder, inputs, env.state_dir, "validation_folder")
+    if folder is not None:  # a missing or empty folder stops here, before the model loads
+        prior.reg_image_files(folder, "validation_folder")
     plan = data.plan(
         examples, params.batch_size, params.epochs, params.gradient_accumulation, params.num_processes, params.seed
     )
