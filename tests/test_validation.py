@@ -120,19 +120,34 @@ def test_validation_rows_repeat_exactly_from_the_checkpoint_and_survive_a_resume
     assert [r["epoch"] for r in rows] == [1, 2] and all("validation_loss_ema" in r for r in rows)
     assert rows[0]["train_loss"] == pytest.approx(tsv(tmp_path / "a" / "loss" / "epochs.tsv")[0]["loss"], rel=1e-5)
     # recomputed from the saved epoch-2 weights, with another finetune.seed: the same value
-    params = finetune.Params(**{**BASE, **opts, "seed": 11})
-    t = setup(params, torch.device("cpu"), 2, env_of(state), None)
-    t.unet.load_state_dict(load_file(str(tmp_path / "a" / "checkpoints" / "epoch-0002" / "unet.safetensors")))
-    held = validation.split_examples(_examples(four), 3)[1]
-    items = validation_set(params, held, t, four, env_of(state), torch.device("cpu"))
-    s = step_settings(params, []).loss
-    again = validation.validation_loss(t, items, s, params.validation_timesteps)
-    assert again == validation.validation_loss(t, items, s, params.validation_timesteps)
+    again = recomputed(four, tmp_path / "a", state, {**opts, "seed": 11})
     assert again == pytest.approx(report["validation"][1]["validation_loss"], rel=1e-6)
     assert report["validation"][0]["validation_loss"] != report["validation"][1]["validation_loss"]
     # the finished run resumes from its last state: the rows of the earlier epochs come back with it
     run(four, tmp_path / "b", state, **opts)
     assert tsv(tmp_path / "b" / "loss" / "validation.tsv") == rows
+
+
+def recomputed(inputs: Paths, out: Path, state: Path, opts: dict[str, Any], epoch: int = 2) -> float:
+    """The validation loss of a saved epoch (mode full), computed twice here in one process: the same value."""
+    params = finetune.Params(**{**BASE, **opts})
+    t = setup(params, torch.device("cpu"), 2, env_of(state), None)
+    t.unet.load_state_dict(load_file(str(out / "checkpoints" / f"epoch-{epoch:04d}" / "unet.safetensors")))
+    held = validation.split_examples(_examples(inputs), params.validation_split)[1]
+    items = validation_set(params, held, t, inputs, env_of(state), torch.device("cpu"))
+    s = step_settings(params, []).loss
+    value = validation.validation_loss(t, items, s, params.validation_timesteps)
+    assert value == validation.validation_loss(t, items, s, params.validation_timesteps)
+    return value
+
+
+@pytest.mark.slow  # spawns two training processes
+def test_with_two_processes_the_validation_loss_is_that_of_the_saved_weights(four, tmp_path):
+    opts = {"epochs": 2, "validation_split": 3, "num_processes": 2}
+    report = run(four, tmp_path / "o", tmp_path / "state", **opts)
+    assert report["processes"] == 2 and [r["epoch"] for r in report["validation"]] == [1, 2]
+    again = recomputed(four, tmp_path / "o", tmp_path / "state", {**opts, "num_processes": 1})
+    assert again == pytest.approx(report["validation"][1]["validation_loss"], rel=1e-5)
 
 
 def _examples(inputs: Paths) -> list[dict[str, Any]]:
@@ -157,6 +172,7 @@ def test_a_validation_folder_is_encoded_through_the_store_with_sidecar_captions(
     assert sorted(i["caption"] for i in items) == ["sks, blue sky", "val"] and items[0]["latent"].shape == (4, 8, 8)
 
 
+@pytest.mark.slow  # 120 steps of batch 8: about a minute on 2 busy cores
 def test_an_over_trained_run_raises_the_validation_loss_and_the_recommendation_picks_an_earlier_epoch(tmp_path):
     """One Gaussian-pattern image trained at a high LR until it is memorised: the model then
     denoises everything towards it, so the loss on dissimilar held-out images (flat colours, a
