@@ -210,14 +210,15 @@ def resume_folder(params: Params, inputs: Paths, reg: Path | None, info: ModelIn
 
     Args:
         params: the finetune params (all but `resume` go into the fingerprint).
-        inputs: `latents` and `captions` folders.
+        inputs: `latents` and `captions` folders (and `validation_folder` when declared).
         reg: the resolved `reg_images` folder, or None.
         info: the resolved model.
         state_dir: loraforge's private folder.
     """
     if params.resume != "auto":
         return None
-    return resume.resume_folder(dataclasses.asdict(params), inputs.latents, inputs.captions, reg, info, state_dir)
+    val = prior.reg_images_folder(params.validation_folder, inputs, state_dir, "validation_folder")
+    return resume.resume_folder(dataclasses.asdict(params), inputs.latents, inputs.captions, reg, info, state_dir, val)
 
 
 def class_images(

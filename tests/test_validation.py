@@ -156,7 +156,7 @@ def _examples(inputs: Paths) -> list[dict[str, Any]]:
     return data.load_examples(inputs.latents, inputs.captions, 1)
 
 
-def test_a_validation_folder_is_encoded_through_the_store_with_sidecar_captions(four, tmp_path):
+def test_a_validation_folder_is_encoded_through_the_store_with_sidecar_captions(four, tmp_path, capsys):
     folder = tmp_path / "project" / "val"
     folder.mkdir(parents=True)
     for name, colour in (("red", (200, 30, 30)), ("sky", (90, 160, 230))):
@@ -170,6 +170,13 @@ def test_a_validation_folder_is_encoded_through_the_store_with_sidecar_captions(
     t = setup(params, torch.device("cpu"), 1, env_of(state), None)
     items = validation_set(params, [], t, four, env_of(state), torch.device("cpu"))
     assert sorted(i["caption"] for i in items) == ["sks, blue sky", "val"] and items[0]["latent"].shape == (4, 8, 8)
+    # its content is part of the resume fingerprint: the rows a state keeps were measured on it
+    run(four, tmp_path / "o", state, epochs=1, validation_folder="val", resume="auto")
+    run(four, tmp_path / "o", state, epochs=1, validation_folder="val", resume="auto")
+    assert "resumed from state-epoch-0001" in capsys.readouterr().out
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(folder / "red.png")
+    run(four, tmp_path / "o", state, epochs=1, validation_folder="val", resume="auto")
+    assert "resumed" not in capsys.readouterr().out
 
 
 @pytest.mark.slow  # 120 steps of batch 8: about a minute on 2 busy cores
