@@ -82,8 +82,7 @@ def train(
     check(params, device, reg)  # what cannot work stops here, before anything loads
     examples, held, plan = plan_steps(params, inputs, env)  # held: out of training, for the validation loss
     t = setup(params, device, plan["optimizer_steps"], env, launch)  # the model, what trains, optimizer, schedule, EMA
-    # prior preservation: class latents (cached) from the base model before any weight moves, or from reg_images;
-    # `val`: the validation loss after every save
+    # prior preservation: class latents (cached) from the base model before any weight moves, or from reg_images
     class_examples, reg_encoded = class_images(params, reg, plan["images"], t, inputs, env, device)
     s = step_settings(params, class_examples)
     val = partial(validate, t, s, validation_set(params, held, t, inputs, env, device), params.validation_timesteps)
