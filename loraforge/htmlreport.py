@@ -230,7 +230,8 @@ def summary_section(
     cells = [[n, *[row.get(k) for k in columns[1:]]] for n, row in rows.items()]
     validation = [(r["epoch"], r["validation_loss"]) for r in rows.values() if r.get("validation_loss") is not None]
     curves = {"train loss": sorted(losses.items()), "validation loss": validation}
-    loss = line_chart(curves, "Train and validation loss per epoch", "epoch", "loss")
+    title = "Train and validation loss per epoch" if validation else "Train loss per epoch"
+    loss = line_chart(curves, title, "epoch", "loss")
     sat = line_chart(
         {n: [(float(w), s["colourfulness"]) for w, s in e["metrics"]["per_weight"].items()] for n, e in epochs.items()},
         "Colourfulness vs LoRA weight",
