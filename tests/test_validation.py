@@ -5,6 +5,7 @@ checkerboard, Gaussian patterns), so an over-trained run fits in a test."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -148,6 +149,24 @@ def test_with_two_processes_the_validation_loss_is_that_of_the_saved_weights(fou
     assert report["processes"] == 2 and [r["epoch"] for r in report["validation"]] == [1, 2]
     again = recomputed(four, tmp_path / "o", tmp_path / "state", {**opts, "num_processes": 1})
     assert again == pytest.approx(report["validation"][1]["validation_loss"], rel=1e-5)
+
+
+def test_dropout_is_off_and_modes_come_back_in_the_validation_loss_of_a_lora(four, tmp_path):
+    params = finetune.Params(**{**BASE, "mode": "lora", "network_dropout": 0.5, "rank_dropout": 0.5, "ema_decay": 0.5})
+    params = finetune.Params(**{**dataclasses.asdict(params), "validation_split": 3})
+    t = setup(params, torch.device("cpu"), 1, env_of(tmp_path), None)
+    with torch.no_grad():
+        for p in t.trained["unet"].parameters():
+            p.normal_(0, 0.3)  # a LoRA that changes the output, so dropout would show
+    items = validation_set(params, validation.split_examples(_examples(four), 3)[1], t, four, env_of(tmp_path), "cpu")
+    s = step_settings(params, []).loss
+    modes = [m.training for m in (t.unet, t.trained["unet"], *t.trained["unet"].modules())]
+    assert t.trained["unet"].training
+    first = validation.validation_row(t, items, s, 4, 1)
+    assert validation.validation_row(t, items, s, 4, 1) == first  # no random dropout
+    assert first["validation_loss_ema"] != first["validation_loss"]  # the EMA (still at the start) differs
+    assert [m.training for m in (t.unet, t.trained["unet"], *t.trained["unet"].modules())] == modes  # modes back
+    assert validation.validation_row(t, items, s, 4, 1) == first  # and the raw weights with it
 
 
 def _examples(inputs: Paths) -> list[dict[str, Any]]:
