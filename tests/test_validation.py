@@ -142,7 +142,6 @@ def recomputed(inputs: Paths, out: Path, state: Path, opts: dict[str, Any], epoc
     return value
 
 
-@pytest.mark.slow  # spawns two training processes
 def test_with_two_processes_the_validation_loss_is_that_of_the_saved_weights(four, tmp_path):
     opts = {"epochs": 2, "validation_split": 3, "num_processes": 2}
     report = run(four, tmp_path / "o", tmp_path / "state", **opts)
@@ -198,7 +197,6 @@ def test_a_validation_folder_is_encoded_through_the_store_with_sidecar_captions(
     assert "resumed" not in capsys.readouterr().out
 
 
-@pytest.mark.slow  # 120 steps of batch 8: about a minute on 2 busy cores
 def test_an_over_trained_run_raises_the_validation_loss_and_the_recommendation_picks_an_earlier_epoch(tmp_path):
     """One Gaussian-pattern image trained at a high LR until it is memorised: the model then
     denoises everything towards it, so the loss on dissimilar held-out images (flat colours, a
