@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 Fixed = dict[tuple[int, int, float], Path]  # (prompt index, seed, weight) -> image
 SERIES_KEYS = (
     "loss",
+    "validation_loss",
     "lora_effect",
     "saturation_rise",
     "high_freq_rise",

@@ -7,7 +7,7 @@ Pure functions on numpy arrays and plain rows, so tests feed them synthetic imag
 - memorisation (001 guide: prompt training captions 1:1; near-copies mean overtraining):
   `nearest_distance` of a generated image's embedding to the training images' embeddings;
 - likeness: `centroid_similarity` of trigger-prompt images to the training set;
-- the loss curve's `local_minima` (003 guide);
+- the loss curve's `local_minima` (003 guide), and the validation loss when finetune measured it;
 - `recommend`: the documented rule over per-epoch rows.
 
 Embeddings are CLIP image embeddings when `evaluate.clip_model` names a local CLIP model, else
@@ -238,12 +238,14 @@ class Verdict:
         memorises: whether caption images are near-copies of training images.
         overfit: the overfit signs over their limits at `Limits.check_weight`, e.g. ["saturation_rise 0.41 > 0.25"].
         loss_minimum: whether the epoch is a local minimum of the train loss.
+        validation_loss: its validation loss (finetune's `validation.tsv`), or None.
     """
 
     epoch: int
     memorises: bool
     overfit: list[str] = field(default_factory=list)
     loss_minimum: bool = False
+    validation_loss: float | None = None
 
 
 def judge(row: dict[str, Any], limits: Limits, minima: list[int]) -> Verdict:
@@ -262,21 +264,21 @@ def judge(row: dict[str, Any], limits: Limits, minima: list[int]) -> Verdict:
         for k in ("saturation_rise", "high_freq_rise", "clipped_rise")
         if row.get(k) is not None and row[k] > getattr(limits, k)
     ]
-    return Verdict(
-        epoch=int(row["epoch"]), memorises=memorises, overfit=overfit, loss_minimum=int(row["epoch"]) in minima
-    )
+    epoch = int(row["epoch"])
+    return Verdict(epoch, memorises, overfit, loss_minimum=epoch in minima, validation_loss=row.get("validation_loss"))
 
 
 def recommend(rows: list[dict[str, Any]], limits: Limits) -> dict[str, Any]:
     """The epoch to ship, with the reasons.
 
     The rule: drop every epoch from the first memorising one on (001 guide); drop epochs with
-    overfit signs at the check weight (003 guide); of the rest, take the latest local minimum of
+    overfit signs at the check weight (003 guide); of the rest, take the one with the lowest
+    validation loss when it was measured (ties: the earliest), else the latest local minimum of
     the train loss (003 guide), else the latest. If nothing is left, ship the earliest epoch and
     say that every epoch shows overtraining.
 
     Args:
-        rows: one row per epoch (see `judge`), with `epoch` and optionally `loss`.
+        rows: one row per epoch (see `judge`), with `epoch` and optionally `loss`, `validation_loss`.
         limits: the thresholds.
     """
     if not rows:
@@ -302,11 +304,15 @@ def recommend(rows: list[dict[str, Any]], limits: Limits) -> dict[str, Any]:
 
 
 def choose(candidates: list[Verdict]) -> Verdict | None:
-    """The latest loss minimum among the candidates, else the latest candidate, else None.
+    """The candidate with the lowest validation loss (the earliest of equals), else the latest
+    train-loss minimum among the candidates, else the latest candidate, else None.
 
     Args:
         candidates: verdicts of the epochs that passed the memorisation and overfit checks.
     """
+    validated = [v for v in candidates if v.validation_loss is not None]
+    if validated:
+        return min(validated, key=lambda v: (v.validation_loss, v.epoch))
     minima = [v for v in candidates if v.loss_minimum]
     pool = minima or candidates
     return pool[-1] if pool else None
@@ -358,9 +364,12 @@ def explain(
     skipped = [v.epoch for v in verdicts if v.overfit and (first_memorising is None or v.epoch < first_memorising)]
     if skipped:
         reasons.append(f"skipped for overfit signs: epochs {', '.join(map(str, skipped))}")
-    reasons.append(
-        f"a local minimum of the train loss (epoch loss {row['loss']:.4g})"
-        if chosen.loss_minimum
-        else "the latest epoch that passed (no passing epoch is a local minimum of the train loss)"
-    )
+    if chosen.validation_loss is not None:
+        reasons.append(f"the lowest validation loss of the epochs that passed ({chosen.validation_loss:.4g})")
+    else:
+        reasons.append(
+            f"a local minimum of the train loss (epoch loss {row['loss']:.4g})"
+            if chosen.loss_minimum
+            else "the latest epoch that passed (no passing epoch is a local minimum of the train loss)"
+        )
     return reasons

@@ -217,7 +217,7 @@ def summary_section(
     has_text: bool,
 ) -> str:
     """The recommendation with its reasons, the metrics table (best row highlighted) and the
-    loss and colourfulness-vs-weight charts.
+    loss (train, and validation when measured) and colourfulness-vs-weight charts.
 
     Args:
         epochs: per epoch name, with `metrics.per_weight`.
@@ -228,7 +228,10 @@ def summary_section(
         has_text: whether similarity is CLIP rather than the pixel fallback.
     """
     cells = [[n, *[row.get(k) for k in columns[1:]]] for n, row in rows.items()]
-    loss = line_chart({"train loss": sorted(losses.items())}, "Train loss per epoch", "epoch", "loss")
+    validation = [(r["epoch"], r["validation_loss"]) for r in rows.values() if r.get("validation_loss") is not None]
+    curves = {"train loss": sorted(losses.items()), "validation loss": validation}
+    title = "Train and validation loss per epoch" if validation else "Train loss per epoch"
+    loss = line_chart(curves, title, "epoch", "loss")
     sat = line_chart(
         {n: [(float(w), s["colourfulness"]) for w, s in e["metrics"]["per_weight"].items()] for n, e in epochs.items()},
         "Colourfulness vs LoRA weight",

@@ -13,8 +13,8 @@ Measured per epoch (see `loraforge.epochmetrics` and `loraforge.evalmetrics`): c
 clipped-pixel share and high-frequency share against weight 0 (overfit, 003 guide); the caption
 images' distance to the nearest training image (memorisation); trigger images' similarity to the
 training set (likeness); CLIP score when `evaluate.clip_model` is set; the train loss and its
-local minima. `recommend` turns them into `best.json`, and the chosen LoRA is copied to
-`models/lora-best.safetensors`.
+local minima; the validation loss when finetune measured it (`validation.tsv`). `recommend`
+turns them into `best.json`, and the chosen LoRA is copied to `models/lora-best.safetensors`.
 
 Every image is an item in the store keyed by model, the LoRA's tensors (not its metadata, which
 holds a save date), prompt, seed, weight and sampler settings (see `loraforge.render`), and each
@@ -106,6 +106,7 @@ class Context:
         train_images: training images by id (for the caption grid).
         train_emb: unit embeddings of all training images (N, D), or None when not declared.
         losses: train loss per epoch number (empty when not declared).
+        validation: validation loss per saved epoch (empty when finetune's validation is off).
         progress: called with a number of images done.
     """
 
@@ -116,6 +117,7 @@ class Context:
     train_images: dict[str, Path]
     train_emb: np.ndarray | None
     losses: dict[int, float]
+    validation: dict[int, float]
     progress: Callable[[int], None]
 
 
@@ -152,16 +154,19 @@ def cached_metrics(ctx: Context, env: "StageEnv", images: dict[str, Any], epoch:
 # ---------------------------------------------------------------- inputs
 
 
-def read_losses(folder: Path | None) -> dict[int, float]:
-    """Train loss per epoch from finetune's `epochs.tsv` (empty when not declared or absent).
+def read_losses(folder: Path | None, name: str = "epochs.tsv", column: str = "loss") -> dict[int, float]:
+    """Train loss per epoch from finetune's `epochs.tsv` (or `column` of table `name`: the
+    validation loss of `validation.tsv`); empty when not declared or absent.
 
     Args:
         folder: `reports/finetune`, or None.
+        name: the table's file name.
+        column: the column read.
     """
-    path = None if folder is None else folder / "epochs.tsv"
+    path = None if folder is None else folder / name
     if path is None or not path.is_file():
         return {}
-    return {int(r["epoch"]): r["loss"] for r in read_tsv(path.read_text()) if "loss" in r}
+    return {int(r["epoch"]): r[column] for r in read_tsv(path.read_text()) if column in r}
 
 
 def training_images(folder: Path | None) -> dict[str, Path]:
@@ -218,6 +223,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         images = render_epoch(ctx.renderer, ctx.shots, lora, env.fan_out, ctx.progress)
         name = lora.stem.removeprefix("lora-")
         metrics = cached_metrics(ctx, env, images, epoch_number(lora), train_id)
+        metrics["validation_loss"] = ctx.validation.get(metrics["epoch"])  # None: not measured
         epochs[name] = {
             "lora": lora,
             "computed": images["computed"],
@@ -265,6 +271,7 @@ def build_context(params: Params, inputs: "Paths", env: "StageEnv") -> tuple[Con
         train_images=train,
         train_emb=train_emb,
         losses=read_losses(inputs.get("loss")),
+        validation=read_losses(inputs.get("loss"), "validation.tsv", "validation_loss"),
         progress=lambda n: None,
     )
     return ctx, train_id

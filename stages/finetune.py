@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -37,15 +37,15 @@ from loraforge.training.fsdp import check_fsdp, full_states
 from loraforge.training.launch import LaunchConfig, launch, launch_config
 from loraforge.training.losses import diffusion_loss
 from loraforge.training.optimizers import applied_lrs
-from loraforge.training.progress import record_step, summary, write_tables
+from loraforge.training.progress import record_epoch, record_step, summary, write_tables
 from loraforge.training.setup import Training
 from loraforge.training.step import StepSettings, check_finite, gradient_sync
 from loraforge.training.step import optimizer_step, step_generator
 from loraforge.training.text_cache import conditioning
+from loraforge.training.validation import validation_row
 from stages.finetune_params import Params
 from stages.finetune_settings import check, check_savers, class_images, plan_steps, resume_folder, save_settings
-from stages.finetune_settings import setup
-from stages.finetune_settings import step_settings
+from stages.finetune_settings import setup, step_settings, validation_set
 
 
 def run(params: Params, inputs: Paths, outputs: Paths, env: StageEnv) -> dict[str, Any]:
@@ -85,11 +85,12 @@ def train(
     """
     device, reg = resolve_device(params.model.device), prior.reg_images_folder(params.reg_images, inputs, env.state_dir)
     check(params, device, reg)  # what cannot work stops here, before anything loads
-    examples, plan = plan_steps(params, inputs, env)
+    examples, held, plan = plan_steps(params, inputs, env)  # held: out of training, for the validation loss
     t = setup(params, device, plan["optimizer_steps"], env, launch)  # the model, what trains, optimizer, schedule, EMA
     # prior preservation: class latents (cached) from the base model before any weight moves, or from reg_images
     class_examples, reg_encoded = class_images(params, reg, plan["images"], t, inputs, env, device)
     s = step_settings(params, class_examples)
+    val = partial(validate, t, s, validation_set(params, held, t, inputs, env, device), params.validation_timesteps)
     # resume: continue from the newest state of this exact run (params, model, data), else from step 0
     keep = resume_folder(params, inputs, reg, t.info, env.state_dir)  # None with `resume: off`
     progress = resume.restore(
@@ -121,11 +122,10 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{applied['unet']:.3g}")
             env.publish.progress(progress["global_step"] / plan["steps"], f"finetune epoch {epoch}/{params.epochs}")
-        progress["epochs"].append({"epoch": epoch, "loss": sum(epoch_losses) / len(epoch_losses)})
-        progress["epoch"] = epoch
+        record_epoch(progress, epoch, epoch_losses)
         env.publish.table("epoch-loss", progress["epochs"], "Mean loss per epoch")
         if epoch % params.save_every_n_epochs == 0 or epoch == params.epochs:  # every process: FSDP gathers
-            save(t, epoch, progress, saving, keep, outputs.checkpoints)
+            save(t, epoch, progress, saving, keep, outputs.checkpoints, val)
     bar.close()
     if t.accelerator.is_main_process:
         write_tables(outputs.loss, progress)
@@ -168,9 +168,37 @@ def forward(
     return loss
 
 
-def save(t: Training, epoch: int, progress: dict[str, Any], s: SaveSettings, keep: Path | None, outputs: Path) -> None:
-    """Checkpoint `epoch-NNNN` into the outputs (the first process; under FSDP every process
-    gathers the full weights first); with resume on, build it in the resume folder, hard-link it
+def validate(
+    t: Training, s: StepSettings, items: list[dict[str, Any]], k: int, epoch: int, progress: dict[str, Any]
+) -> None:
+    """Add the epoch's `validation.tsv` row (validation loss, with the EMA's too, and the epoch's
+    train loss) to the progress; nothing when validation is off. Every process computes it.
+
+    Args:
+        t: the model.
+        s: the step settings (the loss settings).
+        items: the validation items (empty: off).
+        k: `finetune.validation_timesteps`.
+        epoch: the epoch just finished.
+        progress: the loop's progress (its `validation` rows).
+    """
+    if items:
+        row = validation_row(t, items, s.loss, k, epoch)
+        progress.setdefault("validation", []).append({**row, "train_loss": progress["epochs"][-1]["loss"]})
+
+
+def save(
+    t: Training,
+    epoch: int,
+    progress: dict[str, Any],
+    s: SaveSettings,
+    keep: Path | None,
+    outputs: Path,
+    validate: Callable[[int, dict[str, Any]], None],
+) -> None:
+    """Validate (every process; the row goes into the resume state), then checkpoint `epoch-NNNN`
+    into the outputs (the first process; under FSDP every process gathers the full weights
+    first); with resume on, build it in the resume folder, hard-link it
     into the outputs, and save the full training state beside it.
 
     Args:
@@ -180,7 +208,9 @@ def save(t: Training, epoch: int, progress: dict[str, Any], s: SaveSettings, kee
         s: how to save, and the meta.json entries every checkpoint shares.
         keep: the run's resume folder, or None.
         outputs: the stage's checkpoints folder.
+        validate: adds the epoch's validation row to the progress (`validate`, bound to its items).
     """
+    validate(epoch, progress)
     states = full_states(t.trained, everywhere=False) if t.fsdp else None  # a collective
     if not t.accelerator.is_main_process:
         return

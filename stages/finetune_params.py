@@ -132,6 +132,15 @@ class Params:
         caption_dropout_rate: share of examples trained with an empty caption.
         caption_dropout_every_n_epochs: every n-th epoch trains without captions; 0 disables.
         caption_tag_dropout_rate: drop each non-kept tag with this probability.
+        validation_split: hold images out of training for the validation loss: a share in (0, 1)
+            of the images (rounded, at least 1) or a count ≥ 1; the images with the smallest
+            content hashes (ids), every repeat and flipped copy of them; 0 = off (the default;
+            kohya's `validation_split` is a share too). Not with `validation_folder`.
+        validation_folder: or a folder (relative to the project) of other images for the
+            validation loss, VAE-encoded once through the item store like `reg_images` (caption:
+            sidecar `<stem>.txt`, else the folder name); null = off.
+        validation_timesteps: the validation loss's fixed timesteps per image, spread evenly over
+            the schedule (noise and timesteps are the same for every epoch and experiment).
     """
 
     model: ModelParams
@@ -205,12 +214,23 @@ class Params:
     caption_dropout_rate: float = Field(0.0, ge=0, le=1)
     caption_dropout_every_n_epochs: int = Field(0, ge=0)
     caption_tag_dropout_rate: float = Field(0.0, ge=0, le=1)
+    validation_split: int | float = Field(0, ge=0)
+    validation_folder: str | None = Field(None, min_length=1)
+    validation_timesteps: int = Field(4, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _one_prior_source(self) -> "Params":
         if self.class_prompt and self.reg_images:
             raise ValueError(
                 "set `finetune.class_prompt` (generated class images) or `finetune.reg_images` (your own), not both"
+            )
+        if isinstance(self.validation_split, float) and self.validation_split >= 1:
+            raise ValueError(
+                f"`finetune.validation_split` is a share in (0, 1) or a whole count ≥ 1, got {self.validation_split}"
+            )
+        if self.validation_split and self.validation_folder:
+            raise ValueError(
+                "set `finetune.validation_split` (held-out images) or `finetune.validation_folder`, not both"
             )
         if self.save_single_file and self.mode != "full":
             raise ValueError("`finetune.save_single_file` writes whole models: it needs `finetune.mode: full`")

@@ -13,7 +13,8 @@ import torch
 from loraforge.fingerprint import hash_json, hash_tree
 from loraforge.models import ModelInfo, resolve_model
 from loraforge.runner import Paths, StageEnv
-from loraforge.training import data, prior, resume
+from loraforge.buckets import BucketGrid
+from loraforge.training import data, prior, resume, validation
 from loraforge.training.captions import CaptionSettings
 from loraforge.training.checkpoints import SaveSettings, training_record
 from loraforge.training.ema import EMA
@@ -86,16 +87,23 @@ def check(params: Params, device: torch.device, reg: Path | None) -> None:
         prior.reg_image_files(reg)
 
 
-def plan_steps(params: Params, inputs: Paths, env: StageEnv) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The training examples and the steps plan (`loraforge.training.data.plan`), printed and
-    published as a table.
+def plan_steps(
+    params: Params, inputs: Paths, env: StageEnv
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """The training examples, the held-out ones (`finetune.validation_split`; none when off) and
+    the steps plan (`loraforge.training.data.plan`) of the training ones, printed and published;
+    a missing or empty `validation_folder` is refused.
 
     Args:
         params: the finetune params.
-        inputs: `latents` and `captions` folders.
-        env: the publisher.
+        inputs: `latents` and `captions` folders (and `validation_folder` when declared).
+        env: the publisher and state folder.
     """
     examples = data.load_examples(inputs.latents, inputs.captions, params.repeats)
+    examples, held = validation.split_examples(examples, params.validation_split)
+    folder = prior.reg_images_folder(params.validation_folder, inputs, env.state_dir, "validation_folder")
+    if folder is not None:  # a missing or empty folder stops here, before the model loads
+        prior.reg_image_files(folder, "validation_folder")
     plan = data.plan(
         examples, params.batch_size, params.epochs, params.gradient_accumulation, params.num_processes, params.seed
     )
@@ -108,8 +116,10 @@ def plan_steps(params: Params, inputs: Paths, env: StageEnv) -> tuple[list[dict[
         print(f"finetune: masked loss: {plan['masked_images']} of {plan['images']} images have a mask")
         if not plan["masked_images"]:
             print("finetune: WARNING: `finetune.masked_loss` is on but no image has a mask: training unmasked")
+    if held:
+        print(f"finetune: {len({e['id'] for e in held})} images held out for the validation loss")
     env.publish.table("plan", [plan], "Training plan")
-    return examples, plan
+    return examples, held, plan
 
 
 def setup(
@@ -243,14 +253,15 @@ def resume_folder(params: Params, inputs: Paths, reg: Path | None, info: ModelIn
 
     Args:
         params: the finetune params (all but `resume` go into the fingerprint).
-        inputs: `latents` and `captions` folders.
+        inputs: `latents` and `captions` folders (and `validation_folder` when declared).
         reg: the resolved `reg_images` folder, or None.
         info: the resolved model.
         state_dir: loraforge's private folder.
     """
     if params.resume != "auto":
         return None
-    return resume.resume_folder(dataclasses.asdict(params), inputs.latents, inputs.captions, reg, info, state_dir)
+    val = prior.reg_images_folder(params.validation_folder, inputs, state_dir, "validation_folder")
+    return resume.resume_folder(dataclasses.asdict(params), inputs.latents, inputs.captions, reg, info, state_dir, val)
 
 
 def class_images(
@@ -276,3 +287,24 @@ def class_images(
     """
     settings = pick(prior.PriorSettings, params, reg_images=reg)
     return prior.class_examples(settings, images, t.info, inputs.latents, env.store, env.state_dir, device)
+
+
+def validation_set(
+    params: Params, held: list[dict[str, Any]], t: Training, inputs: Paths, env: StageEnv, device: torch.device
+) -> list[dict[str, Any]]:
+    """The validation items (`loraforge.training.validation`): the held-out examples' latents, or
+    the `validation_folder` images VAE-encoded through the item store (as `reg_images` are); none when off.
+
+    Args:
+        params: the finetune params.
+        held: the held-out examples (`plan_steps`).
+        t: the model (its identity and latent scale).
+        inputs: the `latents` folder (its bucket grid), `validation_folder` when declared.
+        env: item store and state folder.
+        device: where to encode.
+    """
+    folder = prior.reg_images_folder(params.validation_folder, inputs, env.state_dir, "validation_folder")
+    if folder is None:
+        return validation.held_out_items(held, t.info.scaling_factor)
+    grid = BucketGrid.load(inputs.latents)
+    return prior.reg_latents(t.info, folder, grid, env.store, env.state_dir, device, "validation_folder")[0]

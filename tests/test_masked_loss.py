@@ -22,6 +22,7 @@ from loraforge.runner import Paths, StageEnv
 from loraforge.store import ItemStore
 from loraforge.tiny import build_tiny_sd15
 from loraforge.training import data, losses
+from loraforge.training.validation import held_out_items
 from stages import finetune, finetune_settings
 from stages import latents as latents_stage
 from stages import upscale as upscale_stage
@@ -266,6 +267,10 @@ def test_latents_carry_the_mask_at_latent_resolution(encoded: dict[str, Any], tm
         data.load_batch([{"path": out / latents[c, False]["file"]}], 1.0, True)[1], torch.ones(1, 1, 20, 12)
     )
     assert data.load_batch(examples, 1.0, masked=False)[1] is None
+    # a held-out image keeps its mask for the validation loss (all ones without one)
+    lone = {"path": out / latents[c, False]["file"]}
+    held = {item["path"]: item["mask"] for item in held_out_items(examples + [lone], 1.0)}
+    assert torch.equal(held[examples[0]["path"]], mask) and torch.equal(held[lone["path"]], torch.ones(1, 20, 12))
 
     # a changed mask re-encodes that image (and its flipped copy) only (in a copy: the fixture is shared)
     src, work = tmp_path / "src", tmp_path / "work"
@@ -346,7 +351,7 @@ def test_finetune_trains_with_the_masks(
     c = next(r for r in read_jsonl(out / "manifest.jsonl") if "masked" not in r)
     shutil.copy(out / c["file"], plain / c["file"])
     (plain / "manifest.jsonl").write_text(json.dumps(c) + "\n")
-    _, plan = finetune_settings.plan_steps(params, Paths(latents=plain, captions=captions), env)
+    _, _, plan = finetune_settings.plan_steps(params, Paths(latents=plain, captions=captions), env)
     assert (
         plan["masked_images"] == 0 and "WARNING: `finetune.masked_loss` is on but no image" in capsys.readouterr().out
     )

@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from loraforge.fingerprint import hash_tree
-from tests.helpers import make_project, ran_stages, run, set_params
+from tests.helpers import FAST_PARAMS, make_project, ran_stages, run, set_params
 
 pytestmark = pytest.mark.slow
 ALL = ["ingest", "upscale", "caption", "latents", "finetune", "extract", "resize", "evaluate"]
@@ -17,7 +17,9 @@ ALL = ["ingest", "upscale", "caption", "latents", "finetune", "extract", "resize
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    project = make_project(tmp_path_factory.mktemp("dvc") / "project")
+    # one image held out for the validation loss: finetune writes validation.tsv, evaluate reads it
+    finetune = {**FAST_PARAMS["finetune"], "validation_split": 1}
+    project = make_project(tmp_path_factory.mktemp("dvc") / "project", {"finetune": finetune})
     result = run(["dvc", "repro"], project)
     assert ran_stages(result.stdout) == ALL, result.stdout
     return project
@@ -43,6 +45,12 @@ def test_first_repro_builds_a_kohya_lora_and_every_report(project):
     assert (project / "reports" / "eval" / "index.html").is_file()
     metrics = json.loads((project / "reports" / "eval" / "metrics.json").read_text())
     assert metrics["final"]["lora_effect"] > 0, "the LoRA must change the images at weight 1"
+    validation = (project / "reports" / "finetune" / "validation.tsv").read_text().splitlines()
+    assert validation[0].split("\t")[:2] == ["epoch", "validation_loss"] and len(validation) == 3  # 2 saved epochs
+    assert all("validation_loss" in row for row in metrics["epochs"].values())
+    best = json.loads((project / "reports" / "eval" / "best.json").read_text())
+    assert any("lowest validation loss" in reason for reason in best["reasons"])
+    assert "validation loss" in (project / "reports" / "eval" / "index.html").read_text()
     assert report(project, "upscale")["computed"] >= 1, "the demo has images below min_side"
     vae = report(project, "latents")["vae_check"]  # on in the demo's params.yaml
     assert vae["images"] == vae["computed"] == report(project, "latents")["items"]

@@ -198,6 +198,34 @@ def diffusion_loss(
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)  # (B,)
     # input perturbation: the model sees slightly "wrong" noise but must predict the real one
     noised_with = noise + s.ip_noise_gamma * torch.randn(latents.shape, generator=gen) if s.ip_noise_gamma else noise
+    return noised_loss(unet, scheduler, latents, cond, noise, noised_with, t, s, mask)
+
+
+def noised_loss(
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    cond: dict[str, Any],
+    noise: torch.Tensor,
+    noised_with: torch.Tensor,
+    t: torch.Tensor,
+    s: LossSettings,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted loss (a scalar) for given noise and timesteps: noise the latents, predict, compare
+    with the target (noise or v), weigh by SNR as set (training and the validation loss share it).
+
+    Args:
+        unet: the UNet (maybe wrapped by accelerate).
+        scheduler: the DDPM noise scheduler of the base model.
+        latents: (B, C, h, w) scaled latents on the UNet's device.
+        cond: `hidden` (B, 77, D) and, for SDXL, `added` (text_embeds, time_ids).
+        noise: (B, C, h, w) the noise the target is built from (CPU or device).
+        noised_with: (B, C, h, w) the noise added to the latents (= noise without input perturbation).
+        t: (B,) integer timesteps.
+        s: loss settings (type, Huber c, SNR weighting, v-parameterization, masked loss).
+        mask: (B, 1, h, w) masks in [0, 1]; used with `s.masked_loss` (None: unweighted).
+    """
     noise, noised_with, t = noise.to(latents.device), noised_with.to(latents.device), t.to(latents.device)
     noisy = scheduler.add_noise(latents, noised_with, t)
     v_pred = s.v_parameterization or scheduler.config.prediction_type == "v_prediction"

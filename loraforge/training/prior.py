@@ -67,18 +67,21 @@ class PriorSettings:
     seed: int
 
 
-def reg_images_folder(reg_images: str | None, inputs: Mapping[str, Path], state_dir: Path) -> Path | None:
+def reg_images_folder(
+    reg_images: str | None, inputs: Mapping[str, Path], state_dir: Path, key: str = "reg_images"
+) -> Path | None:
     """The `reg_images` folder: the runner's `inputs.reg_images` when pipeline.yaml declares it,
     else the param resolved against the project root (the state folder's parent).
 
     Args:
-        reg_images: `finetune.reg_images` or None.
+        reg_images: `finetune.reg_images` (or `validation_folder`) or None.
         inputs: the stage's inputs.
         state_dir: loraforge's private folder (`<project>/.loraforge`).
+        key: the param (= the input's name): `reg_images` or `validation_folder`.
     """
     if not reg_images:
         return None
-    return Path(inputs["reg_images"]) if "reg_images" in inputs else state_dir.parent / reg_images
+    return Path(inputs[key]) if key in inputs else state_dir.parent / reg_images
 
 
 def class_examples(
@@ -199,26 +202,35 @@ def reg_caption(image: Path) -> str:
     return re.sub(r"^\d+_", "", image.parent.name).replace("_", " ")
 
 
-def reg_image_files(folder: Path) -> list[Path]:
+def reg_image_files(folder: Path, key: str = "reg_images") -> list[Path]:
     """The images in `folder` (not recursive), sorted; a missing or empty folder is an error.
 
     Args:
         folder: the `finetune.reg_images` folder, resolved.
+        key: the param that names the folder (in the errors): `reg_images` or `validation_folder`.
     """
     if not folder.is_dir():
-        raise InputError(f"`finetune.reg_images` folder {folder} does not exist")
+        raise InputError(f"`finetune.{key}` folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise InputError(f"`finetune.reg_images` folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"`finetune.{key}` folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
 
 
 def reg_latents(
-    info: Any, folder: Path, grid: BucketGrid, store: ItemStore, state_dir: Path, device: torch.device
+    info: Any,
+    folder: Path,
+    grid: BucketGrid,
+    store: ItemStore,
+    state_dir: Path,
+    device: torch.device,
+    key: str = "reg_images",
 ) -> tuple[list[dict[str, Any]], int]:
-    """Class examples from a folder of regularisation images, VAE-encoded only on a cache miss.
+    """Class examples from a folder of regularisation images, VAE-encoded only on a cache miss
+    (the validation folder's images come the same way).
 
-    Returns the examples (see the module doc) and how many images were encoded now.
+    Returns the examples (see the module doc, plus `key`: the image's content hash) and how many
+    images were encoded now.
 
     Args:
         info: the resolved base model.
@@ -227,13 +239,15 @@ def reg_latents(
         store: the item store.
         state_dir: loraforge's private folder (weight-hash cache).
         device: where to encode.
+        key: the param that names the folder (in the errors).
     """
     vae_hash, items = component_hash(info, "vae", state_dir), []
-    for path in reg_image_files(folder):
+    for path in reg_image_files(folder, key):
         with Image.open(path) as img:
             bucket = grid.select(img.width, img.height)
-        entry = store.item("reg-latent", image=hash_bytes(path.read_bytes()), bucket=bucket, vae=vae_hash)
-        items.append({"path": path, "bucket": bucket, "item": entry})
+        image = hash_bytes(path.read_bytes())
+        entry = store.item("reg-latent", image=image, bucket=bucket, vae=vae_hash)
+        items.append({"path": path, "bucket": bucket, "item": entry, "key": image})
     pending = [it for it in items if it["item"].get(LATENT) is None]
     vae = load_vae(info, device, torch.float32) if pending else None  # float32: SDXL's VAE overflows in fp16
     for it in pending:
@@ -251,6 +265,7 @@ def reg_latents(
         entry = load_file(str(it["item"].get(LATENT)))
         out.append(
             {
+                "key": it["key"],
                 "latent": entry["latent"] * info.scaling_factor,
                 "caption": reg_caption(it["path"]),
                 "bucket": list(it["bucket"]),

@@ -2,7 +2,7 @@
 `lr.tsv`), the mean loss per epoch (`epochs.tsv`), the saved epochs, and the stage's report.
 
 `progress` is a plain JSON-able dict (the resume state saves it as is): `global_step`, `epoch`,
-`steps`, `lrs`, `epochs`, `saved`.
+`steps`, `lrs`, `epochs`, `saved`, and `validation` (rows of `validation.tsv`) once there is one.
 """
 
 from __future__ import annotations
@@ -36,17 +36,32 @@ def record_step(
     progress["lrs"].append({"step": step, **applied})
 
 
+def record_epoch(progress: dict[str, Any], epoch: int, losses: list[float]) -> None:
+    """Finish the epoch: its mean loss joins `epochs.tsv` and it becomes the progress's last epoch.
+
+    Args:
+        progress: the loop's progress.
+        epoch: 1-based epoch.
+        losses: the loss of each of its steps (this process's).
+    """
+    progress["epochs"].append({"epoch": epoch, "loss": sum(losses) / len(losses)})
+    progress["epoch"] = epoch
+
+
 def write_tables(folder: Path, progress: dict[str, Any]) -> None:
     """`steps.tsv` (loss, LR and LoRA norms per step), `lr.tsv` (each group's applied LR per step)
-    and `epochs.tsv` (mean loss per epoch).
+    `epochs.tsv` (mean loss per epoch) and, with validation on, `validation.tsv` (validation and
+    train loss per saved epoch).
 
     Args:
         folder: the stage's loss folder.
-        progress: the loop's progress (its `steps`, `lrs` and `epochs` rows).
+        progress: the loop's progress (its `steps`, `lrs`, `epochs` and `validation` rows).
     """
     write_tsv(folder / "steps.tsv", progress["steps"])
     write_tsv(folder / "lr.tsv", progress["lrs"])
     write_tsv(folder / "epochs.tsv", progress["epochs"])
+    if progress.get("validation"):
+        write_tsv(folder / "validation.tsv", progress["validation"])
 
 
 def write_tsv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -105,6 +120,7 @@ def summary(
         "epochs_saved": progress["saved"],
         "loss_first_epoch": progress["epochs"][0]["loss"],
         "loss_last_epoch": progress["epochs"][-1]["loss"],
+        "validation": progress.get("validation", []),
         "device": str(t.accelerator.device),
         "mixed_precision": mixed_precision,
         "optimizer": optimizer,

@@ -35,7 +35,13 @@ STATE_PREFIX = "state-epoch-"
 
 
 def resume_folder(
-    params: Mapping[str, Any], latents: Path, captions: Path, reg_images: Path | None, info: ModelInfo, state_dir: Path
+    params: Mapping[str, Any],
+    latents: Path,
+    captions: Path,
+    reg_images: Path | None,
+    info: ModelInfo,
+    state_dir: Path,
+    validation_folder: Path | None = None,
 ) -> Path:
     """`<state_dir>/resume/<fingerprint>`: params (less `resume`), model weight hashes, training data.
 
@@ -46,12 +52,16 @@ def resume_folder(
         reg_images: the `finetune.reg_images` folder or None (its content counts, not just its path).
         info: the resolved model.
         state_dir: loraforge's private folder.
+        validation_folder: the `finetune.validation_folder` folder or None (its content counts:
+            the validation rows a state keeps were measured on it).
     """
     own = {k: v for k, v in params.items() if k != "resume"}
     models = {c: component_hash(info, c, state_dir) for c in ("unet", *ENCODER_NAMES) if (info.path / c).is_dir()}
     data = {"latents": hash_tree(latents), "captions": hash_tree(captions)}
     if reg_images is not None:
         data["reg_images"] = hash_tree(reg_images)
+    if validation_folder is not None:
+        data["validation_folder"] = hash_tree(validation_folder)
     return state_dir / "resume" / hash_json({"params": own, "models": models, "data": data, "version": 1})
 
 
