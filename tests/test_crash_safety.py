@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from loraforge.fingerprint import hash_tree
+from loraforge.store import TEMP_NAME, process_alive
 from tests.helpers import env_with_venv, make_project, run
 
 pytestmark = pytest.mark.slow
@@ -43,8 +44,30 @@ def store_entries(project: Path, kind: str) -> list[Path]:
     return sorted((project / ".loraforge" / "store" / kind).rglob("*"))
 
 
-def partial_files(project: Path) -> list[Path]:
-    return [p for p in (project / ".loraforge" / "store").rglob(".tmp-*")]
+def partial_files(project: Path) -> list[str]:
+    """Temp files left in the item store, each with what its owner process is now (a kept temp
+    file's owner must be a live process: `ItemStore.sweep` removes those of dead ones)."""
+    found = []
+    for path in (project / ".loraforge" / "store").rglob(".tmp-*"):
+        owner = TEMP_NAME.match(path.name)
+        pid = owner["pid"] if owner else "?"
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+        except OSError:
+            state, cmdline = "gone", ""
+        found.append(f"{path} (pid {pid}: {state} {cmdline[:120]})")
+    return found
+
+
+def wait_until_gone(pids: list[int], timeout: float = 120) -> None:
+    """Until every killed process has exited: SIGKILL lands only when a process leaves the kernel
+    (an fsync on a busy disk can hold it there), and until then its temp files count as being written."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while process_alive(pid):
+            assert time.monotonic() < deadline, f"process {pid} still runs {timeout} s after SIGKILL"
+            time.sleep(0.05)
 
 
 def stage_processes(stage: str) -> list[str]:
@@ -68,6 +91,7 @@ def kill_mid_stage(project: Path, stage: str, started: callable, timeout: float 
         for pid in out:
             os.kill(int(pid), signal.SIGKILL)
         assert dvc.wait(timeout=120) != 0  # DVC saw its stage die
+        wait_until_gone([int(pid) for pid in out])
     finally:
         if dvc.poll() is None:
             dvc.kill()
