@@ -152,3 +152,14 @@ def ran_stages(dvc_output: str, guard: bool = False) -> list[str]:
     stage `check` (which reruns whenever params.yaml changes) only with `guard`."""
     ran = [line.split("'")[1] for line in dvc_output.splitlines() if line.startswith("Running stage '")]
     return ran if guard else [name for name in ran if name != "check"]
+
+
+def one_torch_thread() -> Iterator[None]:
+    """A module fixture's body: one torch thread while the module's tests run (small forwards and
+    steps; on a shared machine more threads only contend), the old count after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

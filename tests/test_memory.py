@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -26,18 +26,13 @@ from loraforge.images import write_jsonl
 from loraforge.memory import GIB, Architecture, ParamStats, Setup
 from loraforge.model_sizes import build_architecture, folder_architecture, reference_architecture
 from loraforge.plan_memory import largest_bucket, setup_from_params, verdict
+from tests.helpers import one_torch_thread
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "loraforge" / "assets" / "configs"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: these forwards are small, and on a shared machine threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

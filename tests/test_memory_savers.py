@@ -9,7 +9,7 @@ import copy
 import dataclasses
 import io
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -21,15 +21,10 @@ from loraforge.model_sizes import reference_architecture
 from loraforge.training.fused import PerParameterOptimizer, check_memory_savers
 from loraforge.training.schedules import make_lr_schedule
 from loraforge.training.stochastic_rounding import round_to_bf16, rounding_generator
+from tests.helpers import one_torch_thread
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One torch thread: these steps are small, and on a shared machine threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 def stack() -> torch.nn.Module:
