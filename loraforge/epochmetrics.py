@@ -8,6 +8,7 @@ base-model (weight 0) value where one exists, so a report can show what the LoRA
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from loraforge.evalmetrics import (
     rises,
 )
 from loraforge.grids import open_rgb
+from loraforge.htmlreport import read_tsv
 
 if TYPE_CHECKING:
     from loraforge.embedding import Embedder
@@ -226,3 +228,25 @@ def best_record(best: dict[str, Any], best_name: str, lora: str, similarity: str
         "similarity": similarity,
         "limits": asdict(limits),
     }
+
+
+def validation_losses(loss_folder: Path | None, extract_report: Path | None) -> dict[int, float]:
+    """Validation loss per saved epoch from finetune's `validation.tsv` (empty when validation was
+    off), of the weights the shipped LoRAs come from: the EMA column when `extract.from_ema` made
+    them (extract's report says so) and finetune measured it, else the raw weights' column.
+
+    Args:
+        loss_folder: `reports/finetune`, or None when not declared.
+        extract_report: `reports/extract.json`, or None when not declared.
+    """
+    path = None if loss_folder is None else loss_folder / "validation.tsv"
+    if path is None or not path.is_file():
+        return {}
+    rows = read_tsv(path.read_text())
+    from_ema = (
+        extract_report is not None
+        and extract_report.is_file()
+        and json.loads(extract_report.read_text()).get("from_ema")
+    )
+    column = "validation_loss_ema" if from_ema and all("validation_loss_ema" in r for r in rows) else "validation_loss"
+    return {int(r["epoch"]): r[column] for r in rows if column in r}

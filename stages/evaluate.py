@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from loraforge.embedding import Embedder, resolve_clip
 from loraforge.epochmetrics import best_record, epoch_row, epoch_signs, metric_columns, metrics_record, weight_rows
+from loraforge.epochmetrics import validation_losses
 from loraforge.evalmetrics import Limits, recommend
 from loraforge.fingerprint import hash_file, hash_json
 from loraforge.grids import cross_epoch_grids, epoch_grids, open_rgb
@@ -154,19 +155,16 @@ def cached_metrics(ctx: Context, env: "StageEnv", images: dict[str, Any], epoch:
 # ---------------------------------------------------------------- inputs
 
 
-def read_losses(folder: Path | None, name: str = "epochs.tsv", column: str = "loss") -> dict[int, float]:
-    """Train loss per epoch from finetune's `epochs.tsv` (or `column` of table `name`: the
-    validation loss of `validation.tsv`); empty when not declared or absent.
+def read_losses(folder: Path | None) -> dict[int, float]:
+    """Train loss per epoch from finetune's `epochs.tsv` (empty when not declared or absent).
 
     Args:
         folder: `reports/finetune`, or None.
-        name: the table's file name.
-        column: the column read.
     """
-    path = None if folder is None else folder / name
+    path = None if folder is None else folder / "epochs.tsv"
     if path is None or not path.is_file():
         return {}
-    return {int(r["epoch"]): r[column] for r in read_tsv(path.read_text()) if column in r}
+    return {int(r["epoch"]): r["loss"] for r in read_tsv(path.read_text()) if "loss" in r}
 
 
 def training_images(folder: Path | None) -> dict[str, Path]:
@@ -271,7 +269,7 @@ def build_context(params: Params, inputs: "Paths", env: "StageEnv") -> tuple[Con
         train_images=train,
         train_emb=train_emb,
         losses=read_losses(inputs.get("loss")),
-        validation=read_losses(inputs.get("loss"), "validation.tsv", "validation_loss"),
+        validation=validation_losses(inputs.get("loss"), inputs.get("extract_report")),  # of the shipped weights
         progress=lambda n: None,
     )
     return ctx, train_id

@@ -146,6 +146,7 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
         "reused": 0,
         "dim": params.dim,
         "svd": params.svd,
+        "from_ema": params.from_ema,  # evaluate ranks the epochs by the EMA weights' validation loss then
         "revision": revision,
         "epochs": per_epoch,
     }

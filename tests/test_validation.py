@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from loraforge.epochmetrics import validation_losses
 from loraforge.errors import InputError
 from loraforge.evalmetrics import Limits, recommend
 from loraforge.runner import Paths, StageEnv
@@ -124,6 +125,15 @@ def test_validation_rows_repeat_exactly_from_the_checkpoint_and_survive_a_resume
     again = recomputed(four, tmp_path / "a", state, {**opts, "seed": 11})
     assert again == pytest.approx(report["validation"][1]["validation_loss"], rel=1e-6)
     assert report["validation"][0]["validation_loss"] != report["validation"][1]["validation_loss"]
+    # evaluate ranks the epochs by the weights the LoRAs come from: extract's report says which
+    loss, extract = tmp_path / "a" / "loss", tmp_path / "extract.json"
+    extract.write_text(json.dumps({"from_ema": True}))
+    assert validation_losses(loss, extract) == {r["epoch"]: r["validation_loss_ema"] for r in rows}
+    extract.write_text(json.dumps({"from_ema": False}))
+    raw = {r["epoch"]: r["validation_loss"] for r in rows}
+    assert validation_losses(loss, extract) == validation_losses(loss, None) == raw
+    assert raw != {r["epoch"]: r["validation_loss_ema"] for r in rows}  # the columns differ: the choice shows
+    assert validation_losses(tmp_path / "no-such-folder", extract) == {}
     # the finished run resumes from its last state: the rows of the earlier epochs come back with it
     run(four, tmp_path / "b", state, **opts)
     assert tsv(tmp_path / "b" / "loss" / "validation.tsv") == rows
