@@ -9,7 +9,8 @@ tests/memory_probe.py does: each setting runs in a child process; measured is th
 (VmHWM) during the steps minus the RSS before them (the loaded, cast model; the peak reset at that
 point through /proc/self/clear_refs, after a warm-up forward/backward whose gradients are dropped),
 with a fixed mmap threshold so freed blocks return to the system at once. "total" adds the RSS
-before the steps (the bf16 weights' own saving shows there). Linux only.
+before the steps (the bf16 weights' own saving shows there); "vs plain" is each growth over the
+plain fp32 run's, measured in the same invocation. Linux only.
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ def main() -> None:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(REPO)}
     mib = 2**20
     print(f"SD1.5 layout, width {args.width}, latent {args.latent}x{args.latent}, AdamW, checkpointing, CPU")
-    print(f"{'setting':<22} {'growth MiB':>10} {'estimate MiB':>12} {'before MiB':>10} {'total MiB':>10}")
+    header = {"growth MiB": 10, "vs plain": 8, "estimate MiB": 12, "before MiB": 10, "total MiB": 10}
+    print(f"{'setting':<22} " + " ".join(f"{h:>{width}}" for h, width in header.items()))
+    plain = None  # the first setting's growth: every ratio is against it
     for label in SETTINGS:
         spec = {"label": label, "width": args.width, "latent": args.latent, "steps": args.steps}
         out = subprocess.run(
@@ -137,9 +140,10 @@ def main() -> None:
             raise SystemExit(f"{label}: {out.stderr[-2000:]}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
         est = estimate(label, args.width, args.latent)
-        total = r["growth"] + r["before"]
+        total, plain = r["growth"] + r["before"], plain or r["growth"]
         print(
-            f"{label:<22} {r['growth'] / mib:>10.1f} {est / mib:>12.1f} {r['before'] / mib:>10.1f} {total / mib:>10.1f}"
+            f"{label:<22} {r['growth'] / mib:>10.1f} {r['growth'] / plain:>7.2f}x {est / mib:>12.1f} "
+            f"{r['before'] / mib:>10.1f} {total / mib:>10.1f}"
         )
 
 

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping
 
 from loraforge.activations import text_activation_bytes, unet_activation_bytes
+from loraforge.training.optimizers import ADAPTIVE
 
 GIB = 2**30
 CUDA_CONTEXT = GIB // 2
@@ -366,7 +367,7 @@ def savings(model: Architecture, s: Setup) -> list[tuple[str, int]]:
         "no EMA": r(s, ema=False),
         "mode: lora": r(s, mode="lora"),
     }
-    if s.mode == "full" and s.processes == 1 and s.optimizer not in ("Prodigy", "DAdaptAdam"):  # what the trainer runs
+    if s.mode == "full" and s.processes == 1 and s.optimizer not in ADAPTIVE:  # what the trainer runs
         if s.accumulation == 1 and s.mixed_precision != "fp16":
             options["fused backward"] = r(s, fused_backward=True)
         label = "bf16 weights" if s.mixed_precision == "bf16" else "bf16 weights + bf16 autocast"  # it needs both

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from loraforge.memory import GIB, PERSISTENT, Architecture, Setup, combined, estimate, peak, phases, savings
+from loraforge.training.optimizers import ADAPTIVE  # one step size d: text-encoder LRs default to lr, not lr / 4
 
 if TYPE_CHECKING:
     from stages.finetune_params import Params as FinetuneParams
 
 TIGHT_SHARE = 0.05
-ADAPTIVE = ("Prodigy", "DAdaptAdam")  # one step size d: text-encoder LRs default to lr, not lr / 4
 ENCODERS = ("text_encoder", "text_encoder_2")
 
 

@@ -8,6 +8,9 @@ scalars or small frozen settings dataclasses it needs (never the stage's params)
     step        step settings, random source, divergence guard, gradient sync, optimizer step
     losses      noise, timesteps and the weighted diffusion loss
     optimizers, schedules, precision, ema, lora_net, captions, text_cache
+    lycoris_net LoHa / LoKr / DoRA networks (lycoris-lora modules on the LoRA targets)
+    fused       per-parameter optimizers: fused backward, bf16 weights (stochastic_rounding)
+    validation  held-out images and the validation loss on fixed draws
     prior       prior preservation: class images (generated or `reg_images`) and their loss
     checkpoints the files an epoch saves (full weights or a kohya LoRA, meta.json)
     progress    step and epoch rows, their TSV tables, the stage report
