@@ -26,8 +26,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loraforge.fingerprint import hash_tree  # noqa: E402
-from loraforge.runner import run_stage  # noqa: E402
+from loraforge.store.fingerprint import hash_tree  # noqa: E402
+from loraforge.pipeline.runner import run_stage  # noqa: E402
 
 
 def make_project(root: Path, images: int, resolution: int) -> Path:

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, sys
 from pathlib import Path
-from loraforge.runner import run_stage
+from loraforge.pipeline.runner import run_stage
 report = run_stage(Path(sys.argv[1]), "ingest")["report"]
 status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
 print(json.dumps({"peak_mb": int(status["VmHWM"].split()[0]) / 1024, "items": report["items"]}))

@@ -1,5 +1,5 @@
 """Peak memory of a few full-finetune steps with and without the memory savers (fused backward,
-bf16 weights), side by side, on CPU, with the estimate of `loraforge.memory` beside each.
+bf16 weights), side by side, on CPU, with the estimate of `loraforge.planning.memory` beside each.
 
     python benchmarks/memory_savers.py [--width 64] [--latent 32] [--steps 3]
 
@@ -97,9 +97,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def estimate(label: str, width: int, latent: int) -> int:
-    """`loraforge.memory`'s peak less the weights, for the setting (what `growth` measures)."""
-    from loraforge import memory as m
-    from loraforge.model_sizes import build_architecture
+    """`loraforge.planning.memory`'s peak less the weights, for the setting (what `growth` measures)."""
+    from loraforge.planning import memory as m
+    from loraforge.planning.model_sizes import build_architecture
 
     mixed, fused, dtype = SETTINGS[label]
     model = build_architecture("sd15", unet_config(width), [], 16, 0)

@@ -42,8 +42,8 @@ class Clock:
 
 def loraforge_loop(project: Path, params: dict[str, Any]) -> tuple[int, float]:
     """(steps, seconds from the end of step 1 to the end of the last step) of stages.finetune."""
-    from loraforge.runner import Paths, StageEnv
-    from loraforge.store import ItemStore
+    from loraforge.pipeline.runner import Paths, StageEnv
+    from loraforge.store.items import ItemStore
     from stages import finetune
 
     out = project / "bench-out"
@@ -70,9 +70,9 @@ def reference_loop(project: Path, params: dict[str, Any]) -> tuple[int, float]:
     import torch
     import torch.nn.functional as F
 
-    from loraforge.conditioning import encode_sd15, encode_sdxl, sdxl_time_ids
-    from loraforge.models import load_noise_scheduler, load_text_encoders, load_unet, resolve_model
-    from loraforge.params import ModelParams
+    from loraforge.models.conditioning import encode_sd15, encode_sdxl, sdxl_time_ids
+    from loraforge.models.loading import load_noise_scheduler, load_text_encoders, load_unet, resolve_model
+    from loraforge.pipeline.params import ModelParams
     from loraforge.training.data import epoch_batches, load_examples, load_latents
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,7 +136,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         project = make_project(Path(tmp) / "bench", params={}, git=False)
         set_params(project, {"model": {"base": params["model"]["base"]}})
-        from loraforge.runner import run_stage
+        from loraforge.pipeline.runner import run_stage
 
         for stage in ("ingest", "upscale", "caption", "latents"):
             run_stage(project, stage)

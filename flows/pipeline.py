@@ -26,12 +26,12 @@ from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_setti
 from prefect.states import Failed, State
 
 from loraforge.errors import StopRun
-from loraforge.filedeps import file_fingerprints
-from loraforge.fingerprint import canonical, hash_file, hash_json, hash_tree
-from loraforge.weights import HASH_CACHE, HashCache
-from loraforge.params import load_all_params, load_stage_params, read_params_file
-from loraforge.runner import STATE_DIR, resolve_inputs, run_stage
-from loraforge.spec import load_pipeline
+from loraforge.pipeline.filedeps import file_fingerprints
+from loraforge.store.fingerprint import canonical, hash_file, hash_json, hash_tree
+from loraforge.models.weights import HASH_CACHE, HashCache
+from loraforge.pipeline.params import load_all_params, load_stage_params, read_params_file
+from loraforge.pipeline.runner import STATE_DIR, resolve_inputs, run_stage
+from loraforge.pipeline.spec import load_pipeline
 
 
 class PrefectPublisher:

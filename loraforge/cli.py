@@ -20,12 +20,12 @@ import subprocess
 import sys
 
 from loraforge.errors import StopRun
-from loraforge.params import load_all_params
-from loraforge.spec import PIPELINE_FILE, find_root, load_pipeline
+from loraforge.pipeline.params import load_all_params
+from loraforge.pipeline.spec import PIPELINE_FILE, find_root, load_pipeline
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from loraforge.runner import run_stage
+    from loraforge.pipeline.runner import run_stage
 
     manifest = run_stage(find_root(), args.name, machine_rank=args.machine_rank)
     r = manifest["report"]
@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sync_dvc(args: argparse.Namespace) -> int:
-    from loraforge.dvcgen import DVC_FILE, sync
+    from loraforge.pipeline.dvcgen import DVC_FILE, sync
 
     root = find_root()
     if args.check:
@@ -63,10 +63,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(root)
     load_all_params(root, pipeline)
     if args.fingerprint:  # dvc.yaml's guard stage: the hashes of the files params point at
-        from loraforge.filedeps import write_fingerprints
-        from loraforge.weights import HASH_CACHE, HashCache
-        from loraforge.params import read_params_file
-        from loraforge.runner import STATE_DIR
+        from loraforge.pipeline.filedeps import write_fingerprints
+        from loraforge.models.weights import HASH_CACHE, HashCache
+        from loraforge.pipeline.params import read_params_file
+        from loraforge.pipeline.runner import STATE_DIR
 
         cache = HashCache(root / STATE_DIR / HASH_CACHE)
         write_fingerprints(root, list(pipeline.stages.values()), read_params_file(root), cache)
@@ -118,10 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=4200)
     p.set_defaults(func=cmd_ui)
 
-    from loraforge.compare import add_compare_command
-    from loraforge.kohya_import import add_import_kohya_command
-    from loraforge.lora_cli import add_extract_command, add_resize_command
-    from loraforge.plan_cli import add_plan_command
+    from loraforge.evaluation.compare import add_compare_command
+    from loraforge.kohya.importer import add_import_kohya_command
+    from loraforge.lora.commands import add_extract_command, add_resize_command
+    from loraforge.planning.command import add_plan_command
 
     add_plan_command(sub)
     add_compare_command(sub)

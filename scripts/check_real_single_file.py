@@ -23,11 +23,11 @@ def main(arch: str, work: Path) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from loraforge.models import load_text_encoders, load_unet, load_vae, resolve_model
-    from loraforge.original_layout import states_to_original
-    from loraforge.params import ModelParams
-    from loraforge.safetensors_io import save_tensors
-    from loraforge.single_file import shipped_config
+    from loraforge.models.loading import load_text_encoders, load_unet, load_vae, resolve_model
+    from loraforge.models.original_layout import states_to_original
+    from loraforge.pipeline.params import ModelParams
+    from loraforge.models.safetensors_io import save_tensors
+    from loraforge.models.single_file import shipped_config
 
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)  # build in fp16: an SDXL-sized model fits in ~16 GB RAM

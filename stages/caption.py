@@ -3,7 +3,7 @@
 Sources, in the order of `caption.sources`: the sidecar `.txt` ingest carried along, the file
 name (the 001 guide keeps captions in file names), the `caption.template`. A model captioner
 (`caption.captioner`: `blip` sentences or `wd14` booru tags, from a local folder or a Hugging
-Face id, see `loraforge.captioners`) merges in by `caption.merge`: `keep` (it stands in for the
+Face id, see `loraforge.captioning.captioners`) merges in by `caption.merge`: `keep` (it stands in for the
 template: sidecar and file-name captions win), `replace` (its caption wins wherever it wrote
 one) or `append` (its tags follow the chosen caption, minus tags already there). Its output is
 cached per image in the item store, keyed by the image's pixels, the hash of the model's files
@@ -27,17 +27,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 
-from loraforge.captioners import normalize_tag
-from loraforge.fanout import chunked
-from loraforge.images import read_jsonl, write_jsonl
-from loraforge.store import Item
+from loraforge.captioning.captioners import normalize_tag
+from loraforge.store.fanout import chunked
+from loraforge.data.images import read_jsonl, write_jsonl
+from loraforge.store.items import Item
 from stages.caption_params import CaptionSource, Merge, Params
 
 if TYPE_CHECKING:
-    from loraforge.blip import BlipCaptioner
-    from loraforge.wd14 import Wd14Tagger
-    from loraforge.runner import Paths, StageEnv
-    from loraforge.store import ItemStore
+    from loraforge.captioning.blip import BlipCaptioner
+    from loraforge.captioning.wd14 import Wd14Tagger
+    from loraforge.pipeline.runner import Paths, StageEnv
+    from loraforge.store.items import ItemStore
 
 # Camera / export names carry no caption ("IMG_0042", "DSC01234", "image (3)", "1234"), nor do
 # phone names with date and time ("PXL_20230615_101112345") or copies of any of these ("IMG_0042 (2)").
@@ -210,14 +210,14 @@ def make_captioner(params: Params, state_dir: Path) -> tuple[BlipCaptioner | Wd1
         params: the `caption` section (`captioner` is `blip` or `wd14`).
         state_dir: loraforge's private folder; its parent is the project root for relative paths.
     """
-    from loraforge.captioners import locate_model, model_files
-    from loraforge.weights import files_hash
+    from loraforge.captioning.captioners import locate_model, model_files
+    from loraforge.models.weights import files_hash
 
     kind = params.captioner
     folder = locate_model(kind, params.captioner_path, Path(state_dir).parent, params.captioner_revision)
     identity = files_hash(model_files(kind, folder), folder, state_dir)
     if kind == "blip":
-        from loraforge.blip import BlipCaptioner, BlipSettings
+        from loraforge.captioning.blip import BlipCaptioner, BlipSettings
 
         settings = BlipSettings(
             decoding=params.blip_decoding,
@@ -229,7 +229,7 @@ def make_captioner(params: Params, state_dir: Path) -> tuple[BlipCaptioner | Wd1
             seed=params.blip_seed,
         )
         return BlipCaptioner(folder, settings, params.model.device), identity
-    from loraforge.wd14 import Wd14Settings, Wd14Tagger
+    from loraforge.captioning.wd14 import Wd14Settings, Wd14Tagger
 
     settings = Wd14Settings(
         general_threshold=params.wd14_general_threshold,
@@ -323,7 +323,7 @@ def check_remove_tags(trigger: str, remove_tags: tuple[str, ...]) -> None:
 
 def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
     """Write `<id>.txt` and `manifest.jsonl` into `outputs.captions`."""
-    from loraforge.models import load_tokenizers, resolve_model
+    from loraforge.models.loading import load_tokenizers, resolve_model
 
     check_remove_tags(params.trigger, params.remove_tags)
     tokenizer = load_tokenizers(resolve_model(params.model, env.state_dir))[0]

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from loraforge.params import ModelParams, section
+from loraforge.pipeline.params import ModelParams, section
 
 CaptionSource = Literal["sidecar", "filename", "template"]
 Merge = Literal["keep", "replace", "append"]

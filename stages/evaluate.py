@@ -9,7 +9,7 @@ experiment:
 - `caption_prompts` training captions prompted 1:1 (001 guide), at 0 and 1, beside the image
   they caption.
 
-Measured per epoch (see `loraforge.epochmetrics` and `loraforge.evalmetrics`): colourfulness,
+Measured per epoch (see `loraforge.evaluation.epoch_metrics` and `loraforge.evaluation.metrics`): colourfulness,
 clipped-pixel share and high-frequency share against weight 0 (overfit, 003 guide); the caption
 images' distance to the nearest training image (memorisation); trigger images' similarity to the
 training set (likeness); CLIP score when `evaluate.clip_model` is set; the train loss and its
@@ -17,10 +17,10 @@ local minima; the validation loss when finetune measured it (`validation.tsv`). 
 turns them into `best.json`, and the chosen LoRA is copied to `models/lora-best.safetensors`.
 
 Every image is an item in the store keyed by model, the LoRA's tensors (not its metadata, which
-holds a save date), prompt, seed, weight and sampler settings (see `loraforge.render`), and each
+holds a save date), prompt, seed, weight and sampler settings (see `loraforge.evaluation.render`), and each
 epoch's metrics by its images' keys: an unchanged epoch is never regenerated, so adding an epoch
-renders only that epoch's images. The page is `loraforge.htmlreport.render_page`; embeddings
-(CLIP or the pixel fallback) come from `loraforge.embedding`.
+renders only that epoch's images. The page is `loraforge.evaluation.html_report.render_page`; embeddings
+(CLIP or the pixel fallback) come from `loraforge.evaluation.embedding`.
 """
 
 from __future__ import annotations
@@ -31,21 +31,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from loraforge.embedding import Embedder, resolve_clip
-from loraforge.epochmetrics import best_record, epoch_row, epoch_signs, metric_columns, metrics_record, weight_rows
-from loraforge.epochmetrics import validation_losses
-from loraforge.evalmetrics import Limits, recommend
-from loraforge.fingerprint import hash_file, hash_json
-from loraforge.grids import cross_epoch_grids, epoch_grids, open_rgb
-from loraforge.htmlreport import read_tsv, render_page, write_tsv_text
-from loraforge.images import read_jsonl
-from loraforge.render import Renderer, Shots, caption_shots, random_shots, render_epoch, render_prompts
+from loraforge.evaluation.embedding import Embedder, resolve_clip
+from loraforge.evaluation.epoch_metrics import (
+    best_record,
+    epoch_row,
+    epoch_signs,
+    metric_columns,
+    metrics_record,
+    weight_rows,
+)
+from loraforge.evaluation.epoch_metrics import validation_losses
+from loraforge.evaluation.metrics import Limits, recommend
+from loraforge.store.fingerprint import hash_file, hash_json
+from loraforge.evaluation.grids import cross_epoch_grids, epoch_grids, open_rgb
+from loraforge.evaluation.html_report import read_tsv, render_page, write_tsv_text
+from loraforge.data.images import read_jsonl
+from loraforge.evaluation.render import Renderer, Shots, caption_shots, random_shots, render_epoch, render_prompts
 from stages.evaluate_params import Params
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from loraforge.runner import Paths, StageEnv
+    from loraforge.pipeline.runner import Paths, StageEnv
 
 
 def limits_of(params: Params) -> Limits:

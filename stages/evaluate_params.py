@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from loraforge.params import ModelParams, section
+from loraforge.pipeline.params import ModelParams, section
 
 SUBJECTS = (
     "a mountain landscape at dawn",

@@ -20,11 +20,11 @@ from stages.extract_params import Params
 if TYPE_CHECKING:
     import torch
 
-    from loraforge.lora_io import ExtractSettings
-    from loraforge.models import ModelInfo
-    from loraforge.runner import Paths, StageEnv
+    from loraforge.lora.extraction import ExtractSettings
+    from loraforge.models.loading import ModelInfo
+    from loraforge.pipeline.runner import Paths, StageEnv
 
-# Components that can carry a LoRA, per architecture (kohya's prefixes are in loraforge.lora.PREFIXES).
+# Components that can carry a LoRA, per architecture (kohya's prefixes are in loraforge.lora.format.PREFIXES).
 PREFIXES = {
     "sd15": {"unet": "lora_unet", "text_encoder": "lora_te"},
     "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
@@ -33,7 +33,7 @@ PREFIXES = {
 
 def settings(params: Params) -> "ExtractSettings":
     """The library's extraction settings from the stage params."""
-    from loraforge.lora_io import ExtractSettings
+    from loraforge.lora.extraction import ExtractSettings
 
     return ExtractSettings(
         dim=params.dim,
@@ -60,7 +60,7 @@ def dataset_hash(meta: dict[str, Any], inputs: "Paths") -> str:
     """The dataset's hash: the checkpoint's own record, else a hash of the `latents`/`captions` inputs if given."""
     if meta.get("dataset_hash"):
         return str(meta["dataset_hash"])
-    from loraforge.fingerprint import hash_tree
+    from loraforge.store.fingerprint import hash_tree
 
     given = [inputs[name] for name in ("latents", "captions") if name in inputs]
     return "+".join(hash_tree(path) for path in given) if given else "unknown"
@@ -78,8 +78,8 @@ def extract_epoch(
         device: where the SVDs run.
         unet_config: the base UNet's config.json contents (SDXL sgm numbering).
     """
-    from loraforge.lora_io import extract_component
-    from loraforge.models import weight_files
+    from loraforge.lora.extraction import extract_component
+    from loraforge.models.loading import weight_files
 
     tensors: dict[str, Any] = {}
     notes: dict[str, dict[str, Any]] = {}
@@ -103,9 +103,9 @@ def extract_epoch(
 
 def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> dict[str, Any]:
     """One `lora-epoch-NNNN.safetensors` per checkpoint folder into `outputs.loras`."""
-    from loraforge.lora import save_lora
-    from loraforge.lora_io import extraction_metadata, git_commit_date, git_revision
-    from loraforge.models import resolve_device, resolve_model
+    from loraforge.lora.format import save_lora
+    from loraforge.lora.extraction import extraction_metadata, git_commit_date, git_revision
+    from loraforge.models.loading import resolve_device, resolve_model
 
     info = resolve_model(params.model, env.state_dir)
     device = resolve_device(params.model.device)

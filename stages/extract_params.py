@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from loraforge.params import ModelParams, section
+from loraforge.pipeline.params import ModelParams, section
 
 
 @section

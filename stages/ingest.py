@@ -1,6 +1,6 @@
 """Stage `ingest`: decode, normalise and de-duplicate the source images; reject bad files with reasons.
 
-Reads the user's folder (kohya layout, `loraforge.sources`: `N_name/` subfolders give N repeats and
+Reads the user's folder (kohya layout, `loraforge.data.sources`: `N_name/` subfolders give N repeats and
 class token `name`; `<stem>.txt` / `<stem>.caption` beside an image is its caption) and writes:
 
     <images>/images/<id>.png   every kept image as 8-bit RGB PNG; id = first 16 hex of its pixel hash
@@ -16,7 +16,7 @@ class token `name`; `<stem>.txt` / `<stem>.caption` beside an image is its capti
 
 Output names never come from user file names, so no name can escape the output folder.
 
-Dataset craft (the `dataset` section: `loraforge.craft` applies `loraforge.dataset`'s measurements),
+Dataset craft (the `dataset` section: `loraforge.data.craft` applies `loraforge.data.measures`'s measurements),
 in this order, on final pixels:
 1. `ingest.clean_adversarial` (003 guide): a light resample + median pass per image; PSNR reported.
 2. `dataset.tile` (000 guide's precision method): chosen images become rows × cols sectors; sectors
@@ -31,7 +31,7 @@ and settings, so a rerun measures nothing twice.
 
 Caching: each source file's normalised PNG is an item-store entry keyed by the file's bytes (and
 its mask file's, when it has one), the background colour, the Pillow version and the kind's
-version (`loraforge.store.KINDS`), with its mask (`.mask.png`) and a small JSON entry beside it
+version (`loraforge.store.items.KINDS`), with its mask (`.mask.png`) and a small JSON entry beside it
 holding width, height, pixel hash and mask hash (written last, so it also marks the entry
 complete). A rerun over unchanged files only hashes them. Rejected files are not cached: they
 are few, and a transient read error must not stick.
@@ -47,7 +47,7 @@ from typing import Any
 
 import PIL
 
-from loraforge.craft import (
+from loraforge.data.craft import (
     apply_tiling,
     balance,
     clean_all,
@@ -57,16 +57,16 @@ from loraforge.craft import (
     metrics_entry,
     quality_gates,
 )
-from loraforge.duplicates import settle_duplicates, split_duplicates
+from loraforge.data.duplicates import settle_duplicates, split_duplicates
 from loraforge.errors import InputError, MissingInput
-from loraforge.fanout import chunked
-from loraforge.fingerprint import hash_file
-from loraforge.images import ImageRejected, decode_mask, decode_with_alpha, parse_color, pixel_hash, save_png
-from loraforge.images import may_have_alpha, write_jsonl
-from loraforge.models import native_resolution
-from loraforge.runner import Paths, StageEnv
-from loraforge.sources import Ingested, SourceImage, SourceScan, read_caption, scan_source
-from loraforge.store import Item, ItemStore, materialize
+from loraforge.store.fanout import chunked
+from loraforge.store.fingerprint import hash_file
+from loraforge.data.images import ImageRejected, decode_mask, decode_with_alpha, parse_color, pixel_hash, save_png
+from loraforge.data.images import may_have_alpha, write_jsonl
+from loraforge.models.loading import native_resolution
+from loraforge.pipeline.runner import Paths, StageEnv
+from loraforge.data.sources import Ingested, SourceImage, SourceScan, read_caption, scan_source
+from loraforge.store.items import Item, ItemStore, materialize
 from stages.ingest_params import Params
 
 log = logging.getLogger(__name__)

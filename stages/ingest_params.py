@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from loraforge.params import DatasetParams, ModelParams, section
+from loraforge.pipeline.params import DatasetParams, ModelParams, section
 
 
 @section

@@ -33,21 +33,21 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from loraforge.buckets import Bucket, BucketGrid
-from loraforge.images import read_jsonl, resize_cover_crop, write_jsonl
-from loraforge.models import component_hash, load_vae, resolve_device, resolve_model
-from loraforge.fanout import chunked
-from loraforge.models import ModelInfo
-from loraforge.safetensors_io import save_tensors
-from loraforge.store import Item, materialize
-from loraforge.vae import encode_batch, latent_mask
-from loraforge.vaecheck import check as vae_check_image
-from loraforge.vaecheck import decode_latent
+from loraforge.data.buckets import Bucket, BucketGrid
+from loraforge.data.images import read_jsonl, resize_cover_crop, write_jsonl
+from loraforge.models.loading import component_hash, load_vae, resolve_device, resolve_model
+from loraforge.store.fanout import chunked
+from loraforge.models.loading import ModelInfo
+from loraforge.models.safetensors_io import save_tensors
+from loraforge.store.items import Item, materialize
+from loraforge.models.vae import encode_batch, latent_mask
+from loraforge.data.vae_check import check as vae_check_image
+from loraforge.data.vae_check import decode_latent
 from stages.latents_params import Params
 
 if TYPE_CHECKING:
-    from loraforge.runner import Paths, StageEnv
-    from loraforge.store import ItemStore
+    from loraforge.pipeline.runner import Paths, StageEnv
+    from loraforge.store.items import ItemStore
 
 LATENT = ".safetensors"
 
@@ -227,7 +227,7 @@ def crop_for(item: dict[str, Any], folder: Path) -> tuple[Any, tuple[int, int], 
 
 def mask_for(item: dict[str, Any], folder: Path, size: tuple[int, int]) -> dict[str, torch.Tensor]:
     """`{"mask": (1, h, w)}` for an item with a mask: the bucket crop of the mask on the latent
-    grid (`loraforge.vae.latent_mask`); `{}` without one.
+    grid (`loraforge.models.vae.latent_mask`); `{}` without one.
 
     Args:
         item: a work item (`mask`, `bucket`, `flip`).

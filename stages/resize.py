@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from stages.resize_params import Params
 
 if TYPE_CHECKING:
-    from loraforge.runner import Paths, StageEnv
+    from loraforge.pipeline.runner import Paths, StageEnv
 
 
 def pass_through(path: Path, algo: str, folder: Path) -> dict[str, Any]:
@@ -29,7 +29,7 @@ def pass_through(path: Path, algo: str, folder: Path) -> dict[str, Any]:
 
     Args:
         path: the `lora-*.safetensors` file.
-        algo: its algorithm (`loraforge.lycoris_io.file_algo`): `loha`, `lokr` or `dora`.
+        algo: its algorithm (`loraforge.lora.lycoris.file_algo`): `loha`, `lokr` or `dora`.
         folder: the stage's `loras` output folder.
     """
     shutil.copyfile(path, folder / path.name)
@@ -46,9 +46,9 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     """
     import torch
 
-    from loraforge.lora import load_lora, save_lora
-    from loraforge.lora_resize import layer_table, resize_lora, resize_metadata
-    from loraforge.lycoris_io import file_algo
+    from loraforge.lora.format import load_lora, save_lora
+    from loraforge.lora.resize import layer_table, resize_lora, resize_metadata
+    from loraforge.lora.lycoris import file_algo
 
     files = sorted(inputs.loras.glob("lora-*.safetensors"))
     if not files:

@@ -18,17 +18,17 @@ import torch
 from PIL import Image
 
 from loraforge.errors import InputError, MissingInput
-from loraforge.fanout import chunked
-from loraforge.fingerprint import hash_file
-from loraforge.images import lanczos_upscale, pixel_hash, read_jsonl, save_png, write_jsonl
-from loraforge.models import native_resolution, resolve_device
-from loraforge.safetensors_io import load_tensors, refuse_pickle
-from loraforge.store import Item, materialize
+from loraforge.store.fanout import chunked
+from loraforge.store.fingerprint import hash_file
+from loraforge.data.images import lanczos_upscale, pixel_hash, read_jsonl, save_png, write_jsonl
+from loraforge.models.loading import native_resolution, resolve_device
+from loraforge.models.safetensors_io import load_tensors, refuse_pickle
+from loraforge.store.items import Item, materialize
 from stages.upscale_params import Params
 
 if TYPE_CHECKING:
-    from loraforge.runner import Paths, StageEnv
-    from loraforge.store import ItemStore
+    from loraforge.pipeline.runner import Paths, StageEnv
+    from loraforge.store.items import ItemStore
 
 
 def needs_upscale(width: int, height: int, min_side: int) -> bool:

@@ -1,6 +1,6 @@
 """A temp project whose pipeline.yaml declares the evaluate stage's full inputs and outputs
 (the change issue #6 asks for), for the evaluation and comparison tests. The stage's code deps
-are derived from its imports (`loraforge.codedeps`), so nothing here lists them."""
+are derived from its imports (`loraforge.pipeline.codedeps`), so nothing here lists them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from loraforge.dvcgen import sync
+from loraforge.pipeline.dvcgen import sync
 from tests.helpers import make_project, run
 
 EVALUATE_INPUTS = {

@@ -16,7 +16,7 @@ def die_once_mid_write(marker: Path, work: Any, job: Any, chunk: list[Any]) -> A
     if not marker.exists():
         marker.write_text(str(os.getpid()))
         first = chunk[0][0] if isinstance(chunk[0], list) else chunk[0]
-        from loraforge.store import Item
+        from loraforge.store.items import Item
 
         def half_then_die(path: Path) -> None:
             path.write_bytes(b"half a latent")

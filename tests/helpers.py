@@ -67,8 +67,8 @@ def captured_messages() -> Iterator[list[str]]:
 
 def run_ingest(source: Path, work: Path, publish: Any = None, **params: Any) -> tuple[dict[str, Any], Path]:
     """Run the ingest stage as the runner would: fresh output folder, a store that persists in `work`."""
-    from loraforge.runner import Paths, StageEnv
-    from loraforge.store import ItemStore
+    from loraforge.pipeline.runner import Paths, StageEnv
+    from loraforge.store.items import ItemStore
     from stages import ingest as ingest_stage
 
     out = work / "out"
@@ -88,7 +88,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import torch
-    from loraforge.lora_io import ExtractSettings, extract_component
+    from loraforge.lora.extraction import ExtractSettings, extract_component
 
     def status(field):  # bytes, from this process's own memory map (ru_maxrss would carry the parent's peak over exec)
         for line in open("/proc/self/status"):

@@ -57,7 +57,7 @@ def models(spec: dict[str, Any]) -> tuple[Any, Any]:
     from diffusers import UNet2DConditionModel
 
     if spec["unet"] == "builtin":
-        from loraforge.tiny import build_tiny_sd15
+        from loraforge.models.tiny import build_tiny_sd15
 
         parts = build_tiny_sd15(0)
         tokenizer, encoder = parts["tokenizer"], parts["text_encoder"].eval().requires_grad_(False)

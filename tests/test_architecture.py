@@ -1,5 +1,9 @@
-"""The house rules, checked on the code itself: short modules and functions, the library never
-reaching up into a stage, no import cycles, and stage deps read off the imports."""
+"""The house rules, checked on the code itself: the library in packages by concern whose imports
+point one way (each package's `__init__.py` declares `MAY_IMPORT`), never reaching up into a stage,
+no import cycles, and stage deps read off the imports.
+
+Module and function length are guidance (docs/development.md), not rules: modules are cut where
+concepts part."""
 
 from __future__ import annotations
 
@@ -10,34 +14,82 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraforge.codedeps import PROJECT_PACKAGES, code_dependencies, imported_files
-from loraforge.spec import SpecError, load_pipeline
+from loraforge.pipeline.codedeps import PROJECT_PACKAGES, code_dependencies, imported_files
+from loraforge.pipeline.spec import SpecError, load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_MODULE_LINES = 400
-MAX_FUNCTION_LINES = 60
+# modules at the package's root: the ground floor every package may import, and the command line on top
+GROUND = frozenset({"errors"})
+TOP = frozenset({"cli", "__main__", "__init__"})
 
 
-def project_sources() -> list[Path]:
-    return sorted(p for pkg in (*PROJECT_PACKAGES, "benchmarks", "scripts") for p in (REPO / pkg).rglob("*.py"))
+def declared_layers(root: Path) -> dict[str, tuple[str, ...]]:
+    """{package: MAY_IMPORT} read (not imported) from each `loraforge/<package>/__init__.py`."""
+    layers = {}
+    for init in sorted((root / "loraforge").glob("*/__init__.py")):
+        tree = ast.parse(init.read_text())
+        assert ast.get_docstring(tree), f"{init.relative_to(root)} has no docstring saying what the package is for"
+        values = [
+            node.value
+            for node in tree.body
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "MAY_IMPORT" for t in node.targets)
+        ]
+        assert values, f"{init.relative_to(root)} does not declare MAY_IMPORT"
+        layers[init.parent.name] = tuple(ast.literal_eval(values[0]))
+    return layers
 
 
-def test_no_module_over_400_lines():
-    long = {
-        p.relative_to(REPO).as_posix(): n for p in project_sources() if (n := len(p.read_text().splitlines())) > 400
-    }
-    assert not long, f"modules over {MAX_MODULE_LINES} lines: {long}"
+def room(path: str) -> str:
+    """`store` for `loraforge/store/items.py`, `errors` for `loraforge/errors.py`."""
+    parts = path.split("/")
+    return parts[1].removesuffix(".py")
 
 
-def test_no_function_over_60_lines():
-    long = {}
-    for path in project_sources():
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = node.end_lineno - node.lineno + 1
-                if length > MAX_FUNCTION_LINES:
-                    long[f"{path.relative_to(REPO).as_posix()}:{node.name}"] = length
-    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+def layering_violations(root: Path) -> list[str]:
+    """Each runtime import of a library module that its package's MAY_IMPORT does not allow."""
+    layers = declared_layers(root)
+    found = []
+    for path in sorted((root / "loraforge").rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        here = room(rel)
+        if here in TOP:
+            continue
+        allowed = {here, *GROUND, *layers.get(here, ())}
+        if here not in layers and here not in GROUND:
+            found.append(f"{rel}: a module outside every package (put it in the package of its concern)")
+            continue
+        for dep in sorted(imported_files(root, rel)):
+            if dep.startswith("loraforge/") and room(dep) not in allowed:
+                found.append(f"{rel} imports {dep}: `{here}` may import {sorted(allowed - {here})}")
+    return found
+
+
+def test_every_package_says_what_it_is_for_and_the_layers_are_acyclic():
+    layers = declared_layers(REPO)
+    assert {"store", "pipeline", "models", "data", "lora", "training", "evaluation", "planning"} <= set(layers)
+    for package, allowed in layers.items():
+        unknown = set(allowed) - set(layers)
+        assert not unknown, f"loraforge/{package}/__init__.py: MAY_IMPORT names unknown packages {unknown}"
+    order: list[str] = []  # a topological order exists iff the declared relation has no cycle
+    while len(order) < len(layers):
+        ready = sorted(p for p, allowed in layers.items() if p not in order and set(allowed) <= set(order))
+        assert ready, f"MAY_IMPORT has a cycle among {sorted(set(layers) - set(order))}"
+        order.extend(ready)
+
+
+def test_imports_point_down_the_declared_layers():
+    violations = layering_violations(REPO)
+    assert not violations, "\n".join(violations)
+
+
+def test_an_upward_import_is_reported(tmp_path):
+    project = _toy_project(tmp_path)
+    items = project / "loraforge" / "store" / "items.py"
+    items.write_text(items.read_text() + "\n\ndef _up():\n    from loraforge.training.losses import LossSettings\n")
+    (project / "loraforge" / "loose.py").write_text("VALUE = 1\n")
+    violations = layering_violations(project)
+    assert any(v.startswith("loraforge/store/items.py imports loraforge/training/losses.py") for v in violations)
+    assert any(v.startswith("loraforge/loose.py: a module outside every package") for v in violations)
 
 
 def test_the_library_never_imports_a_stage():
@@ -79,9 +131,9 @@ def test_stage_deps_are_the_modules_imports_transitively():
     assert finetune.code[0] == "stages/finetune.py"
     assert "stages/finetune_params.py" in finetune.uses  # defaults of the schema are results too
     assert "loraforge/training/losses.py" in finetune.uses
-    assert "loraforge/runner.py" not in finetune.uses  # plumbing: when a stage runs, not what it computes
+    assert "loraforge/pipeline/runner.py" not in finetune.uses  # plumbing: when a stage runs, not what it computes
     resize = pipeline.stages["resize"]
-    assert "loraforge/captioners.py" not in resize.uses
+    assert "loraforge/captioning/captioners.py" not in resize.uses
 
 
 def _toy_project(tmp_path: Path) -> Path:
@@ -110,7 +162,7 @@ def test_a_new_import_becomes_a_dep_and_annotations_do_not(tmp_path):
 def test_a_hand_kept_uses_list_is_refused(tmp_path):
     project = _toy_project(tmp_path)
     spec = yaml.safe_load((project / "pipeline.yaml").read_text())
-    spec["stages"]["resize"]["uses"] = ["loraforge/lora.py"]
+    spec["stages"]["resize"]["uses"] = ["loraforge/lora/format.py"]
     (project / "pipeline.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(SpecError, match="stage `resize` lists `uses`; it is derived"):
         load_pipeline(project)

@@ -13,12 +13,12 @@ import pydantic
 import pytest
 from PIL import Image
 
-from loraforge.images import read_jsonl, write_jsonl
-from loraforge.models import load_tokenizers, resolve_model
-from loraforge.params import ModelParams, validate_stage
-from loraforge.runner import Paths, StageEnv
-from loraforge.spec import load_pipeline
-from loraforge.store import ItemStore
+from loraforge.data.images import read_jsonl, write_jsonl
+from loraforge.models.loading import load_tokenizers, resolve_model
+from loraforge.pipeline.params import ModelParams, validate_stage
+from loraforge.pipeline.runner import Paths, StageEnv
+from loraforge.pipeline.spec import load_pipeline
+from loraforge.store.items import ItemStore
 from stages import ingest as ingest_stage
 from stages.caption import Params, caption_from_filename, choose_caption, count_tokens, insert_trigger, run
 from tests.helpers import RecordingPublisher

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from loraforge.images import read_jsonl, write_jsonl
-from loraforge.params import ModelParams
-from loraforge.runner import Paths, StageEnv
-from loraforge.store import ItemStore
+from loraforge.data.images import read_jsonl, write_jsonl
+from loraforge.pipeline.params import ModelParams
+from loraforge.pipeline.runner import Paths, StageEnv
+from loraforge.store.items import ItemStore
 from stages.caption import Params, insert_trigger, normalize_tag, remove_tags, run, tag_frequency
 from tests.helpers import RecordingPublisher
 

@@ -13,14 +13,14 @@ import pydantic
 import pytest
 from PIL import Image
 
-from loraforge.blip import BlipCaptioner, BlipSettings
-from loraforge.captioners import locate_model, model_files
-from loraforge.wd14 import Tag, Wd14Settings, Wd14Tagger, read_selected_tags, select_tags, wd14_preprocess
-from loraforge.images import pixel_hash, read_jsonl, save_png, write_jsonl
-from loraforge.params import ModelParams, validate_stage
-from loraforge.runner import Paths, StageEnv
-from loraforge.spec import load_pipeline
-from loraforge.store import ItemStore
+from loraforge.captioning.blip import BlipCaptioner, BlipSettings
+from loraforge.captioning.captioners import locate_model, model_files
+from loraforge.captioning.wd14 import Tag, Wd14Settings, Wd14Tagger, read_selected_tags, select_tags, wd14_preprocess
+from loraforge.data.images import pixel_hash, read_jsonl, save_png, write_jsonl
+from loraforge.pipeline.params import ModelParams, validate_stage
+from loraforge.pipeline.runner import Paths, StageEnv
+from loraforge.pipeline.spec import load_pipeline
+from loraforge.store.items import ItemStore
 from stages.caption import Params, merge_caption, run
 from tests.helpers import RecordingPublisher
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraforge import compare
-from loraforge.runner import run_stage
+from loraforge.evaluation import compare
+from loraforge.pipeline.runner import run_stage
 from tests.browser import INSTALL_HINT, Browser, find_chromium
 from tests.evalproject import eval_project
 from tests.helpers import env_with_venv, run, set_params

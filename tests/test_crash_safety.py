@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.fingerprint import hash_tree
-from loraforge.store import TEMP_NAME, process_alive
+from loraforge.store.fingerprint import hash_tree
+from loraforge.store.items import TEMP_NAME, process_alive
 from tests.helpers import env_with_venv, make_project, run
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Dataset craft (`loraforge.dataset` and its use in ingest): DSB with the 000 guide's worked
+"""Dataset craft (`loraforge.data.measures` and its use in ingest): DSB with the 000 guide's worked
 example, precision tiling, quality gates (resolution, near-duplicates, blur), anti-AI-filter cleanup."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from loraforge import dataset as craft
-from loraforge.images import read_jsonl
-from loraforge.params import DatasetParams, TileParams
+from loraforge.data import measures as craft
+from loraforge.data.images import read_jsonl
+from loraforge.pipeline.params import DatasetParams, TileParams
 from tests.helpers import RecordingPublisher
 from tests.helpers import run_ingest as ingest
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from loraforge import evalmetrics as em
-from loraforge import render
-from loraforge.embedding import Embedder
-from loraforge.runner import run_stage
+from loraforge.evaluation import metrics as em
+from loraforge.evaluation import render
+from loraforge.evaluation.embedding import Embedder
+from loraforge.pipeline.runner import run_stage
 from stages import evaluate
 from tests.browser import INSTALL_HINT, Browser, find_chromium
 from tests.evalproject import eval_project
@@ -172,8 +172,8 @@ def test_random_prompts_and_seeds_depend_only_on_the_params():
 
 
 def test_params_refuse_negative_weights_and_empty_sweeps():
-    from loraforge.params import validate_stage
-    from loraforge.spec import load_pipeline
+    from loraforge.pipeline.params import validate_stage
+    from loraforge.pipeline.spec import load_pipeline
     from tests.helpers import REPO
 
     stage = load_pipeline(REPO).stages["evaluate"]
@@ -259,7 +259,7 @@ def grid_cells(path: Path, side: int = 64) -> list[list[Image.Image]]:
 def expected_signs(root: Path, epoch: str, embedder: Embedder) -> dict[str, float]:
     """An epoch's LoRA effect, memorisation, likeness (and with CLIP, CLIP score) recomputed from its
     grids and the training images, for EVAL_PARAMS: weights 0, 1, 1.2; seed 1; one caption."""
-    from loraforge.images import read_jsonl
+    from loraforge.data.images import read_jsonl
 
     grids = root / "reports" / "eval" / "grids"
     sweep = grid_cells(grids / f"{epoch}.png")  # rows: prompt 1, prompt 2; columns: weight 0, 1, 1.2
@@ -400,7 +400,7 @@ def tiny_clip(folder: Path) -> Path:
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
     import transformers
 
-    from loraforge.tiny import TOKENIZER_DIR
+    from loraforge.models.tiny import TOKENIZER_DIR
 
     tok = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
     torch.manual_seed(0)

@@ -18,10 +18,12 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-from loraforge import lora as L
-from loraforge import lora_resize, lora_svd, tiny
-from loraforge.lora_cli import add_extract_command, add_resize_command
-from loraforge.lora_io import WeightReader, open_source
+from loraforge.lora.format import format as L
+from loraforge.lora.format import resize as lora_resize
+from loraforge.lora.format import svd as lora_svd
+from loraforge.models.loading import tiny
+from loraforge.lora.commands import add_extract_command, add_resize_command
+from loraforge.lora.extraction import WeightReader, open_source
 from tests.helpers import MEMORY_SCRIPT, REPO, captured_messages, env_with_venv, make_project, set_params
 
 ARCHS = ["tiny-sd15", "tiny-sdxl"]
@@ -389,11 +391,11 @@ def test_sources_single_file_unet_and_refusals(models: Models, tmp_path: Path) -
 
 
 def test_cli_choices_match_the_library_and_need_no_torch() -> None:
-    from loraforge import lora_cli
+    from loraforge.lora.format import commands as lora_cli
 
     assert lora_cli.SVD_METHODS == lora_svd.SVD_METHODS and lora_cli.RESIZE_METHODS == lora_resize.RESIZE_METHODS
     code = (
-        "import sys, argparse; import loraforge.lora_cli as c; "
+        "import sys, argparse; import loraforge.lora.commands as c; "
         "c.add_extract_command(argparse.ArgumentParser().add_subparsers()); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -476,7 +478,7 @@ def test_extraction_peak_memory_stays_under_1_3x_one_model(tmp_path: Path) -> No
 LOAD_SCRIPT = textwrap.dedent(
     """
     import json, logging, sys, warnings
-    from loraforge import tiny
+    from loraforge.models.loading import tiny
     messages = []
     class Collect(logging.Handler):
         def emit(self, record):
@@ -499,7 +501,7 @@ LOAD_SCRIPT = textwrap.dedent(
 @pytest.fixture(scope="module", params=ARCHS)
 def pipeline_lora(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """A project on a tiny model run from ingest to resize (1 epoch); its shipped LoRA."""
-    from loraforge.runner import run_stage
+    from loraforge.pipeline.runner import run_stage
 
     project = make_project(tmp_path_factory.mktemp("pipe") / "p", git=True)
     set_params(
@@ -566,7 +568,7 @@ def test_the_revision_is_dirty_only_when_the_pipeline_code_changed(tmp_path):
     `-dirty` (its bytes would change); an edited stage must."""
     import subprocess
 
-    from loraforge.lora_io import git_revision
+    from loraforge.lora.extraction import git_revision
 
     def git(*args: str) -> None:
         subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from loraforge.fanout import FanOut, chunked
-from loraforge.images import read_jsonl
-from loraforge.params import ModelParams
-from loraforge.runner import Paths, StageEnv
-from loraforge.store import ItemStore
+from loraforge.store.fanout import FanOut, chunked
+from loraforge.data.images import read_jsonl
+from loraforge.pipeline.params import ModelParams
+from loraforge.pipeline.runner import Paths, StageEnv
+from loraforge.store.items import ItemStore
 from stages import latents as latents_stage
 from tests.fanout_work import die_once_mid_write
 from tests.test_latents import ingest, picture

@@ -18,8 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraforge.runner import Paths, StageEnv, run_stage
-from loraforge.store import ItemStore
+from loraforge.pipeline.runner import Paths, StageEnv, run_stage
+from loraforge.store.items import ItemStore
 from loraforge.training import captions as cap
 from loraforge.training import ema as ema_mod
 from loraforge.training import checkpoints, data, losses, optimizers, resume, schedules, settings, step
@@ -119,9 +119,9 @@ def first_step_loss(project: Path, settings: losses.LossSettings, half: bool = F
     """The loss of a run's first step (seed 42), recomputed here from the base model: the first
     batch of epoch 1 with its captions as written, the noise of step 0's generator, the loss
     settings; under fp16 autocast with `half` (the text encoder outside it, as in the loop)."""
-    from loraforge.conditioning import encode_sd15
-    from loraforge.models import load_noise_scheduler, load_text_encoders, load_unet, resolve_model
-    from loraforge.params import ModelParams
+    from loraforge.models.conditioning import encode_sd15
+    from loraforge.models.loading import load_noise_scheduler, load_text_encoders, load_unet, resolve_model
+    from loraforge.pipeline.params import ModelParams
 
     cpu = torch.device("cpu")
     info = resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge")
@@ -211,8 +211,8 @@ def test_each_optimizer_trains_and_moves_the_weights(project, tmp_path, baseline
     step_losses = [float(r["loss"]) for r in tsv(out / "loss" / "steps.tsv")]
     assert summary["optimizer"] == name
     assert summary["loss_last_epoch"] == pytest.approx(sum(step_losses) / len(step_losses), rel=1e-5)
-    from loraforge.models import resolve_model, weight_files
-    from loraforge.params import ModelParams
+    from loraforge.models.loading import resolve_model, weight_files
+    from loraforge.pipeline.params import ModelParams
 
     base = load_file(
         str(weight_files(resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge"), "unet")[0])
@@ -448,8 +448,8 @@ def test_ema_weights_are_saved_beside_each_checkpoint_and_lag_the_raw_ones(proje
     raw, avg = weights(out), weights(out, sub="ema")
     assert summary["ema"] and (out / "checkpoints" / "epoch-0001" / "ema" / "text_encoder.safetensors").is_file()
     assert max_diff(raw, weights(baseline)) == 0  # EMA does not change training
-    from loraforge.models import resolve_model, weight_files
-    from loraforge.params import ModelParams
+    from loraforge.models.loading import resolve_model, weight_files
+    from loraforge.pipeline.params import ModelParams
 
     base = load_file(
         str(weight_files(resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge"), "unet")[0])
@@ -670,7 +670,7 @@ def test_progress_and_the_epoch_loss_table_are_published_as_training_goes(projec
 
 
 def test_direct_lora_trains_only_adapters_and_saves_a_kohya_file(project, tmp_path):
-    from loraforge.lora import load_lora
+    from loraforge.lora.format import load_lora
 
     summary, out = train(
         project,
@@ -703,8 +703,8 @@ def test_direct_lora_trains_only_adapters_and_saves_a_kohya_file(project, tmp_pa
 
 
 def test_direct_lora_loads_in_diffusers_and_changes_the_output(project, tmp_path):
-    from loraforge.models import load_pipeline, resolve_model
-    from loraforge.params import ModelParams
+    from loraforge.models.loading import load_pipeline, resolve_model
+    from loraforge.pipeline.params import ModelParams
 
     _, out = train(project, tmp_path, mode="lora", network_dim=4, network_alpha=4.0, lr=1e-2, train_text_encoder=False)
     pipe = load_pipeline(
@@ -847,7 +847,7 @@ def test_class_images_are_generated_once_cached_and_mixed_in_by_weight(project, 
     plain = [float(r["loss"]) for r in tsv(baseline / "loss" / "steps.tsv")]
     assert all(p > q for p, q in zip(with_prior, plain))  # instance + class loss, first step on equal weights
 
-    import loraforge.models as models
+    import loraforge.models.loading as models
 
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("class images must come from the cache"))
     _, out = train(project, tmp_path / "b", prior_loss_weight=0.0, **opts)
@@ -1114,8 +1114,8 @@ def test_fsdp_trains_like_ddp_and_saves_full_checkpoints_that_load(project, tmp_
     """FSDP2 over gloo on 2 CPU processes (UNet and text encoder sharded block by block) against
     DDP on 2 processes: the same weights within float tolerance, saved whole (every key and
     shape of the base model) and loadable as a diffusers UNet."""
-    from loraforge.models import load_unet, resolve_model
-    from loraforge.params import ModelParams
+    from loraforge.models.loading import load_unet, resolve_model
+    from loraforge.pipeline.params import ModelParams
     from loraforge.training.checkpoints import states_hash
 
     (project / "fsdp.yaml").write_text(FSDP_CONFIG)
@@ -1162,8 +1162,8 @@ def test_a_nan_loss_in_one_process_stops_every_process_at_once(project, tmp_path
 
 
 def test_save_single_file_writes_an_original_layout_model_that_loads_back_equal(project, tmp_path):
-    from loraforge.models import load_text_encoders, load_unet, load_vae, resolve_model
-    from loraforge.params import ModelParams
+    from loraforge.models.loading import load_text_encoders, load_unet, load_vae, resolve_model
+    from loraforge.pipeline.params import ModelParams
 
     _, out = train(project, tmp_path / "run", save_single_file=True, ema_decay=0.5)
     epoch = out / "checkpoints" / "epoch-0001"

@@ -1,4 +1,4 @@
-"""loraforge.images: decoding every awkward file kind to 8-bit RGB, hashing, resizing, JSONL."""
+"""loraforge.data.images: decoding every awkward file kind to 8-bit RGB, hashing, resizing, JSONL."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from loraforge.images import (
+from loraforge.data.images import (
     ImageRejected,
     decode_image,
     lanczos_upscale,

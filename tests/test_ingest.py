@@ -15,10 +15,10 @@ import yaml
 from PIL import Image
 
 from loraforge.errors import InputError, MissingInput
-from loraforge.images import read_jsonl
-from loraforge.params import DatasetParams
-from loraforge.runner import run_stage
-from loraforge.sources import folder_convention
+from loraforge.data.images import read_jsonl
+from loraforge.pipeline.params import DatasetParams
+from loraforge.pipeline.runner import run_stage
+from loraforge.data.sources import folder_convention
 from stages.ingest import Params
 from tests.helpers import RecordingPublisher
 from tests.helpers import run_ingest as ingest

@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from loraforge.images import read_jsonl
+from loraforge.data.images import read_jsonl
 from tests.helpers import run_ingest as ingest
 from tests.test_ingest import picture
 

@@ -15,10 +15,10 @@ import yaml
 
 from loraforge import cli
 from loraforge.errors import InputError
-from loraforge.kohya_config import parse_flags, parse_pairs, typed
-from loraforge.kohya_import import import_kohya
-from loraforge.params import load_all_params
-from loraforge.spec import load_pipeline
+from loraforge.kohya.config import parse_flags, parse_pairs, typed
+from loraforge.kohya.importer import import_kohya
+from loraforge.pipeline.params import load_all_params
+from loraforge.pipeline.spec import load_pipeline
 
 # The 001 guide's SDXL full finetune (A100 config): AdamW at a constant 1e-6 for 100 epochs, repeats 2,
 # batch 1 with gradient accumulation 3, EMA 0.9995 (an additional parameter), min-SNR 5, bf16, no half VAE.

@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from loraforge import lora as L
-from loraforge import tiny
-from loraforge.kohya_names import (
+from loraforge.lora.format import format as L
+from loraforge.models.loading import tiny
+from loraforge.models.kohya_names import (
     UnetLayout,
     kohya_unet_name,
     kohya_unet_names,

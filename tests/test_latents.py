@@ -14,16 +14,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from loraforge.images import read_jsonl, resize_cover_crop
-from loraforge.models import load_vae, resolve_model
-from loraforge.params import ModelParams, validate_stage
-from loraforge.runner import Paths, StageEnv
-from loraforge.spec import load_pipeline
-from loraforge.store import ItemStore
+from loraforge.data.images import read_jsonl, resize_cover_crop
+from loraforge.models.loading import load_vae, resolve_model
+from loraforge.pipeline.params import ModelParams, validate_stage
+from loraforge.pipeline.runner import Paths, StageEnv
+from loraforge.pipeline.spec import load_pipeline
+from loraforge.store.items import ItemStore
 from stages import ingest as ingest_stage
 from stages import upscale as upscale_stage
-from loraforge.buckets import make_buckets, select_bucket
-from loraforge.vae import encode_batch
+from loraforge.data.buckets import make_buckets, select_bucket
+from loraforge.models.vae import encode_batch
 from stages.latents import Params, run
 
 SDXL = ModelParams(base="builtin:tiny-sdxl", device="cpu")

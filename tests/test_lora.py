@@ -12,9 +12,11 @@ import pytest
 
 import torch
 
-from loraforge import lora as L
-from loraforge import lora_resize, lora_svd, tiny
-from loraforge.kohya_names import kohya_name, kohya_names, text_encoder_targets, unet_targets
+from loraforge.lora.format import format as L
+from loraforge.lora.format import resize as lora_resize
+from loraforge.lora.format import svd as lora_svd
+from loraforge.models.loading import tiny
+from loraforge.models.kohya_names import kohya_name, kohya_names, text_encoder_targets, unet_targets
 from tests.helpers import captured_messages
 
 ARCHS = ["tiny-sd15", "tiny-sdxl"]

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import torch
 
-from loraforge.lora import PREFIXES, load_lora, lora_targets
-from loraforge.lycoris_io import DeltaAdapter, component_targets, file_algo, layer_update, modules_from_weights
-from loraforge.runner import Paths, StageEnv, run_stage
-from loraforge.store import ItemStore
-from loraforge.tiny import build_tiny_sd15
+from loraforge.lora.format import PREFIXES, load_lora, lora_targets
+from loraforge.lora.lycoris import DeltaAdapter, component_targets, file_algo, layer_update, modules_from_weights
+from loraforge.pipeline.runner import Paths, StageEnv, run_stage
+from loraforge.store.items import ItemStore
+from loraforge.models.tiny import build_tiny_sd15
 from loraforge.training.checkpoints import SaveSettings, save_epoch
 from loraforge.training.lora_net import LoraSettings
 from loraforge.training.lycoris_net import LycorisNetwork
@@ -150,7 +150,7 @@ def test_render_adapter_applies_the_file_at_a_strength_and_removes_cleanly(train
 
 
 def test_sdxl_lokr_uses_kohyas_sgm_names_and_renders_as_trained():
-    from loraforge.tiny import build_tiny_sdxl
+    from loraforge.models.tiny import build_tiny_sdxl
     from loraforge.training.lora_net import add_lora
 
     torch.manual_seed(0)
@@ -230,8 +230,8 @@ def env(project: Path) -> StageEnv:
 
 
 def test_finetune_trains_loha_extract_and_resize_pass_it_through_evaluation_renders_it(project, tmp_path):
-    from loraforge.params import ModelParams
-    from loraforge.render import Renderer
+    from loraforge.pipeline.params import ModelParams
+    from loraforge.evaluation.render import Renderer
     from stages import extract, finetune, resize
 
     model = {"base": "builtin:tiny-sd15", "device": "cpu"}

@@ -15,15 +15,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from loraforge.images import pixel_hash, read_jsonl, resize_cover_crop, to_rgb
-from loraforge.models import component_hash, resolve_model
-from loraforge.params import DatasetParams, ModelParams, TileParams
-from loraforge.runner import Paths, StageEnv
-from loraforge.store import ItemStore
-from loraforge.tiny import build_tiny_sd15
+from loraforge.data.images import pixel_hash, read_jsonl, resize_cover_crop, to_rgb
+from loraforge.models.loading import component_hash, resolve_model
+from loraforge.pipeline.params import DatasetParams, ModelParams, TileParams
+from loraforge.pipeline.runner import Paths, StageEnv
+from loraforge.store.items import ItemStore
+from loraforge.models.tiny import build_tiny_sd15
 from loraforge.training import data, losses
 from loraforge.training.validation import held_out_items
-from stages import finetune, finetune_settings
+from stages import finetune
 from stages import latents as latents_stage
 from stages import upscale as upscale_stage
 from tests.helpers import run_ingest as ingest
@@ -351,7 +351,7 @@ def test_finetune_trains_with_the_masks(
     c = next(r for r in read_jsonl(out / "manifest.jsonl") if "masked" not in r)
     shutil.copy(out / c["file"], plain / c["file"])
     (plain / "manifest.jsonl").write_text(json.dumps(c) + "\n")
-    _, _, plan = finetune_settings.plan_steps(params, Paths(latents=plain, captions=captions), env)
+    _, _, plan = finetune.plan_steps(params, Paths(latents=plain, captions=captions), env)
     assert (
         plan["masked_images"] == 0 and "WARNING: `finetune.masked_loss` is on but no image" in capsys.readouterr().out
     )

@@ -1,5 +1,5 @@
-"""The memory estimate (`loraforge.memory`, `loraforge.activations`, `loraforge.model_sizes`,
-`loraforge.plan_memory`): the optimizers' state against their sources, the real models' parameter
+"""The memory estimate (`loraforge.planning.memory`, `loraforge.planning.activations`, `loraforge.planning.model_sizes`,
+`loraforge.planning.memory_plan`): the optimizers' state against their sources, the real models' parameter
 counts, published SDXL figures, the activation formula against the bytes autograd saves, peak RSS of
 real training steps on CPU against the estimate, and `loraforge plan --vram`."""
 
@@ -19,13 +19,13 @@ import pytest
 import torch
 import yaml
 
-from loraforge import activations as act
-from loraforge import memory as m
-from loraforge import plan_cli
-from loraforge.images import write_jsonl
-from loraforge.memory import GIB, Architecture, ParamStats, Setup
-from loraforge.model_sizes import build_architecture, folder_architecture, reference_architecture
-from loraforge.plan_memory import largest_bucket, setup_from_params, verdict
+from loraforge.planning import activations as act
+from loraforge.planning import memory as m
+from loraforge.planning import command as plan_cli
+from loraforge.data.images import write_jsonl
+from loraforge.planning.memory import GIB, Architecture, ParamStats, Setup
+from loraforge.planning.model_sizes import build_architecture, folder_architecture, reference_architecture
+from loraforge.planning.memory_plan import largest_bucket, setup_from_params, verdict
 from tests.helpers import one_torch_thread
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,7 +306,7 @@ SCRATCH = 32 * 2**20
 
 @pytest.fixture(scope="module")
 def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Architecture:
-    from loraforge.hub import materialize_builtin
+    from loraforge.models.hub import materialize_builtin
 
     return folder_architecture(materialize_builtin("tiny-sd15", tmp_path_factory.mktemp("state")), "sd15")
 

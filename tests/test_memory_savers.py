@@ -14,10 +14,10 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from loraforge import memory as m
+from loraforge.planning import memory as m
 from loraforge.errors import InputError
-from loraforge.memory import Architecture, ParamStats, Setup
-from loraforge.model_sizes import reference_architecture
+from loraforge.planning.memory import Architecture, ParamStats, Setup
+from loraforge.planning.model_sizes import reference_architecture
 from loraforge.training.fused import PerParameterOptimizer, check_memory_savers
 from loraforge.training.schedules import make_lr_schedule
 from loraforge.training.stochastic_rounding import round_to_bf16, rounding_generator
@@ -94,7 +94,7 @@ def test_fused_step_equals_the_plain_step_and_holds_one_gradient_at_a_time() -> 
 
 
 def test_fused_step_on_a_real_tiny_unet_equals_the_plain_step_with_checkpointing_too() -> None:
-    from loraforge.tiny import build_tiny_sd15
+    from loraforge.models.tiny import build_tiny_sd15
 
     unet = build_tiny_sd15(0)["unet"].train()
     copies = {name: copy.deepcopy(unet) for name in ("plain", "fused", "fused checkpointing")}
@@ -326,7 +326,7 @@ def test_memory_estimate_counts_fused_backward_and_bf16_weights(sdxl: Architectu
 
 
 def test_plan_setup_reads_the_new_params() -> None:
-    from loraforge.plan_memory import setup_from_params
+    from loraforge.planning.memory_plan import setup_from_params
     from stages.finetune_params import Params
 
     ft = Params(model={}, fused_backward=True, weights_dtype="bfloat16", mixed_precision="bf16")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import loraforge.weights as weights
-from loraforge.hub import hub_patterns
-from loraforge.models import (
+import loraforge.models.weights as weights
+from loraforge.models.hub import hub_patterns
+from loraforge.models.loading import (
     ModelInfo,
     component_hash,
     load_noise_scheduler,
@@ -26,8 +26,8 @@ from loraforge.models import (
     resolve_model,
     weight_files,
 )
-from loraforge.params import ModelParams
-from loraforge.tiny import TOKENIZER_DIR, load_tiny_tokenizer, save_builtin
+from loraforge.pipeline.params import ModelParams
+from loraforge.models.tiny import TOKENIZER_DIR, load_tiny_tokenizer, save_builtin
 
 COMMON_WORDS = (
     "a photo of the woman man riding bicycle moon red blue green circle square painting style "
@@ -97,7 +97,10 @@ def test_tokenizer_script_reproduces_committed_files(tmp_path: Path, repo_root: 
 
 
 def test_modules_import_without_torch() -> None:
-    code = "import sys, loraforge.models, loraforge.tiny; assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, loraforge.models.loading, loraforge.models.tiny\n"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from loraforge.fingerprint import hash_tree
+from loraforge.store.fingerprint import hash_tree
 from tests.helpers import FAST_PARAMS, make_project, ran_stages, run, set_params
 
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraforge import plan as p
-from loraforge import plan_cli
-from loraforge.images import write_jsonl
+from loraforge.planning import steps as p
+from loraforge.planning import command as plan_cli
+from loraforge.data.images import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 

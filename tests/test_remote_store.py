@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from loraforge.errors import InputError
-from loraforge.fingerprint import hash_tree
-from loraforge.params import ParamsError, load_settings
-from loraforge.remote_store import RemoteStore, open_store
-from loraforge.runner import run_stage
-from loraforge.store import ItemStore
-from loraforge.craft import _derived
+from loraforge.store.fingerprint import hash_tree
+from loraforge.pipeline.params import ParamsError, load_settings
+from loraforge.store.remote import RemoteStore, open_store
+from loraforge.pipeline.runner import run_stage
+from loraforge.store.items import ItemStore
+from loraforge.data.craft import _derived
 from tests.helpers import env_with_venv, make_project, set_params
 from tests.s3server import S3Server, free_ports
 
@@ -98,8 +98,8 @@ STALLED_PAIR = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from loraforge.remote_store import RemoteStore
-    from loraforge.store import ItemStore
+    from loraforge.store.remote import RemoteStore
+    from loraforge.store.items import ItemStore
 
     def stall(path):
         print("uploaded the png", flush=True)
@@ -159,7 +159,7 @@ def test_a_fresh_project_sharing_the_store_computes_nothing(tmp_path, url, creds
 
 
 def _host() -> str:
-    from loraforge.store import hostname
+    from loraforge.store.items import hostname
 
     return hostname()
 
@@ -176,7 +176,8 @@ def test_bad_store_urls_stop_with_the_key_named(tmp_path):
     with pytest.raises(ParamsError, match=r"`store\.endpoint_url` = 'localhost:8333'"):
         load_settings(project)
     assert load_settings(make_project(tmp_path / "q", git=False))["store"].url is None
-    assert open_store(tmp_path / "s", load_settings(project.parent / "q")["store"]).remote is None
+    settings = load_settings(project.parent / "q")["store"]
+    assert open_store(tmp_path / "s", settings.url, settings.endpoint_url).remote is None
 
 
 def test_an_unreachable_endpoint_stops_the_stage_before_its_outputs_are_touched(tmp_path, monkeypatch):

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from loraforge.errors import InputError
-from loraforge.models import component_hash, load_text_encoders, load_unet, load_vae, resolve_model
-from loraforge.original_layout import pipeline_to_original
-from loraforge.params import ModelParams
-from loraforge.safetensors_io import save_tensors
-from loraforge.single_file import ASSETS, detect_checkpoint_arch, shipped_config
-from loraforge.tiny import build_pipeline
+from loraforge.models.loading import component_hash, load_text_encoders, load_unet, load_vae, resolve_model
+from loraforge.models.original_layout import pipeline_to_original
+from loraforge.pipeline.params import ModelParams
+from loraforge.models.safetensors_io import save_tensors
+from loraforge.models.single_file import ASSETS, detect_checkpoint_arch, shipped_config
+from loraforge.models.tiny import build_pipeline
 
 BUILTIN = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl"}
 ENCODERS = {"sd15": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"]}

@@ -11,12 +11,12 @@ import pytest
 import torch
 import yaml
 
-from loraforge.filedeps import file_fingerprints
-from loraforge.models import load_pipeline, resolve_model
-from loraforge.params import ModelParams
-from loraforge.runner import run_stage
-from loraforge.spec import load_pipeline as load_spec
-from loraforge.weights import HashCache
+from loraforge.pipeline.filedeps import file_fingerprints
+from loraforge.models.loading import load_pipeline, resolve_model
+from loraforge.pipeline.params import ModelParams
+from loraforge.pipeline.runner import run_stage
+from loraforge.pipeline.spec import load_pipeline as load_spec
+from loraforge.models.weights import HashCache
 from tests.helpers import make_project, set_params
 from tests.test_single_file import write_single_file
 

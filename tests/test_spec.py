@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraforge.dvcgen import render, sync, top_level_plots
-from loraforge.params import ParamsError, load_all_params, load_stage_params
-from loraforge.spec import STAGE_ORDER, SpecError, load_pipeline
+from loraforge.pipeline.dvcgen import render, sync, top_level_plots
+from loraforge.pipeline.params import ParamsError, load_all_params, load_stage_params
+from loraforge.pipeline.spec import STAGE_ORDER, SpecError, load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,9 +125,10 @@ def test_bad_params_stop_the_stage_command_before_any_work(tmp_path):
 def test_spec_params_and_flow_import_without_torch():
     code = (
         "import sys, pathlib\n"
-        "import loraforge.spec, loraforge.params, loraforge.dvcgen, loraforge.runner, flows.pipeline\n"
-        "from loraforge.params import load_all_params\n"
-        "from loraforge.spec import load_pipeline\n"
+        "import loraforge.pipeline.spec, loraforge.pipeline.params, loraforge.pipeline.dvcgen\n"
+        "import loraforge.pipeline.runner, flows.pipeline\n"
+        "from loraforge.pipeline.params import load_all_params\n"
+        "from loraforge.pipeline.spec import load_pipeline\n"
         "load_all_params(pathlib.Path('.'), load_pipeline(pathlib.Path('.')))\n"
         "heavy = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

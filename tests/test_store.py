@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from loraforge.store import TEMP_NAME, ItemStore, hostname, process_alive, temp_file
+from loraforge.store.items import TEMP_NAME, ItemStore, hostname, process_alive, temp_file
 from tests.helpers import env_with_venv
 
 # Puts one entry whose `write` stalls after writing part of the file, as a long save would.
@@ -22,7 +22,7 @@ STALLED_PUT = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from loraforge.store import ItemStore
+    from loraforge.store.items import ItemStore
 
     def write(path):
         path.write_bytes(b"half a png")

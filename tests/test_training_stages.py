@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraforge.images import read_jsonl
-from loraforge.lora import load_lora
-from loraforge.runner import run_stage
+from loraforge.data.images import read_jsonl
+from loraforge.lora.format import load_lora
+from loraforge.pipeline.runner import run_stage
 from loraforge.training import data as training_data
 from loraforge.training import settings
 from tests.helpers import make_project, set_params
@@ -91,8 +91,8 @@ def test_fp16_on_cpu_runs_with_a_note_that_bf16_is_faster(capsys):
 
 
 def test_finetune_saves_a_checkpoint_per_epoch_that_moved_from_the_base(sd15):
-    from loraforge.models import weight_files, resolve_model
-    from loraforge.params import ModelParams
+    from loraforge.models.loading import weight_files, resolve_model
+    from loraforge.pipeline.params import ModelParams
 
     ckpts = project_ckpts = sorted((sd15 / "models" / "checkpoints").iterdir())
     assert [p.name for p in project_ckpts] == ["epoch-0001", "epoch-0002"]
@@ -202,8 +202,8 @@ def test_evaluate_rerun_reuses_every_image(sd15):
 
 
 def test_extracted_lora_loads_in_diffusers_and_matters_only_at_weight_one(sd15):
-    from loraforge.models import load_pipeline, resolve_model
-    from loraforge.params import ModelParams
+    from loraforge.models.loading import load_pipeline, resolve_model
+    from loraforge.pipeline.params import ModelParams
 
     info = resolve_model(ModelParams(base="builtin:tiny-sd15"), sd15 / ".loraforge")
     pipe = load_pipeline(info, torch.device("cpu"))

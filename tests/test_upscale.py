@@ -12,10 +12,10 @@ import pydantic
 import pytest
 from PIL import Image
 
-from loraforge.images import pixel_hash, read_jsonl
-from loraforge.params import ModelParams
-from loraforge.runner import Paths, StageEnv
-from loraforge.store import ItemStore
+from loraforge.data.images import pixel_hash, read_jsonl
+from loraforge.pipeline.params import ModelParams
+from loraforge.pipeline.runner import Paths, StageEnv
+from loraforge.store.items import ItemStore
 from stages import ingest as ingest_stage
 from stages.upscale import Params, model_upscale, needs_upscale, run
 

@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from loraforge import htmlreport
-from loraforge.dataset import psnr
-from loraforge.images import read_jsonl, resize_cover_crop
-from loraforge.models import load_vae, resolve_model
-from loraforge.params import ModelParams
-from loraforge.runner import Paths, StageEnv
-from loraforge.store import ItemStore
-from loraforge.vaecheck import MAX_DB, decode_latent, side_by_side, window_mse, worst_window
+from loraforge.evaluation import html_report as htmlreport
+from loraforge.data.measures import psnr
+from loraforge.data.images import read_jsonl, resize_cover_crop
+from loraforge.models.loading import load_vae, resolve_model
+from loraforge.pipeline.params import ModelParams
+from loraforge.pipeline.runner import Paths, StageEnv
+from loraforge.store.items import ItemStore
+from loraforge.data.vae_check import MAX_DB, decode_latent, side_by_side, window_mse, worst_window
 from stages.latents import Params, run
 from tests.helpers import RecordingPublisher
 from tests.test_latents import ingest, picture, write_images

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from loraforge.errors import InputError, MissingInput
-from loraforge.models import component_hash, load_pipeline, load_vae, resolve_model
-from loraforge.original_layout import vae_to_original
-from loraforge.params import ModelParams
-from loraforge.safetensors_io import save_tensors
-from loraforge.tiny import build_tiny_sdxl
+from loraforge.models.loading import component_hash, load_pipeline, load_vae, resolve_model
+from loraforge.models.original_layout import vae_to_original
+from loraforge.pipeline.params import ModelParams
+from loraforge.models.safetensors_io import save_tensors
+from loraforge.models.tiny import build_tiny_sdxl
 from tests.test_latents import SDXL, ingest, latents, tensors, write_images
 
 

@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from loraforge.epochmetrics import validation_losses
+from loraforge.evaluation.epoch_metrics import validation_losses
 from loraforge.errors import InputError
-from loraforge.evalmetrics import Limits, recommend
-from loraforge.runner import Paths, StageEnv
-from loraforge.store import ItemStore
+from loraforge.evaluation.metrics import Limits, recommend
+from loraforge.pipeline.runner import Paths, StageEnv
+from loraforge.store.items import ItemStore
 from loraforge.training import validation
 from stages import finetune
-from stages.finetune_settings import setup, step_settings, validation_set
+from stages.finetune import setup, step_settings, validation_set
 
 H = 8  # latent side: 64 px images
 TRAIN_ID = "ffff000000000000"  # the largest id: never held out

@@ -16,4 +16,8 @@ scalars or small frozen settings dataclasses it needs (never the stage's params)
     progress    step and epoch rows, their TSV tables, the stage report
     resume      exact resume state, outside the stage outputs
     launch      data-parallel processes through accelerate
+
+May import `store`, `pipeline`, `models`, `data` and `lora`.
 """
+
+MAY_IMPORT = ("store", "pipeline", "models", "data", "lora")

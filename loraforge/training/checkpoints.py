@@ -23,7 +23,7 @@ import torch
 import xxhash
 from safetensors.torch import save_file
 
-from loraforge.lora import lora_metadata, save_lora
+from loraforge.lora.format import lora_metadata, save_lora
 from loraforge.training.ema import EMA
 from loraforge.training.lora_net import LoraSettings
 from loraforge.training.settings import ENCODER_NAMES
@@ -154,13 +154,13 @@ def save_single_file(file: Path, info: Any, trained: dict[str, dict[str, torch.T
 
     Args:
         file: the file to write.
-        info: the resolved base model (`loraforge.models.ModelInfo`).
+        info: the resolved base model (`loraforge.models.loading.ModelInfo`).
         trained: component name -> trained state dict (diffusers / transformers key names).
         dtype: the save dtype.
     """
-    from loraforge.models import arch_components, component_folder, weight_files
-    from loraforge.original_layout import states_to_original
-    from loraforge.safetensors_io import load_tensors, save_tensors
+    from loraforge.models.loading import arch_components, component_folder, weight_files
+    from loraforge.models.original_layout import states_to_original
+    from loraforge.models.safetensors_io import load_tensors, save_tensors
 
     states = dict(trained)
     for name in arch_components(info.arch):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 from safetensors.torch import load_file
 
-from loraforge.images import read_jsonl
+from loraforge.data.images import read_jsonl
 from loraforge.training.captions import CaptionSettings, train_caption
 from loraforge.errors import Diverged, InputError
 

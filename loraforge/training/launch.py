@@ -23,8 +23,8 @@ from typing import Any, Callable
 import torch.multiprocessing as mp
 
 from loraforge.errors import InputError
-from loraforge.fingerprint import hash_json
-from loraforge.runner import Paths, StageEnv
+from loraforge.store.fingerprint import hash_json
+from loraforge.pipeline.runner import Paths, StageEnv
 from loraforge.training.accelerate_config import LaunchConfig, launch_config
 
 __all__ = ["LaunchConfig", "launch", "launch_config", "same_run"]

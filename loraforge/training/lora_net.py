@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraforge.lora import lora_targets
+from loraforge.lora.format import lora_targets
 from loraforge.training.lycoris_net import ALGO_MODULES, LycorisNetwork
 
 
@@ -125,7 +125,7 @@ class LoRANetwork(nn.Module):
 
     Args:
         model: the component (UNet or text encoder).
-        targets: module name -> kohya name (from `loraforge.lora.lora_targets`).
+        targets: module name -> kohya name (from `loraforge.lora.format.lora_targets`).
         dim: rank of linear and 1×1 conv layers; alpha: their alpha.
         conv_dim: rank of k×k convolutions (0: none are targeted); conv_alpha: their alpha.
         dropout, rank_dropout, module_dropout: see `LoRAModule`.

@@ -8,7 +8,7 @@ model's module tree and state-dict names stay untouched (as lycoris' own kohya n
     lokr   ΔW = (alpha/r) · w1 ⊗ (w2_a @ w2_b), factors from `network_factor` (LyCORIS `algo=lokr`)
     dora   W' = m · (W + ΔW_lora) / ‖W + ΔW_lora‖, m learned per output row   (LyCORIS `dora_wd`)
 
-Files: `loraforge.lycoris_io` (suffixes, loading back, rendering).
+Files: `loraforge.lora.lycoris` (suffixes, loading back, rendering).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from loraforge.lycoris_io import layer_update, modules_from_weights
+from loraforge.lora.lycoris import layer_update, modules_from_weights
 
 # lycoris' module class of each algorithm (DoRA is LoCon with weight decomposition)
 ALGO_MODULES = {"loha": "LohaModule", "lokr": "LokrModule", "dora": "LoConModule"}
@@ -80,7 +80,7 @@ class LycorisNetwork(nn.Module):
 
         Args:
             model: the UNet or a text encoder (frozen).
-            targets: module name -> kohya name (`loraforge.lora.lora_targets`).
+            targets: module name -> kohya name (`loraforge.lora.format.lora_targets`).
             s: the `LoraSettings`.
         """
         layers = {}
@@ -99,11 +99,11 @@ class LycorisNetwork(nn.Module):
 
         Args:
             model: the UNet or a text encoder (its layers get patched).
-            targets: module name -> kohya name (`loraforge.lycoris_io.component_targets`).
+            targets: module name -> kohya name (`loraforge.lora.lycoris.component_targets`).
             path: the `.safetensors` file.
         """
-        from loraforge.lora import load_lora
-        from loraforge.lycoris_io import file_algo
+        from loraforge.lora.format import load_lora
+        from loraforge.lora.lycoris import file_algo
 
         tensors, _ = load_lora(path)
         layers = modules_from_weights(model, targets, tensors)

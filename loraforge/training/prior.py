@@ -29,18 +29,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from loraforge import models
-from loraforge.buckets import BucketGrid
+from loraforge.models.loading import loading as models
+from loraforge.data.buckets import BucketGrid
 from loraforge.errors import InputError
-from loraforge.fingerprint import hash_bytes
-from loraforge.images import resize_cover_crop
-from loraforge.models import ModelInfo, arch_components, component_hash, load_vae
-from loraforge.store import ItemStore
+from loraforge.store.fingerprint import hash_bytes
+from loraforge.data.images import resize_cover_crop
+from loraforge.models.loading import ModelInfo, arch_components, component_hash, load_vae
+from loraforge.store.items import ItemStore
 from loraforge.training.losses import LossSettings, diffusion_loss
 from loraforge.training.setup import Training
 from loraforge.training.step import step_generator
 from loraforge.training.text_cache import conditioning
-from loraforge.vae import encode_batch
+from loraforge.models.vae import encode_batch
 
 LATENT = ".safetensors"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

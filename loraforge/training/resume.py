@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraforge.fingerprint import hash_json, hash_tree
-from loraforge.models import ModelInfo, component_hash
-from loraforge.store import materialize
+from loraforge.store.fingerprint import hash_json, hash_tree
+from loraforge.models.loading import ModelInfo, component_hash
+from loraforge.store.items import materialize
 from loraforge.training.settings import ENCODER_NAMES
 from loraforge.errors import Diverged
 

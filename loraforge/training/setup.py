@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 
-from loraforge.models import ModelInfo, load_noise_scheduler, load_text_encoders, load_unet
+from loraforge.models.loading import ModelInfo, load_noise_scheduler, load_text_encoders, load_unet
 from loraforge.training.ema import EMA
 from loraforge.training.lora_net import LoraSettings, add_lora
 from loraforge.training.precision import MixedPrecision, accelerate_mode

@@ -14,9 +14,9 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraforge.conditioning import encode_sd15, encode_sdxl, sdxl_time_ids
-from loraforge.models import ModelInfo, component_hash
-from loraforge.store import ItemStore
+from loraforge.models.conditioning import encode_sd15, encode_sdxl, sdxl_time_ids
+from loraforge.models.loading import ModelInfo, component_hash
+from loraforge.store.items import ItemStore
 
 Encode = Callable[[list[str]], tuple[torch.Tensor, "torch.Tensor | None"]]
 

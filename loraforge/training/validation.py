@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 
 from loraforge.errors import InputError
-from loraforge.fingerprint import hash_json
+from loraforge.store.fingerprint import hash_json
 from loraforge.training.data import Example, load_batch
 from loraforge.training.ema import EMA
 from loraforge.training.losses import LossSettings, noised_loss
