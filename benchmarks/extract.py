@@ -29,8 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loraforge.lora.format import format as L  # noqa: E402
-from loraforge import lora_svd  # noqa: E402
+from loraforge.lora import format as L  # noqa: E402
+from loraforge.lora import svd as lora_svd  # noqa: E402
 from loraforge.models.kohya_names import load_real_config, unet_targets  # noqa: E402
 
 

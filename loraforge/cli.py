@@ -3,6 +3,7 @@
 loraforge stage NAME        run one stage (what dvc.yaml's cmd calls)
 loraforge run [--from S]    run the whole pipeline as a Prefect flow; prints computed/cached per stage
 loraforge sync-dvc [--check]  write dvc.yaml from pipeline.yaml (or fail when it is stale)
+loraforge sync-docs [--check]  write docs/params.md from the params schemas (or fail when it is stale)
 loraforge check             validate params.yaml against every stage's schema
 loraforge ui [--port N]     start the Prefect server (and UI) on 127.0.0.1
 loraforge plan              the guides' steps arithmetic for the ingested dataset (reports/plan.json)
@@ -58,6 +59,22 @@ def cmd_sync_dvc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync_docs(args: argparse.Namespace) -> int:
+    from loraforge.pipeline.params_doc import REFERENCE_FILE, sync_reference
+
+    root = find_root()
+    pipeline = load_pipeline(root)
+    if args.check:
+        if sync_reference(root, pipeline, check=True):
+            print(f"{REFERENCE_FILE} is up to date with the params schemas")
+            return 0
+        print(f"{REFERENCE_FILE} is stale: run `loraforge sync-docs` and commit it", file=sys.stderr)
+        return 1
+    sync_reference(root, pipeline)
+    print(f"wrote {root / REFERENCE_FILE}")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     root = find_root()
     pipeline = load_pipeline(root)
@@ -107,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sync-dvc", help="generate dvc.yaml from pipeline.yaml")
     p.add_argument("--check", action="store_true", help="exit 1 when dvc.yaml is stale, without writing")
     p.set_defaults(func=cmd_sync_dvc)
+
+    p = sub.add_parser("sync-docs", help="generate docs/params.md from the params schemas")
+    p.add_argument("--check", action="store_true", help="exit 1 when docs/params.md is stale, without writing")
+    p.set_defaults(func=cmd_sync_docs)
 
     p = sub.add_parser("check", help="validate params.yaml")
     p.add_argument(

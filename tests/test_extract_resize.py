@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-from loraforge.lora.format import format as L
-from loraforge.lora.format import resize as lora_resize
-from loraforge.lora.format import svd as lora_svd
-from loraforge.models.loading import tiny
+from loraforge.lora import format as L
+from loraforge.lora import resize as lora_resize
+from loraforge.lora import svd as lora_svd
+from loraforge.models import tiny
 from loraforge.lora.commands import add_extract_command, add_resize_command
 from loraforge.lora.extraction import WeightReader, open_source
 from tests.helpers import MEMORY_SCRIPT, REPO, captured_messages, env_with_venv, make_project, set_params
@@ -391,7 +391,7 @@ def test_sources_single_file_unet_and_refusals(models: Models, tmp_path: Path) -
 
 
 def test_cli_choices_match_the_library_and_need_no_torch() -> None:
-    from loraforge.lora.format import commands as lora_cli
+    from loraforge.lora import commands as lora_cli
 
     assert lora_cli.SVD_METHODS == lora_svd.SVD_METHODS and lora_cli.RESIZE_METHODS == lora_resize.RESIZE_METHODS
     code = (
@@ -478,7 +478,7 @@ def test_extraction_peak_memory_stays_under_1_3x_one_model(tmp_path: Path) -> No
 LOAD_SCRIPT = textwrap.dedent(
     """
     import json, logging, sys, warnings
-    from loraforge.models.loading import tiny
+    from loraforge.models import tiny
     messages = []
     class Collect(logging.Handler):
         def emit(self, record):

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from loraforge.lora.format import format as L
-from loraforge.models.loading import tiny
+from loraforge.lora import format as L
+from loraforge.models import tiny
 from loraforge.models.kohya_names import (
     UnetLayout,
     kohya_unet_name,

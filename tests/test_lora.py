@@ -12,10 +12,10 @@ import pytest
 
 import torch
 
-from loraforge.lora.format import format as L
-from loraforge.lora.format import resize as lora_resize
-from loraforge.lora.format import svd as lora_svd
-from loraforge.models.loading import tiny
+from loraforge.lora import format as L
+from loraforge.lora import resize as lora_resize
+from loraforge.lora import svd as lora_svd
+from loraforge.models import tiny
 from loraforge.models.kohya_names import kohya_name, kohya_names, text_encoder_targets, unet_targets
 from tests.helpers import captured_messages
 

@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator, Literal
 
 import torch
 
-from loraforge.lora.format import format as L
-from loraforge.lora.format import svd as lora_svd
+from loraforge.lora import format as L
+from loraforge.lora import svd as lora_svd
 from loraforge.errors import InputError, MissingInput
 
 Arch = Literal["sd15", "sdxl"]

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from loraforge.models.loading import loading as models
+from loraforge.models import loading as models
 from loraforge.data.buckets import BucketGrid
 from loraforge.errors import InputError
 from loraforge.store.fingerprint import hash_bytes
