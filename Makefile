@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: install browser lint run test test-fast sync-dvc demo-data bench clean
+.PHONY: install browser lint docs docs-check run test test-fast sync-dvc sync-docs demo-data bench clean
 
 install: $(STAMP)
 
@@ -32,7 +32,7 @@ run: install
 	dvc repro
 	@echo "LoRA: models/lora.safetensors   report: reports/eval/index.html"
 
-test: install browser lint
+test: install browser lint docs-check
 	pytest -q -ra
 
 # ruff: pyflakes + bugbear + line length (config in pyproject.toml), and the house format
@@ -40,11 +40,22 @@ lint: install
 	ruff check .
 	ruff format --check .
 
+# the manual: the params page must match the schemas, and a broken link or a stale page fails the build
+docs-check: install
+	loraforge sync-docs --check
+	NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 mkdocs serve --dev-addr 127.0.0.1:8000
+
 test-fast: install
 	pytest -q -ra -m "not slow"
 
 sync-dvc: install
 	loraforge sync-dvc
+
+sync-docs: install
+	loraforge sync-docs
 
 demo-data: install
 	python scripts/make_demo_data.py
@@ -53,4 +64,4 @@ bench: install
 	python benchmarks/pipeline_cache.py
 
 clean:
-	rm -rf data/ingested data/upscaled data/captions data/latents models reports .loraforge
+	rm -rf data/ingested data/upscaled data/captions data/latents models reports .loraforge site
