@@ -1,7 +1,9 @@
 """Where the diffusers folder `model.base` names comes from: a builtin, a local folder, or the hub.
 
-A builtin (`builtin:tiny-sd15`, `builtin:tiny-sdxl`) is built by `loraforge.models.tiny` and written
-once under the state folder. A local folder (has `model_index.json`), absolute or relative to the
+A random builtin (`builtin:tiny-sd15`, `builtin:tiny-sdxl`) is built by `loraforge.models.tiny` and
+written once under the state folder. A trained builtin (`builtin:shapes-sd15`, `builtin:shapes-sdxl`,
+made by `scripts/pretrain_shapes.py`) ships as a diffusers folder in `loraforge/assets/builtin/`
+and is used from there. A local folder (has `model_index.json`), absolute or relative to the
 project root, is used as it is. A Hugging Face id (`owner/name`) downloads only the files
 training needs, once, into the usual Hugging Face cache: configs, tokenizer files and non-variant
 safetensors weights (`.bin` weights only for components without safetensors, and only with
@@ -17,10 +19,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from loraforge.models.weights import standard_weights
 from loraforge.errors import InputError
+from loraforge.models.weights import standard_weights
+from loraforge.pipeline.filedeps import BUILTIN_PREFIX, SHIPPED_MODELS
 
-BUILTIN_PREFIX = "builtin:"
+TRAINED_BUILTINS = ("shapes-sd15", "shapes-sdxl")
 BUILTIN_VERSION = 1  # bump when loraforge.models.tiny changes what it builds: a new folder is written
 WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 HUB_COMPONENTS = (*WEIGHTED_COMPONENTS, "tokenizer", "tokenizer_2", "scheduler")
@@ -51,14 +54,31 @@ def materialize_builtin(name: str, state_dir: Path) -> Path:
     """
     from loraforge.models.tiny import BUILTINS, save_builtin
 
+    if name in TRAINED_BUILTINS:
+        return shipped_builtin(name)
     if name not in BUILTINS:
-        known = ", ".join(f"`{BUILTIN_PREFIX}{n}`" for n in sorted(BUILTINS))
+        known = ", ".join(f"`{BUILTIN_PREFIX}{n}`" for n in sorted([*BUILTINS, *TRAINED_BUILTINS]))
         raise InputError(f"`model.base` = `{BUILTIN_PREFIX}{name}` is not a builtin model (builtins: {known})")
     final = state_dir / "models" / f"builtin-{name}-v{BUILTIN_VERSION}"
     if (final / "model_index.json").is_file():  # complete: the folder only appears by rename
         return final
     write_folder_atomically(final, lambda tmp: save_builtin(name, tmp))
     return final
+
+
+def shipped_builtin(name: str) -> Path:
+    """The shipped folder of trained builtin `name` (`shapes-sdxl`), read in place.
+
+    Raises:
+        InputError: this checkout lacks the folder (its weights were not exported yet).
+    """
+    folder = SHIPPED_MODELS / name
+    if not (folder / "model_index.json").is_file():
+        raise InputError(
+            f"`model.base` = `{BUILTIN_PREFIX}{name}`: {folder} is missing; "
+            f"`python scripts/pretrain_shapes.py` trains and exports it"
+        )
+    return folder
 
 
 def write_folder_atomically(final: Path, write: Callable[[Path], Any]) -> None:

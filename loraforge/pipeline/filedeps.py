@@ -8,8 +8,10 @@ pipeline.yaml lists such params per stage under `files:`; their content hashes d
 - under `loraforge run`, the same hashes are part of the stage's Prefect cache key.
 
 A param that is null, or names no existing path (a Hugging Face id, `builtin:tiny-sdxl`), counts
-by its value, which DVC already tracks. Hashes are cached by (path, size, mtime) in
-`.loraforge/hashcache.json`, so a 7 GB checkpoint is read once, not on every run.
+by its value, which DVC already tracks. A shipped builtin (`builtin:shapes-sdxl`: trained weights
+in `loraforge/assets/builtin/`) counts by its folder's content, like a local model folder. Hashes
+are cached by (path, size, mtime) in `.loraforge/hashcache.json`, so a 7 GB checkpoint is read
+once, not on every run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from loraforge.store.fingerprint import hash_json, iter_files
 from loraforge.pipeline.spec import StageSpec, param_ref
 
 INPUTS_DIR = "reports/inputs"
+BUILTIN_PREFIX = "builtin:"
+SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "assets" / "builtin"  # the trained builtins' folders
 
 
 def param_value(raw_params: dict[str, Any], ref: str) -> Any:
@@ -33,9 +37,13 @@ def param_value(raw_params: dict[str, Any], ref: str) -> Any:
 
 
 def existing_path(root: Path, value: Any) -> Path | None:
-    """`value` as an existing file or folder (relative to the project, or absolute), else None."""
-    if not isinstance(value, str) or not value or value.startswith("builtin:"):
+    """`value` as an existing file or folder (relative to the project, or absolute; a shipped
+    builtin's folder), else None."""
+    if not isinstance(value, str) or not value:
         return None
+    if value.startswith(BUILTIN_PREFIX):
+        shipped = SHIPPED_MODELS / value.removeprefix(BUILTIN_PREFIX)
+        return shipped if (shipped / "model_index.json").is_file() else None
     path = (Path(root) / value).resolve()
     return path if path.exists() else None
 
