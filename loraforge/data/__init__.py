@@ -12,4 +12,4 @@ the guides use, and the craft that applies them through the item store.
 May import `store` and `pipeline`.
 """
 
-MAY_IMPORT = ('store', 'pipeline')
+MAY_IMPORT = ("store", "pipeline")

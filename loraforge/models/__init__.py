@@ -18,4 +18,4 @@ local diffusers folder or Hugging Face id; safetensors only unless pickle is opt
 May import `store` and `pipeline`.
 """
 
-MAY_IMPORT = ('store', 'pipeline')
+MAY_IMPORT = ("store", "pipeline")
