@@ -12,7 +12,7 @@ from loraforge.pipeline.params import ModelParams, section
 @section
 class Params:
     """The `finetune` section. Guides: 000 = RFKTR, 001 = SDXL finetune-then-extract, 002 =
-    DreamBooth research, 003 = LoRA guide (see the README's table for each default's source).
+    DreamBooth research, 003 = LoRA guide (docs/training.md gives each guide's value per key).
 
     Attributes:
         mode: `full` finetunes the weights (the 001 guide; `extract` then makes the LoRA);

@@ -14,7 +14,7 @@ from loraforge.errors import InputError
 if TYPE_CHECKING:
     import torch
 
-# name -> (module, class, pip package); the 003 guide's Prodigy arguments are in the README.
+# name -> (module, class, pip package); the 003 guide's Prodigy arguments are in docs/training.md.
 OPTIMIZERS: dict[str, tuple[str, str, str]] = {
     "AdamW": ("torch.optim", "AdamW", "torch"),
     "AdamW8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
