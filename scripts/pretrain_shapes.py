@@ -12,8 +12,10 @@ in SD (the seeded random CLIP encoders of `builtin:tiny-*`: they are never train
 learns to read them), ε-prediction on SD's noise schedule, min-SNR-γ 5, 10% caption dropout to ""
 for classifier-free guidance, AdamW with warmup, an EMA of the weights (what is exported).
 
-Everything is deterministic from `--seed` (batch, noise and timesteps come from (seed, step)) at a
-fixed torch thread count (one per process: `torch.set_num_threads(1)`), and every phase resumes
+Everything is deterministic from `--seed` (batch, noise and timesteps come from (seed, step), drawn
+on the CPU whatever the device) at a fixed torch thread count (one per process:
+`torch.set_num_threads(1)`); `--device cuda` runs the same recipe on a GPU in minutes (float32,
+so the numbers stay close to the CPU run's, not bitwise equal). Every phase resumes
 from its own newest checkpoint under `--state` (default `~/.cache/loraforge/pretrain-shapes`,
 outside git), so a run of hours goes on across sessions: rerun the same command. Each phase
 appends its evaluation to `<state>/<phase>.tsv` (VAE: PSNR on held-out world images; UNet: the
@@ -55,6 +57,7 @@ CAPTION_DROPOUT = 0.1
 EMA_DECAY = 0.999
 GUIDANCE = 6.0
 SAMPLE_STEPS = 20
+DEVICE = torch.device("cpu")  # set from --device in main()
 
 
 # --- the models ---------------------------------------------------------------------------------
@@ -132,9 +135,8 @@ def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module]
     tmp = folder / f".tmp-step-{step:06d}"
     tmp.mkdir(parents=True, exist_ok=True)
     for name, module in modules.items():
-        save_file(
-            {k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp / f"{name}.safetensors")
-        )
+        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(tmp / f"{name}.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "training.pt")
     tmp.rename(final)
     for old in folder.glob("step-*"):
@@ -153,7 +155,7 @@ def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer
         return 0
     for name, module in modules.items():
         module.load_state_dict(load_file(str(found[-1] / f"{name}.safetensors")))
-    blob = torch.load(found[-1] / "training.pt", weights_only=True)
+    blob = torch.load(found[-1] / "training.pt", weights_only=True, map_location=DEVICE)
     optimizer.load_state_dict(blob["optimizer"])
     print(f"resumed from {found[-1]}", flush=True)
     return int(blob["step"])
@@ -202,7 +204,7 @@ def vae_psnr(vae: Any, count: int = 64, seed: int = 99) -> float:
     """Mean PSNR (dB) of the VAE's reconstructions of whole held-out-seed world images, half styled."""
     images = [render(s) for s in scenes(seed, count // 2, held_out=None)]
     images += [render(s) for s in scenes(seed + 1, count - count // 2, held_out=None, styled=True)]
-    x = to_tensor(images)
+    x = to_tensor(images).to(DEVICE)
     with torch.no_grad():
         y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
     mse = ((x - y) / 2).pow(2).flatten(1).mean(1)
@@ -212,15 +214,16 @@ def vae_psnr(vae: Any, count: int = 64, seed: int = 99) -> float:
 def train_vae(args: argparse.Namespace) -> None:
     folder = args.state / "vae"
     torch.manual_seed(args.seed)
-    vae = build_vae()
+    vae = build_vae().to(DEVICE)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     step = load_checkpoint(folder, {"vae": vae}, optimizer)
     while step < args.vae_steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.vae_lr, 200, args.vae_steps)
-        x = vae_batch(args.seed, step, args.vae_batch)
+        x = vae_batch(args.seed, step, args.vae_batch).to(DEVICE)
         posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(torch.Generator().manual_seed(args.seed + step))).sample
+        eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(args.seed + step))
+        recon = vae.decode(posterior.mean + posterior.std * eps.to(DEVICE)).sample
         loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -243,7 +246,7 @@ def load_trained_vae(state: Path) -> Any:
         raise SystemExit(f"no VAE checkpoint under {state / 'vae'}: run the `vae` phase first")
     vae = build_vae()
     vae.load_state_dict(load_file(str(found[-1] / "vae.safetensors")))
-    return vae.eval().requires_grad_(False)
+    return vae.to(DEVICE).eval().requires_grad_(False)
 
 
 # --- the training set -------------------------------------------------------------------------
@@ -259,9 +262,9 @@ def encode_world(args: argparse.Namespace) -> None:
     world = list(scenes(args.seed + 17, args.latent_count, held_out=False))
     chunks = []
     for start in range(0, len(world), 64):
-        x = to_tensor([render(s) for s in world[start : start + 64]])
+        x = to_tensor([render(s) for s in world[start : start + 64]]).to(DEVICE)
         with torch.no_grad():
-            chunks.append(vae.encode(x).latent_dist.mode())
+            chunks.append(vae.encode(x).latent_dist.mode().cpu())
         print(f"encoded {start + len(x)}/{len(world)}", end="\r", flush=True)
     latents = torch.cat(chunks)
     captions = [s.caption for s in world]
@@ -307,16 +310,18 @@ def unet_loss(
     """ε-prediction loss with min-SNR-γ weights on one batch of scaled latents."""
     noise = torch.randn(batch.shape, generator=gen)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (batch.shape[0],), generator=gen)
-    noisy = scheduler.add_noise(batch, noise, t)
-    hidden = torch.stack([c[0] for c in cond])
+    alphas = scheduler.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    weights = (torch.clamp(snr, max=MIN_SNR_GAMMA) / snr).to(DEVICE)
+    noisy = scheduler.add_noise(batch, noise, t).to(DEVICE)
+    noise, t = noise.to(DEVICE), t.to(DEVICE)
+    hidden = torch.stack([c[0] for c in cond]).to(DEVICE)
     extra = {}
     if arch == "sdxl":
         ids = sdxl_time_ids([[SIZE, SIZE]] * len(cond), [[0, 0]] * len(cond), (SIZE, SIZE))
-        extra["added_cond_kwargs"] = {"text_embeds": torch.stack([c[1] for c in cond]), "time_ids": ids}
+        pooled = torch.stack([c[1] for c in cond]).to(DEVICE)
+        extra["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": ids.to(DEVICE)}
     pred = unet(noisy, t, hidden, **extra).sample
-    alphas = scheduler.alphas_cumprod[t]
-    snr = alphas / (1 - alphas)
-    weights = torch.clamp(snr, max=MIN_SNR_GAMMA) / snr
     return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
 
 
@@ -333,6 +338,7 @@ def make_pipeline(arch: str, unet: Any, vae: Any, text: dict[str, Any], scale: f
     vae = copy.deepcopy(vae)
     vae.register_to_config(scaling_factor=scale, force_upcast=False)
     scheduler = EulerDiscreteScheduler(**SD_SCHEDULE)
+    text = {k: v.to(DEVICE) if hasattr(v, "to") else v for k, v in text.items()}
     if arch == "sdxl":
         return StableDiffusionXLPipeline(
             unet=unet, vae=vae, scheduler=scheduler, add_watermarker=False, force_zeros_for_empty_prompt=False, **text
@@ -376,7 +382,7 @@ def train_unet(args: argparse.Namespace) -> None:
     text = frozen_text(args.arch)
     table = text_table(args.arch, text, captions)
     torch.manual_seed(args.seed)
-    unet = build_unet(args.arch)
+    unet = build_unet(args.arch).to(DEVICE)
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
     step = load_checkpoint(folder, {"unet": unet, "ema": ema}, optimizer)
@@ -428,7 +434,7 @@ def export(args: argparse.Namespace) -> None:
     _, _, scale = load_world(args.state)
     pipe = make_pipeline(args.arch, unet, load_trained_vae(args.state), frozen_text(args.arch), scale)
     out = args.out / f"shapes-{args.arch}"
-    pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    pipe.to("cpu", torch.float16).save_pretrained(out, safe_serialization=True)
     recipe = {
         "recipe": "scripts/pretrain_shapes.py",
         "seed": str(args.seed),
@@ -449,6 +455,7 @@ def main() -> None:
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--vae-steps", type=int, default=4000)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
@@ -460,6 +467,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=EXPORT_DIR, help="where `export` writes shapes-<arch>/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     args.state.mkdir(parents=True, exist_ok=True)
     {"vae": train_vae, "latents": encode_world, "unet": train_unet, "export": export}[args.phase](args)
 
