@@ -173,6 +173,24 @@ def test_unknown_builtin_lists_builtins(tmp_path: Path) -> None:
         resolve_model(ModelParams(base="builtin:tiny-sd3"), tmp_path)
 
 
+def test_a_trained_builtin_is_read_from_its_shipped_folder(
+    sd15: ModelInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import loraforge.models.hub as hub
+    from loraforge.pipeline import filedeps
+
+    monkeypatch.setattr(hub, "SHIPPED_MODELS", tmp_path / "shipped")
+    monkeypatch.setattr(filedeps, "SHIPPED_MODELS", tmp_path / "shipped")
+    with pytest.raises(ValueError, match=r"`model.base` = `builtin:shapes-sd15`: .*shipped/shapes-sd15 is missing.*"):
+        resolve_model(ModelParams(base="builtin:shapes-sd15"), tmp_path / "state")
+    assert filedeps.existing_path(tmp_path, "builtin:shapes-sd15") is None  # counts by its value, like a hub id
+    shutil.copytree(sd15.path, tmp_path / "shipped" / "shapes-sd15")  # stands in for the exported weights
+    info = resolve_model(ModelParams(base="builtin:shapes-sd15"), tmp_path / "state")
+    assert (info.path, info.arch) == (tmp_path / "shipped" / "shapes-sd15", "sd15")
+    assert not (tmp_path / "state" / "models").exists()  # read in place, never copied
+    assert filedeps.existing_path(tmp_path, "builtin:shapes-sd15") == tmp_path / "shipped" / "shapes-sd15"
+
+
 def test_local_folder(sd15_copy: Path, tmp_path: Path) -> None:
     info = resolve_model(ModelParams(base=str(sd15_copy)), tmp_path / "state")
     assert (info.path, info.arch, info.native_resolution, info.source) == (sd15_copy, "sd15", 128, str(sd15_copy))
