@@ -19,7 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pipeline.yaml", "params.yaml", "dvc.yaml", ".gitignore")
 PROJECT_DIRS = ("stages", "loraforge", "flows", "data/demo")
 
-# Smallest settings that still exercise every stage for real.
+# Smallest settings that still exercise every stage for real: the seeded random tiny model (the
+# demo's learned `builtin:shapes-sdxl` has its own tests, tests/test_learned_model.py).
+FAST_MODEL: dict[str, Any] = {"base": "builtin:tiny-sdxl"}
 FAST_PARAMS: dict[str, dict[str, Any]] = {
     "finetune": {"epochs": 2, "save_every_n_epochs": 1, "batch_size": 2},
     "evaluate": {"seeds": [1], "steps": 2, "size": 64},
@@ -139,7 +141,9 @@ def make_project(dest: Path, params: dict[str, dict[str, Any]] | None = None, gi
     (dest / ".dvc").mkdir()
     for name in ("config", ".gitignore"):
         shutil.copy(REPO / ".dvc" / name, dest / ".dvc" / name)
-    set_params(dest, {**FAST_PARAMS, **(params or {})})
+    params = dict(params or {})
+    params["model"] = {**FAST_MODEL, **params.get("model", {})}  # a test's model keys on top of the tiny base
+    set_params(dest, {**FAST_PARAMS, **params})
     if git:
         run(["git", "init", "-q"], dest)
         run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
