@@ -40,9 +40,10 @@ class ModelParams:
     """The `model` section: which base model every stage uses.
 
     Attributes:
-        base: `builtin:tiny-sdxl`, `builtin:tiny-sd15`, a Hugging Face id (downloaded once), a
-            local diffusers folder, or a single-file SD1.5/SDXL checkpoint (`.safetensors`,
-            original layout as A1111/ComfyUI use it).
+        base: `builtin:tiny-sdxl`, `builtin:tiny-sd15` (seeded random, for tests),
+            `builtin:shapes-sdxl` (tiny, trained on the shapes world, shipped), a Hugging Face id
+            (downloaded once), a local diffusers folder, or a single-file SD1.5/SDXL checkpoint
+            (`.safetensors`, original layout as A1111/ComfyUI use it).
         config: for a single-file `base`: a diffusers folder (configs suffice) describing it;
             null = the SD1.5/SDXL configs loraforge ships, chosen from the checkpoint's keys.
         vae: a VAE replacing the base model's (a diffusers AutoencoderKL folder or one
