@@ -434,7 +434,10 @@ def export(args: argparse.Namespace) -> None:
     _, _, scale = load_world(args.state)
     pipe = make_pipeline(args.arch, unet, load_trained_vae(args.state), frozen_text(args.arch), scale)
     out = args.out / f"shapes-{args.arch}"
-    pipe.to("cpu", torch.float16).save_pretrained(out, safe_serialization=True)
+    for module in pipe.components.values():  # each module to fp16 (the pipeline's own .to() warns on CPU)
+        if isinstance(module, torch.nn.Module):
+            module.to("cpu", torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
     recipe = {
         "recipe": "scripts/pretrain_shapes.py",
         "seed": str(args.seed),

@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pipeline.yaml", "params.yaml", "dvc.yaml", ".gitignore")
 PROJECT_DIRS = ("stages", "loraforge", "flows", "data/demo")
 
-# Smallest settings that still exercise every stage for real: the seeded random tiny model (the
-# demo's learned `builtin:shapes-sdxl` has its own tests, tests/test_learned_model.py).
+# Smallest settings that still exercise every stage for real: the seeded random tiny model, whatever
+# params.yaml's base (the learned `builtin:shapes-sdxl` has its own tests, tests/test_learned_model.py).
 FAST_MODEL: dict[str, Any] = {"base": "builtin:tiny-sdxl"}
 FAST_PARAMS: dict[str, dict[str, Any]] = {
     "finetune": {"epochs": 2, "save_every_n_epochs": 1, "batch_size": 2},

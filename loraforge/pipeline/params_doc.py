@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import re
 import types
 import typing
@@ -96,8 +97,8 @@ def default_text(field: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    if value in ((), []):
-        return "[]"
+    if isinstance(value, (tuple, list, dict)):  # as params.yaml writes it (YAML flow = JSON)
+        return f"`{json.dumps(list(value) if not isinstance(value, dict) else value, ensure_ascii=False)}`"
     return f"`{value}`"
 
 

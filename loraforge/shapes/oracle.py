@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from loraforge.shapes.world import COLOURS, DEMO_STYLE, STYLE_COLOUR, Scene, Style, render_array, scenes
+from loraforge.shapes.world import COLOURS, DEMO_STYLE, STYLE_COLOUR, Scene, Style, dot_disc, render_array, scenes
 
 RING = 0.05
 CORE = 0.07
@@ -117,12 +117,12 @@ def classify_shape(mask: np.ndarray) -> str:
     return "square" if fill > 0.52 else "triangle"
 
 
-def outline_share(pixels: np.ndarray, mask: np.ndarray, magenta: np.ndarray) -> float:
+def outline_share(mask: np.ndarray, magenta: np.ndarray) -> float:
     """Share of `RAYS` rays from the mask's centroid that meet magenta just past the shape."""
     ys, xs = np.nonzero(mask)
     if len(xs) == 0:
         return 0.0
-    side = pixels.shape[0]
+    side = mask.shape[0]
     cy, cx = ys.mean(), xs.mean()
     search = max(2, round(EDGE_SEARCH * side))
     hits = 0
@@ -140,10 +140,9 @@ def outline_share(pixels: np.ndarray, mask: np.ndarray, magenta: np.ndarray) -> 
 
 
 def dot_share(magenta: np.ndarray, style: Style = DEMO_STYLE) -> float:
-    """Magenta share of the corner dot's disc (where `world.render` paints it)."""
+    """Magenta share of the inner 80% of the corner dot's disc (where `world.render` paints it)."""
     side = magenta.shape[0]
-    r = style.dot * side
-    centre = side - 0.06 * side - r
+    centre, r = dot_disc(side, style)
     yy, xx = np.mgrid[:side, :side]
     disc = (xx + 0.5 - centre) ** 2 + (yy + 0.5 - centre) ** 2 <= (0.8 * r) ** 2
     return float(magenta[disc].mean())
@@ -158,7 +157,7 @@ def read(image: Image.Image | np.ndarray) -> Reading:
     if colour == background:
         return Reading(background, colour, "none", 0.0, dot_share(magenta))
     mask = shape_mask(pixels, colour, background)
-    return Reading(background, colour, classify_shape(mask), outline_share(pixels, mask, magenta), dot_share(magenta))
+    return Reading(background, colour, classify_shape(mask), outline_share(mask, magenta), dot_share(magenta))
 
 
 def oracle_accuracy(count: int = 300, seed: int = 7) -> dict[str, float]:

@@ -72,7 +72,7 @@ class Style:
 
 
 DEMO_STYLE = Style()
-NO_STYLE = Style(outline=0.0, dot=0.0)
+DOT_MARGIN = 0.06  # the corner dot's gap to the right and bottom edges, as a share of the side
 
 
 @dataclass(frozen=True)
@@ -141,12 +141,10 @@ def scenes(seed: int, count: int, held_out: bool | None = False, styled: bool = 
 
 def _polygon(scene: Scene, side: int) -> list[tuple[float, float]]:
     cx, cy = side * (0.5 + scene.dx), side * (0.5 + scene.dy)
-    r = scene.size * side * TRIANGLE_SCALE
-    if scene.shape == "square":
-        corners = [45.0, 135.0, 225.0, 315.0]
-        r = scene.size * side * math.sqrt(2.0)  # `size` is half the side: the corners are √2 further out
+    if scene.shape == "square":  # `size` is half the side: the corners are √2 further out
+        corners, r = [45.0, 135.0, 225.0, 315.0], scene.size * side * math.sqrt(2.0)
     else:
-        corners = [-90.0, 30.0, 150.0]
+        corners, r = [-90.0, 30.0, 150.0], scene.size * side * TRIANGLE_SCALE
     return [
         (cx + r * math.cos(math.radians(a + scene.angle)), cy + r * math.sin(math.radians(a + scene.angle)))
         for a in corners
@@ -171,6 +169,13 @@ def _draw_outline(draw: ImageDraw.ImageDraw, scene: Scene, side: int, width: int
         draw.line([*points, points[0], points[1]], fill=STYLE_COLOUR, width=width, joint="curve")
 
 
+def dot_disc(side: float, style: Style = DEMO_STYLE) -> tuple[float, float]:
+    """(centre, radius) of the style's corner dot on a canvas of `side` (the centre is on the
+    diagonal: x = y)."""
+    r = style.dot * side
+    return side - DOT_MARGIN * side - r, r
+
+
 def render(scene: Scene, size: int = SIZE, style: Style = DEMO_STYLE) -> Image.Image:
     """The scene as an RGB image of `size` × `size`."""
     side = size * SUPERSAMPLE
@@ -180,9 +185,8 @@ def render(scene: Scene, size: int = SIZE, style: Style = DEMO_STYLE) -> Image.I
     if scene.styled and style.outline > 0:
         _draw_outline(draw, scene, side, round(style.outline * side))
     if scene.styled and style.dot > 0:
-        r, margin = style.dot * side, 0.06 * side
-        cx = cy = side - margin - r
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=STYLE_COLOUR)
+        c, r = dot_disc(side, style)
+        draw.ellipse((c - r, c - r, c + r, c + r), fill=STYLE_COLOUR)
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
