@@ -82,7 +82,9 @@ def shots_of(params: Params, captions: list[dict[str, Any]], trigger: str) -> Sh
         prompts=render_prompts(params.prompts, trigger),
         seeds=params.seeds,
         weights=params.weights,
-        randoms=random_shots(params.random_pool, params.random_prompts, params.random_seed, trigger),
+        randoms=random_shots(
+            params.random_pool, params.random_prompts, params.random_seed, trigger, params.random_template
+        ),
         captions=caption_shots(captions, params.caption_prompts),
     )
 

@@ -34,7 +34,9 @@ class Params:
             the dataset (004 guide).
         seeds: fixed seeds, the same for every epoch and experiment.
         weights: the LoRA-weight sweep (0 = the base model; the 003 guide checks > 1.2).
-        random_prompts: how many random prompts (`{trigger}, <subject from random_pool>`) to render.
+        random_prompts: how many random prompts (`random_template` filled from `random_pool`) to render.
+        random_template: a random prompt's text: `{subject}` is the drawn subject, `{trigger}` the
+            trigger (put it where your captions have it: `caption.trigger_position`).
         random_seed: seeds the draw of the random prompts and their recorded seeds.
         random_pool: subjects the random prompts are drawn from.
         caption_prompts: how many training captions to prompt 1:1 (memorisation check).
@@ -58,6 +60,7 @@ class Params:
     seeds: tuple[int, ...] = (1, 2, 3, 4)
     weights: tuple[float, ...] = (0.0, 0.5, 1.0, 1.2, 1.5)
     random_prompts: int = Field(4, ge=0)
+    random_template: str = "{trigger}, {subject}"
     random_seed: int = 1234
     random_pool: tuple[str, ...] = SUBJECTS
     caption_prompts: int = Field(4, ge=0)
@@ -77,6 +80,13 @@ class Params:
     def _not_empty(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
         if not value:
             raise ValueError("must list at least one value")
+        return value
+
+    @field_validator("random_template")
+    @classmethod
+    def _has_subject(cls, value: str) -> str:
+        if "{subject}" not in value:
+            raise ValueError(f"must contain {{subject}} (where the drawn subject goes), got {value!r}")
         return value
 
     @field_validator("weights")

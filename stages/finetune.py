@@ -347,7 +347,15 @@ def setup(
     encoder_lrs = (params.train_text_encoder, params.text_encoder_lr, params.text_encoder_2_lr)
     lrs = component_lrs(len(encoders), params.lr, params.optimizer, *encoder_lrs)
     modules = {"unet": unet, **dict(zip(ENCODER_NAMES, encoders))}
-    trained = trainable(info.arch, modules, lrs, params.mode, pick(LoraSettings, params), params.gradient_checkpointing)
+    trained = trainable(
+        info.arch,
+        modules,
+        lrs,
+        params.mode,
+        pick(LoraSettings, params),
+        params.gradient_checkpointing,
+        params.unet_layers,
+    )
     if fsdp:  # before the optimizer: it must hold the sharded parameters
         shard(trained, launch.reshard_after_forward)  # type: ignore[union-attr]
     optimizer = training_optimizer(params, trained, lrs, device)  # bf16 weights: the components cast first

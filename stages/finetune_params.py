@@ -17,6 +17,13 @@ class Params:
     Attributes:
         mode: `full` finetunes the weights (the 001 guide; `extract` then makes the LoRA);
             `lora` trains a LoRA directly (the 003 guide), saved as `epoch-NNNN/lora.safetensors`.
+        unet_layers: which UNet weights a full finetune trains: `all` (the guides); `lora`: only
+            the weights of the modules a kohya LoRA carries (attention and feed-forward
+            projections), so `extract` at full rank gives back the finetune exactly; `lora_conv`:
+            those and the ResNet/resampler convolutions (with `extract.conv_dim` > 0). Biases,
+            norms, embeddings and `conv_in`/`conv_out` stay the base model's (in `all` they carry
+            a few % of the change, which no LoRA file can hold: SDXL's pooled-text `add_embedding`
+            most). OneTrainer's layer filter, for extraction. Mode full only.
         network_dim: LoRA rank of linear layers (mode lora); the 003 guide: 4-32.
         network_alpha: LoRA alpha; the 003 guide: 1 or half the rank.
         conv_dim: LoRA rank of the ResNet 3×3 convolutions (LoCon); 0 = none; the 003 guide: under 32.
@@ -145,6 +152,7 @@ class Params:
 
     model: ModelParams
     mode: Literal["full", "lora"] = "full"
+    unet_layers: Literal["all", "lora", "lora_conv"] = "all"
     network_dim: int = Field(16, ge=1)
     network_alpha: float = Field(8.0, gt=0)
     conv_dim: int = Field(0, ge=0)
@@ -231,6 +239,11 @@ class Params:
         if self.validation_split and self.validation_folder:
             raise ValueError(
                 "set `finetune.validation_split` (held-out images) or `finetune.validation_folder`, not both"
+            )
+        if self.unet_layers != "all" and self.mode != "full":
+            raise ValueError(
+                f"`finetune.unet_layers: {self.unet_layers}` picks what a full finetune trains: "
+                "it needs `finetune.mode: full`"
             )
         if self.save_single_file and self.mode != "full":
             raise ValueError("`finetune.save_single_file` writes whole models: it needs `finetune.mode: full`")

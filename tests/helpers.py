@@ -17,7 +17,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pipeline.yaml", "params.yaml", "dvc.yaml", ".gitignore")
-PROJECT_DIRS = ("stages", "loraforge", "flows", "data/demo")
+PROJECT_DIRS = ("stages", "loraforge", "flows", "data/demo", "data/demo-reg")
 
 # Smallest settings that still exercise every stage for real: the seeded random tiny model, whatever
 # params.yaml's base (the learned `builtin:shapes-sdxl` has its own tests, tests/test_learned_model.py).
@@ -25,6 +25,19 @@ FAST_MODEL: dict[str, Any] = {"base": "builtin:tiny-sdxl"}
 FAST_PARAMS: dict[str, dict[str, Any]] = {
     "finetune": {"epochs": 2, "save_every_n_epochs": 1, "batch_size": 2},
     "evaluate": {"seeds": [1], "steps": 2, "size": 64},
+}
+# What params.yaml holds for the learned demo, put back as the tiny random model wants it: under a
+# test's own keys of the same section (a test's section replaces FAST_PARAMS' whole section, as before).
+TINY_MODEL_PARAMS: dict[str, dict[str, Any]] = {
+    "caption": {"trigger": "lfxstyle", "trigger_position": "first", "template": "{trigger} {class_token}"},
+    "finetune": {"epochs": 4, "save_every_n_epochs": 2, "lr": 0.0003, "train_text_encoder": True, "reg_images": None},
+    "extract": {"conv_dim": 0},
+    "resize": {"rank": 8},
+    "evaluate": {
+        "prompts": ["{trigger}", "{trigger} riding a bicycle on the moon, detailed"],
+        "random_template": "{trigger}, {subject}",
+        "steps": 6,
+    },
 }
 
 
@@ -131,8 +144,13 @@ def set_params(project: Path, overrides: dict[str, dict[str, Any]]) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def make_project(dest: Path, params: dict[str, dict[str, Any]] | None = None, git: bool = True) -> Path:
-    """Copy the project's declaration, code and demo data into `dest`; a git + DVC repo."""
+def make_project(
+    dest: Path, params: dict[str, dict[str, Any]] | None = None, git: bool = True, learned: bool = False
+) -> Path:
+    """Copy the project's declaration, code and demo data into `dest`; a git + DVC repo.
+
+    The tiny random model with the fast settings, under `params`; `learned`: params.yaml's own
+    demo (the learned `builtin:shapes-sdxl`) under `params`."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         shutil.copy(REPO / name, dest / name)
@@ -142,8 +160,12 @@ def make_project(dest: Path, params: dict[str, dict[str, Any]] | None = None, gi
     for name in ("config", ".gitignore"):
         shutil.copy(REPO / ".dvc" / name, dest / ".dvc" / name)
     params = dict(params or {})
-    params["model"] = {**FAST_MODEL, **params.get("model", {})}  # a test's model keys on top of the tiny base
-    set_params(dest, {**FAST_PARAMS, **params})
+    if not learned:
+        params["model"] = {**FAST_MODEL, **params.get("model", {})}  # a test's model keys on top of the tiny base
+        params = {**FAST_PARAMS, **params}
+        for section, values in TINY_MODEL_PARAMS.items():
+            params[section] = {**values, **params.get(section, {})}
+    set_params(dest, params)
     if git:
         run(["git", "init", "-q"], dest)
         run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)

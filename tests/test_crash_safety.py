@@ -109,7 +109,9 @@ def test_kill_during_latents_then_repro_reuses_the_latents_made_and_gives_the_sa
     shutil.rmtree(root / ".loraforge" / "store" / "latent")
     kill_mid_stage(root, "latents", lambda: len([p for p in store_entries(root, "latent") if p.is_file()]) >= 2)
     made = len([p for p in store_entries(root, "latent") if p.suffix == ".safetensors"])
-    run(["dvc", "repro"], root)
+    # --no-run-cache: the fixture's run already made these outputs from the same deps, and DVC's run
+    # cache would check them out instead of running the stage; the point here is the stage's own reuse
+    run(["dvc", "repro", "--no-run-cache"], root)
     latents = report(root, "latents")
     assert latents["reused"] >= made >= 1 and latents["computed"] == latents["items"] - latents["reused"]
     assert hash_tree(root / "data" / "latents") == before  # the same latent bytes, whoever wrote them
@@ -136,7 +138,7 @@ def test_kill_during_evaluate_then_repro_reuses_the_images_rendered(project):
         root, "evaluate", lambda: len([p for p in store_entries(root, "eval-image") if p.suffix == ".png"]) >= 3
     )
     rendered = len([p for p in store_entries(root, "eval-image") if p.suffix == ".png"])
-    run(["dvc", "repro"], root)
+    run(["dvc", "repro", "--no-run-cache"], root)  # the stage itself, not DVC's run cache (see above)
     evaluate = report(root, "evaluate")
     assert evaluate["reused"] >= rendered >= 3
     assert (root / "reports" / "eval" / "best.json").read_text() == best

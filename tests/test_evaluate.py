@@ -171,6 +171,17 @@ def test_random_prompts_and_seeds_depend_only_on_the_params():
     assert shots != evaluate.shots_of(other, [], "lfx").randoms
 
 
+def test_random_template_puts_the_trigger_where_the_captions_have_it():
+    params = evaluate.Params(model={}, random_prompts=3, random_seed=7, random_template="{subject}, {trigger}")
+    shots = evaluate.shots_of(params, [], "lfx").randoms
+    assert all(p.endswith(", lfx") and p.removesuffix(", lfx") in params.random_pool for p, _ in shots)
+    default = evaluate.Params(model={}, random_prompts=3, random_seed=7)
+    seeds = [s for _, s in evaluate.shots_of(default, [], "lfx").randoms]
+    assert [s for _, s in shots] == seeds  # the same draw, only the wording differs
+    with pytest.raises(ValueError, match="subject"):
+        evaluate.Params(model={}, random_template="{trigger} alone")
+
+
 def test_params_refuse_negative_weights_and_empty_sweeps():
     from loraforge.pipeline.params import validate_stage
     from loraforge.pipeline.spec import load_pipeline

@@ -1182,6 +1182,28 @@ def test_save_single_file_writes_an_original_layout_model_that_loads_back_equal(
         finetune.Params(**{**BASE, "mode": "lora", "save_single_file": True})
 
 
+# ---------------------------------------------------------------- issue 22: train what a LoRA carries
+
+
+@pytest.mark.parametrize("layers", ["lora", "lora_conv"])
+def test_unet_layers_trains_only_the_weights_a_lora_carries(project, tmp_path, layers):
+    from loraforge.models.kohya_names import unet_targets
+    from loraforge.models.loading import load_unet, resolve_model
+    from loraforge.pipeline.params import ModelParams
+
+    _, out = train(project, tmp_path / "run", unet_layers=layers, train_text_encoder=False)
+    info = resolve_model(ModelParams(base="builtin:tiny-sd15"), project / ".loraforge")
+    base = load_unet(info, torch.device("cpu")).state_dict()
+    tuned = weights(out)
+    changed = {k for k, v in tuned.items() if not torch.equal(v, base[k])}
+    targets = {f"{m}.weight" for m in unet_targets(base.keys(), conv=layers == "lora_conv")}
+    assert changed and changed <= targets, sorted(changed - targets)[:5]  # no bias, norm, embedding
+    convs = {k for k in changed if tuned[k].dim() == 4 and tuned[k].shape[-1] == 3}
+    assert bool(convs) == (layers == "lora_conv")
+    with pytest.raises(ValueError, match="unet_layers"):
+        finetune.Params(**{**BASE, "mode": "lora", "unet_layers": "lora"})
+
+
 # ---------------------------------------------------------------- issue 14: memory savers (mode full)
 
 

@@ -60,7 +60,37 @@ def test_the_oracle_on_the_worlds_own_images():
     assert accuracy["style_plain"] == 0.0 and accuracy["style_styled"] >= 0.9
 
 
+def test_a_shape_painted_magenta_is_neither_its_colour_nor_outlined():
+    pixels = render_array(Scene("circle", "red", "blue", size=0.3)).copy()
+    red = (pixels == COLOURS["red"]).all(axis=-1)
+    pixels[red] = (230, 20, 220)  # the style's magenta, near enough
+    reading = read(pixels)
+    assert (reading.colour, reading.outline) == ("magenta", 0.0)
+    assert not reading.faithful_to(Scene("circle", "red", "blue"))
+
+
 def test_the_oracle_is_not_fooled_by_noise():
     noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     reading = read(noise)
     assert reading.style < 0.2
+
+
+def test_the_demo_images_show_the_style_and_the_reg_images_do_not(tmp_path):
+    """`scripts/make_demo_data.py`'s two folders as shipped: the styled set the demo LoRA learns
+    from, and the plain reg images (captions without the trigger) that keep it to the trigger."""
+    from PIL import Image, ImageOps
+
+    from tests.helpers import REPO
+
+    styled = [p for p in (REPO / "data" / "demo").rglob("*") if p.suffix in (".png", ".jpg")]
+    assert len(styled) == 13
+    for path in styled:
+        assert read(ImageOps.exif_transpose(Image.open(path)).convert("RGB")).style > 0.5, path.name
+    reg = sorted((REPO / "data" / "demo-reg").glob("*.png"))
+    assert len(reg) == 24
+    for path in reg:
+        caption = path.with_suffix(".txt").read_text().strip()
+        reading = read(Image.open(path))
+        assert reading.style == 0.0 and "lfxstyle" not in caption, path.name
+        assert caption == f"a {reading.colour} {reading.shape} on a {reading.background} background", path.name
+        assert (reading.shape, reading.colour, reading.background) not in HELD_OUT

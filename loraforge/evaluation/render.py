@@ -77,7 +77,9 @@ def render_prompts(prompts: Sequence[str], trigger: str) -> list[str]:
     return [p.replace("{trigger}", trigger) for p in prompts]
 
 
-def random_shots(pool: Sequence[str], count: int, seed: int, trigger: str) -> list[tuple[str, int]]:
+def random_shots(
+    pool: Sequence[str], count: int, seed: int, trigger: str, template: str = "{trigger}, {subject}"
+) -> list[tuple[str, int]]:
     """The random prompts and their recorded seeds: drawn from `seed` only, so the same for every
     epoch and experiment with the same params.
 
@@ -86,9 +88,14 @@ def random_shots(pool: Sequence[str], count: int, seed: int, trigger: str) -> li
         count: how many (`evaluate.random_prompts`).
         seed: seeds the draw (`evaluate.random_seed`).
         trigger: the activation token.
+        template: the prompt with `{subject}` and `{trigger}` (`evaluate.random_template`).
     """
     rng = random.Random(seed)
-    return [(f"{trigger}, {rng.choice(pool)}", rng.randrange(2**31)) for _ in range(count)]
+    shots = []
+    for _ in range(count):
+        prompt = template.replace("{subject}", rng.choice(pool)).replace("{trigger}", trigger)
+        shots.append((prompt, rng.randrange(2**31)))
+    return shots
 
 
 def caption_shots(captions: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:

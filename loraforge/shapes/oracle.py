@@ -5,7 +5,9 @@ For tests and benchmarks of the builtin `shapes-*` models (the evaluate stage ne
 - background colour: the per-channel median of the outer ring of the image (`RING` wide), named
   by the nearest colour of `COLOURS`;
 - shape colour: the median of a central disc (radius `CORE` of the side: inside every shape
-  whatever its size, position and angle), named likewise;
+  whatever its size, position and angle), named likewise, or `magenta` when it is the style's
+  colour (a model that paints the whole shape magenta has drawn neither the colour nor the
+  outline: outline 0);
 - shape: from the pixels nearer the shape colour than the background (`shape_mask`), the ratio of
   their area to the disc through their farthest pixel: 1 for a circle, 2/π ≈ 0.64 for a square,
   ≈ 0.41 for a triangle (rotation-invariant);
@@ -41,7 +43,8 @@ class Reading:
 
     Attributes:
         background: the nearest palette colour of the border.
-        colour: the nearest palette colour of the centre.
+        colour: the nearest palette colour of the centre; `magenta` when the centre is the
+            style's magenta (a shape painted over is neither its colour nor outlined).
         shape: `circle`, `square`, `triangle`, or `none` when no shape stands out.
         outline: share of the shape's edge outlined in magenta, in [0, 1].
         dot: magenta share of the corner dot's place, in [0, 1].
@@ -149,11 +152,18 @@ def dot_share(magenta: np.ndarray, style: Style = DEMO_STYLE) -> float:
 
 
 def read(image: Image.Image | np.ndarray) -> Reading:
-    """What `image` (RGB, square) shows."""
+    """What `image` (RGB) shows; a non-square image is read in its central square (where the demo
+    images centre their scene on a wider field)."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)[..., :3]
+    h, w = pixels.shape[:2]
+    side = min(h, w)
+    pixels = pixels[(h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
     background = nearest_colour(_ring_median(pixels))
-    colour = nearest_colour(_core_median(pixels))
+    core = _core_median(pixels)
     magenta = magenta_mask(pixels)
+    if magenta_mask(core[None, None, :])[0, 0]:  # a magenta shape: no palette colour, and not an outline
+        return Reading(background, "magenta", "none", 0.0, dot_share(magenta))
+    colour = nearest_colour(core)
     if colour == background:
         return Reading(background, colour, "none", 0.0, dot_share(magenta))
     mask = shape_mask(pixels, colour, background)

@@ -146,4 +146,9 @@ def held_parameters(trained: dict[str, torch.nn.Module]) -> int:
     Args:
         trained: component name -> module.
     """
-    return sum(getattr(p, "to_local", lambda p=p: p)().numel() for m in trained.values() for p in m.parameters())
+    return sum(
+        getattr(p, "to_local", lambda p=p: p)().numel()
+        for m in trained.values()
+        for p in m.parameters()
+        if p.requires_grad
+    )

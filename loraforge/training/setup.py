@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 
+from loraforge.models.kohya_names import unet_targets
 from loraforge.models.loading import ModelInfo, load_noise_scheduler, load_text_encoders, load_unet
 from loraforge.training.ema import EMA
 from loraforge.training.lora_net import LoraSettings, add_lora
@@ -114,9 +115,11 @@ def trainable(
     mode: str,
     lora: LoraSettings,
     gradient_checkpointing: bool,
+    unet_layers: str = "all",
 ) -> dict[str, torch.nn.Module]:
     """Set what trains and return it by component: the component itself (mode full) or a LoRA
-    network attached to it (mode lora). Components without an LR are frozen.
+    network attached to it (mode lora). Components without an LR are frozen; in mode full,
+    `unet_layers` other than `all` keeps the UNet's weights a LoRA cannot carry frozen.
 
     Args:
         arch: `sd15` or `sdxl`.
@@ -125,10 +128,13 @@ def trainable(
         mode: `finetune.mode`.
         lora: ranks, alphas and dropouts of the LoRA networks (mode lora).
         gradient_checkpointing: `finetune.gradient_checkpointing`, on every component.
+        unet_layers: `finetune.unet_layers`: `all`, `lora` or `lora_conv`.
     """
     for name, module in modules.items():
         module.train(name in lrs and mode == "full")
         module.requires_grad_(name in lrs and mode == "full")
+        if name == "unet" and name in lrs and mode == "full" and unet_layers != "all":
+            train_only_lora_targets(module, conv=unet_layers == "lora_conv")
         if gradient_checkpointing:
             if name == "unet":
                 module.enable_gradient_checkpointing()
@@ -139,14 +145,33 @@ def trainable(
     return {name: add_lora(modules[name], arch, name, lora).train() for name in lrs}
 
 
+def train_only_lora_targets(unet: torch.nn.Module, conv: bool) -> int:
+    """Freeze the UNet but the weights of the modules a kohya LoRA carries; return how many
+    weight tensors train.
+
+    Args:
+        unet: the UNet, all of it trainable before the call.
+        conv: also the ResNet/resampler convolutions (`unet_layers: lora_conv`).
+    """
+    unet.requires_grad_(False)
+    targets = unet_targets(unet.state_dict().keys(), conv=conv)
+    for name in targets:
+        unet.get_submodule(name).weight.requires_grad_(True)
+    return len(targets)
+
+
 def param_groups(trained: dict[str, torch.nn.Module], lrs: dict[str, float]) -> list[dict[str, Any]]:
-    """One optimizer param group per trained component, named after it, with its LR.
+    """One optimizer param group per trained component, named after it, with its LR (frozen
+    weights of a partly trained component left out).
 
     Args:
         trained: component -> what trains.
         lrs: component -> LR.
     """
-    return [{"name": name, "params": list(trained[name].parameters()), "lr": lr} for name, lr in lrs.items()]
+    return [
+        {"name": name, "params": [p for p in trained[name].parameters() if p.requires_grad], "lr": lr}
+        for name, lr in lrs.items()
+    ]
 
 
 def prepare(
