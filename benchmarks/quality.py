@@ -1,12 +1,12 @@
 """LoRA quality on the learned base: the demo trained past its best, judged by the shapes world's oracle.
 
     python benchmarks/quality.py [--epochs 60] [--every 5] [--prompts 8] [--weights 0,0.5,1,1.5]
-        [--validation 8] [--dims 4,8,16,32,64,full] [--resize-ranks 4,8,16] [--threads N] [--keep DIR]
+        [--validation 0] [--dims 4,8,16,32,64,full] [--resize-ranks 4,8,16] [--threads N] [--keep DIR]
 
-Copies the project's declaration, code, `data/demo` and `data/demo-reg` into a temp folder (or
-`--keep DIR`), takes params.yaml as it is at run time with `model.base: builtin:shapes-sdxl` (the
-world the oracle reads), `--epochs` / `--every` for finetune, a validation folder of `--validation`
-styled world images (trigger last, seeds apart from the demo's, no `HELD_OUT` combination) and a
+Copies the project's declaration, code, `data/demo`, `data/demo-reg` and `data/demo-val` into a
+temp folder (or `--keep DIR`), takes params.yaml as it is at run time with `model.base:
+builtin:shapes-sdxl` (the world the oracle reads), `--epochs` / `--every` for finetune (with
+`--validation N`, a validation folder of N new styled world images instead of the demo's) and a
 cheap evaluate sweep, then runs every stage in-process and prints the seconds each took.
 
 The oracle (`loraforge.shapes.oracle`) then reads renders of the pipeline's per-epoch LoRAs
@@ -51,7 +51,7 @@ from loraforge.shapes.oracle import read  # noqa: E402
 from loraforge.shapes.world import HELD_OUT, Scene, render, scenes  # noqa: E402
 
 PROJECT_FILES = ("pipeline.yaml", "params.yaml", "dvc.yaml", ".gitignore")
-PROJECT_DIRS = ("stages", "loraforge", "flows", "data/demo", "data/demo-reg")
+PROJECT_DIRS = ("stages", "loraforge", "flows", "data/demo", "data/demo-reg", "data/demo-val")
 STAGES = ("ingest", "upscale", "caption", "latents", "finetune", "extract", "resize", "evaluate")
 BASE = "builtin:shapes-sdxl"
 SIZE, STEPS, GUIDANCE = 128, 20, 6.0
@@ -481,14 +481,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--every", type=int, default=5, help="finetune.save_every_n_epochs")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per group (style, bleed, held out)")
     parser.add_argument("--weights", default="0,0.5,1,1.5", help="LoRA weights of table 1 (0 and 1 always)")
-    parser.add_argument("--validation", type=int, default=8, help="validation images (0: params.yaml's setting)")
+    parser.add_argument(
+        "--validation", type=int, default=0, help="write this many validation images (0: params.yaml's folder)"
+    )
     parser.add_argument("--evaluate-steps", type=int, default=12, help="evaluate.steps (its renders are cheap)")
     parser.add_argument("--dims", default="4,8,16,32,64,full", help="extraction ranks of table 3")
     parser.add_argument("--resize-ranks", default="4,8,16", help="resize ranks of table 3 (from the largest dim)")
     parser.add_argument("--seed", type=int, default=0, help="the first render seed (image i: seed + i)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="benchmark renders")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch threads (also runner.threads); 0: torch's default"
+        "--threads", type=int, default=1, help="torch threads (also runner.threads); 0: torch's default"
     )
     parser.add_argument("--keep", type=Path, default=None, help="build the project here and keep it")
     return parser.parse_args()

@@ -17,7 +17,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("pipeline.yaml", "params.yaml", "dvc.yaml", ".gitignore")
-PROJECT_DIRS = ("stages", "loraforge", "flows", "data/demo", "data/demo-reg")
+PROJECT_DIRS = ("stages", "loraforge", "flows", "data/demo", "data/demo-reg", "data/demo-val")
 
 # Smallest settings that still exercise every stage for real: the seeded random tiny model, whatever
 # params.yaml's base (the learned `builtin:shapes-sdxl` has its own tests, tests/test_learned_model.py).
@@ -30,7 +30,14 @@ FAST_PARAMS: dict[str, dict[str, Any]] = {
 # test's own keys of the same section (a test's section replaces FAST_PARAMS' whole section, as before).
 TINY_MODEL_PARAMS: dict[str, dict[str, Any]] = {
     "caption": {"trigger": "lfxstyle", "trigger_position": "first", "template": "{trigger} {class_token}"},
-    "finetune": {"epochs": 4, "save_every_n_epochs": 2, "lr": 0.0003, "train_text_encoder": True, "reg_images": None},
+    "finetune": {
+        "epochs": 4,
+        "save_every_n_epochs": 2,
+        "lr": 0.0003,
+        "train_text_encoder": True,
+        "reg_images": None,
+        "validation_folder": None,
+    },
     "extract": {"conv_dim": 0},
     "resize": {"rank": 8},
     "evaluate": {
