@@ -1,5 +1,6 @@
-"""The shipped learned bases, `builtin:shapes-sdxl` and `builtin:shapes-sd15`: each draws what its prompts ask for, judged by the
-shapes world's oracle, on combinations it saw in pretraining and on ones it never saw."""
+"""The shipped learned bases, `builtin:shapes-sdxl` and `builtin:shapes-sd15`: each draws what its
+prompts ask for, judged by the shapes world's oracle, on combinations it saw in pretraining and on
+ones it never saw."""
 
 from __future__ import annotations
 
