@@ -35,6 +35,7 @@ TINY_MODEL_PARAMS: dict[str, dict[str, Any]] = {
         "save_every_n_epochs": 2,
         "lr": 0.0003,
         "train_text_encoder": True,
+        "unet_layers": "all",
         "reg_images": None,
         "validation_folder": None,
     },

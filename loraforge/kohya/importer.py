@@ -285,6 +285,8 @@ def map_optimizer_and_network(s: dict[str, Any], lora: bool, imp: Imported) -> N
     imp.put("finetune.mode", "lora" if lora else "full", "network_* keys" if lora else "(no network_* keys)")
     if not lora:
         return
+    # loraforge's layer filter is for full finetunes; kohya's network trains its own layers
+    imp.put("finetune.unet_layers", "all", "network_* keys (unet_layers applies to mode full)")
     dim, alpha = imp.get(s, "network_dim", "i") or 4, imp.get(s, "network_alpha", "f")
     imp.put("finetune.network_dim", dim, "network_dim")
     imp.put("finetune.network_alpha", 1.0 if alpha is None else alpha, "network_alpha")
