@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -49,9 +48,8 @@ sys.path.insert(0, str(ROOT))
 
 from loraforge.shapes.oracle import read  # noqa: E402
 from loraforge.shapes.world import HELD_OUT, Scene, render, scenes  # noqa: E402
+from tests.helpers import make_project  # noqa: E402
 
-PROJECT_FILES = ("pipeline.yaml", "params.yaml", "dvc.yaml", ".gitignore")
-PROJECT_DIRS = ("stages", "loraforge", "flows", "data/demo", "data/demo-reg", "data/demo-val")
 STAGES = ("ingest", "upscale", "caption", "latents", "finetune", "extract", "resize", "evaluate")
 BASE = "builtin:shapes-sdxl"
 SIZE, STEPS, GUIDANCE = 128, 20, 6.0
@@ -66,13 +64,9 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def copy_project(dest: Path) -> Path:
-    """Copy the project's declaration, code and demo data (images and reg images) into `dest`."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        shutil.copy(ROOT / name, dest / name)
-    for name in PROJECT_DIRS:
-        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    return dest
+    """The project's declaration, code and demo data in `dest`, with params.yaml's own demo
+    (`tests.helpers.make_project`, as `benchmarks/pipeline_cache.py` builds its project)."""
+    return make_project(dest, git=False, learned=True)
 
 
 def write_validation(folder: Path, count: int, trigger: str) -> None:
