@@ -1,13 +1,14 @@
 """LoRA quality on the learned base: the demo trained past its best, judged by the shapes world's oracle.
 
-    python benchmarks/quality.py [--epochs 60] [--every 5] [--prompts 8] [--weights 0,0.5,1,1.5]
+    python benchmarks/quality.py [--epochs 160] [--every 20] [--prompts 16] [--weights 0,0.5,1,1.5]
         [--validation 0] [--dims 4,8,16,32,64,full] [--resize-ranks 4,8,16] [--threads N] [--keep DIR]
 
 Copies the project's declaration, code, `data/demo`, `data/demo-reg` and `data/demo-val` into a
 temp folder (or `--keep DIR`), takes params.yaml as it is at run time with `model.base:
 builtin:shapes-sdxl` (the world the oracle reads), `--epochs` / `--every` for finetune (with
 `--validation N`, a validation folder of N new styled world images instead of the demo's) and a
-cheap evaluate sweep, then runs every stage in-process and prints the seconds each took.
+cheap evaluate sweep (weights 0, 1 and the check weight; the demo's prompts and seeds), then runs
+every stage in-process and prints the seconds each took.
 
 The oracle (`loraforge.shapes.oracle`) then reads renders of the pipeline's per-epoch LoRAs
 (`models/loras`, the ones `evaluate` judged) at 128 px, 20 Euler steps, guidance 6, fixed seeds;
@@ -19,7 +20,8 @@ The oracle (`loraforge.shapes.oracle`) then reads renders of the pipeline's per-
    whose shape colour and background are right); per epoch, evaluate's memorisation (and the base
    model's), finetune's validation loss and train loss.
 2. The epoch evaluate recommends (reports/eval/best.json) beside the oracle's best (the rule is
-   printed), and the gap between them in epochs and in saved checkpoints.
+   printed), and the gap between them in epochs and in saved checkpoints; then the oracle's ties
+   (epochs within one standard error of the best style) and the gap to the nearest of them.
 3. Extraction ranks: the checkpoint of the oracle's best epoch (when none meets the rule, of the
    most styled one) extracted in-process at each of `--dims` (conv_dim = dim; `full` caps every
    layer at its full rank), the largest of them resized to each of `--resize-ranks`, and the
@@ -100,7 +102,7 @@ def configure(project: Path, args: argparse.Namespace) -> dict[str, Any]:
         finetune.update(validation_folder=VALIDATION_DIR, validation_split=0)
     evaluate = params.setdefault("evaluate", {})
     check = float(evaluate.get("check_weight", 1.2))  # its overfit rises need weights 0 and check_weight
-    evaluate.update(steps=args.evaluate_steps, seeds=[1], weights=sorted({0.0, 1.0, check}))
+    evaluate.update(steps=args.evaluate_steps, weights=sorted({0.0, 1.0, check}))  # the demo's prompts and seeds
     if args.threads:
         params.setdefault("runner", {})["threads"] = args.threads
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -180,11 +182,13 @@ def render_groups(pipe: Any, groups: Groups, names: tuple[str, ...], scale: floa
 
 
 def oracle_scores(images: dict[str, list], groups: Groups) -> dict[str, float]:
-    """The oracle's measures of rendered groups (those present): `style`, `bleed`, `faithful_seen`, `held`."""
+    """The oracle's measures of rendered groups (those present): `style` (and its standard error
+    `style_se`), `bleed`, `faithful_seen`, `held`."""
     out: dict[str, float] = {}
     if "style" in images:
         readings = [read(im) for im in images["style"]]
         out["style"] = float(np.mean([r.style for r in readings]))
+        out["style_se"] = float(np.std([r.style for r in readings], ddof=1) / np.sqrt(len(readings)))
         out["faithful_seen"] = float(np.mean([r.faithful_to(s) for r, s in zip(readings, groups.seen)]))
     if "bleed" in images:
         out["bleed"] = float(np.mean([read(im).style for im in images["bleed"]]))
@@ -297,14 +301,26 @@ def sweep_table(base: dict[str, float], sweep: dict[int, dict], reports: dict[in
     print_table(headers, rows)
 
 
+def meets_limits(base: dict[str, float], at_one: dict[str, float]) -> bool:
+    """Whether an epoch's scores at weight 1 keep held-out faithfulness and do not bleed."""
+    return at_one["held"] >= base["held"] - FAITHFUL_DROP and at_one["bleed"] <= MAX_BLEED
+
+
 def oracle_best(base: dict[str, float], sweep: dict[int, dict]) -> int | None:
     """The highest style at weight 1 among epochs that keep held-out faithfulness and do not bleed."""
-    ok = [
+    ok = [e for e, per_weight in sweep.items() if meets_limits(base, per_weight[1.0])]
+    return max(ok, key=lambda e: (sweep[e][1.0]["style"], -e)) if ok else None
+
+
+def oracle_ties(base: dict[str, float], sweep: dict[int, dict], best: int) -> list[int]:
+    """The epochs meeting the oracle rule's limits whose style at weight 1 is within one standard
+    error (the best epoch's) of the best: what the oracle cannot tell apart at this prompt count."""
+    top = sweep[best][1.0]
+    return [
         e
         for e, per_weight in sweep.items()
-        if per_weight[1.0]["held"] >= base["held"] - FAITHFUL_DROP and per_weight[1.0]["bleed"] <= MAX_BLEED
+        if meets_limits(base, per_weight[1.0]) and per_weight[1.0]["style"] >= top["style"] - top["style_se"]
     ]
-    return max(ok, key=lambda e: (sweep[e][1.0]["style"], -e)) if ok else None
 
 
 def compare_best(project: Path, base: dict[str, float], sweep: dict[int, dict]) -> int:
@@ -330,6 +346,13 @@ def compare_best(project: Path, base: dict[str, float], sweep: dict[int, dict]) 
         print(
             f"gap (evaluate - oracle): {recommended - chosen:+d} epochs, "
             f"{saved.index(recommended) - saved.index(chosen):+d} saved checkpoints"
+        )
+        ties = oracle_ties(base, sweep, chosen)
+        nearest = min(ties, key=lambda e: abs(saved.index(recommended) - saved.index(e)))
+        print(
+            f"oracle ties (style@1 within one standard error, {sweep[chosen][1.0]['style_se']:.3f}, of the best, "
+            f"limits met): epochs {', '.join(map(str, ties))}; evaluate to the nearest tie: "
+            f"{saved.index(recommended) - saved.index(nearest):+d} saved checkpoints"
         )
     return chosen if chosen is not None else max(sweep, key=lambda e: sweep[e][1.0]["style"])
 
@@ -471,9 +494,9 @@ def weight_sweep(project: Path, params: dict, groups: Groups, weights: list[floa
 def parse_args() -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=60, help="finetune.epochs (long enough to over-train)")
-    parser.add_argument("--every", type=int, default=5, help="finetune.save_every_n_epochs")
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per group (style, bleed, held out)")
+    parser.add_argument("--epochs", type=int, default=160, help="finetune.epochs (the demo's; long enough to over-train)")
+    parser.add_argument("--every", type=int, default=20, help="finetune.save_every_n_epochs (the demo's)")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per group (style, bleed, held out)")
     parser.add_argument("--weights", default="0,0.5,1,1.5", help="LoRA weights of table 1 (0 and 1 always)")
     parser.add_argument(
         "--validation", type=int, default=0, help="write this many validation images (0: params.yaml's folder)"

@@ -143,6 +143,30 @@ def test_rule_prefers_the_latest_loss_minimum_among_passing_epochs():
     assert best["epoch"] == 2 and "local minimum" in best["reasons"][-1]
 
 
+def test_rule_prefers_the_highest_likeness_gain_over_the_validation_loss():
+    rows = series(
+        5,
+        likeness=[0.10, 0.30, 0.45, 0.40, 0.50],
+        likeness_base=[0.10] * 5,
+        validation_loss=[0.30, 0.31, 0.32, 0.33, 0.34],  # lowest first: the style is not there yet
+        saturation_rise=[0, 0, 0, 0, 0.4],  # the most alike epoch saturates: skipped
+    )
+    best = em.recommend(rows, em.Limits())
+    assert best["epoch"] == 3 and "the highest likeness gain of the epochs that passed (+0.35" in best["reasons"][-1]
+    rows[1]["likeness"] = rows[2]["likeness"]  # equal gains: the earlier epoch
+    assert em.recommend(rows, em.Limits())["epoch"] == 2
+
+
+def test_rule_without_a_likeness_gain_falls_back_to_the_validation_loss_and_says_so():
+    rows = series(3, likeness=[0.05, 0.08, 0.1], likeness_base=[0.1] * 3, validation_loss=[0.3, 0.2, 0.25])
+    best = em.recommend(rows, em.Limits())
+    assert best["epoch"] == 2
+    assert best["reasons"][-2:] == [
+        "no passing epoch's renders came closer to the training images than the base model's",
+        "the lowest validation loss of the epochs that passed (0.2)",
+    ]
+
+
 def test_rule_falls_back_to_the_earliest_epoch_when_all_overtrain():
     rows = series(3, high_freq_rise=[0.5, 0.6, 0.9])
     best = em.recommend(rows, em.Limits())
@@ -275,6 +299,8 @@ def expected_signs(root: Path, epoch: str, embedder: Embedder) -> dict[str, floa
     grids = root / "reports" / "eval" / "grids"
     sweep = grid_cells(grids / f"{epoch}.png")  # rows: prompt 1, prompt 2; columns: weight 0, 1, 1.2
     captions = grid_cells(grids / f"{epoch}-captions.png")[0]  # training image, weight 0, weight 1
+    randoms = grid_cells(grids / f"{epoch}-random.png")  # rows: random prompts; columns: weight 0, weight 1
+    liked = {w: [row[col] for row in sweep] + [row[col] for row in randoms] for w, col in ((1, 1), (0, 0))}
     train = embedder.images(
         [Image.open(p).convert("RGB") for p in evaluate.training_images(root / "data" / "upscaled").values()]
     )
@@ -282,8 +308,8 @@ def expected_signs(root: Path, epoch: str, embedder: Embedder) -> dict[str, floa
         "lora_effect": float(np.mean([em.mean_abs_difference(em.as_array(r[0]), em.as_array(r[2])) for r in sweep])),
         "memorisation": em.nearest_distance(embedder.images([captions[2]])[0], train),
         "memorisation_base": em.nearest_distance(embedder.images([captions[1]])[0], train),
-        "likeness": em.centroid_similarity(embedder.images([sweep[0][1]]), train),
-        "likeness_base": em.centroid_similarity(embedder.images([sweep[0][0]]), train),
+        "likeness": em.centroid_similarity(embedder.images(liked[1]), train),  # every fixed and random render
+        "likeness_base": em.centroid_similarity(embedder.images(liked[0]), train),
     }
     if embedder.has_text:
         trigger = read_jsonl(root / "data" / "captions" / "manifest.jsonl")[0]["trigger"]

@@ -67,7 +67,7 @@ def epoch_signs(
     if train_emb is not None and shots.captions:
         out.update(memorisation(embedder, images["caption"], [c["id"] for c in shots.captions], train_emb))
     if train_emb is not None:
-        out.update(likeness(embedder, fixed, shots, train_emb))
+        out.update(likeness(embedder, images, shots, train_emb))
     if embedder.has_text:
         out.update(clip_scores(embedder, fixed, shots))
     return out
@@ -115,21 +115,25 @@ def memorisation(
     return out
 
 
-def likeness(embedder: Embedder, fixed: Fixed, shots: Shots, train_emb: np.ndarray) -> dict[str, float]:
-    """`likeness` (at the shown weight) and `likeness_base` (weight 0): the first (trigger-only)
-    prompt's images' similarity to the training set, for the weights that were rendered.
+def likeness(embedder: Embedder, images: dict[str, Any], shots: Shots, train_emb: np.ndarray) -> dict[str, float]:
+    """`likeness` (at the shown weight) and `likeness_base` (weight 0): the similarity to the
+    training set of every fixed prompt's images and, when the shown weight is 1, of the random
+    prompts' images too (the more renders, the less one seed's luck moves the ranking).
 
     Args:
         embedder: the image embedder.
-        fixed: the fixed-prompt images.
-        shots: what was rendered (seeds, weights, the shown weight).
+        images: `render.render_epoch`'s result (`fixed` and `random` images).
+        shots: what was rendered (prompts, seeds, weights, random prompts, the shown weight).
         train_emb: unit embeddings of the training images (N, D).
     """
     out = {}
     for suffix, w in (("", shots.shown_weight), ("_base", 0.0)):
-        if w in shots.weights:
-            emb = embedder.images([open_rgb(fixed[(0, s, w)]) for s in shots.seeds])
-            out[f"likeness{suffix}"] = centroid_similarity(emb, train_emb)
+        if w not in shots.weights:
+            continue
+        paths = [images["fixed"][(i, s, w)] for i, s in shots.pairs]
+        if shots.shown_weight == 1.0:
+            paths += [images["random"][(j, w)] for j in range(len(shots.randoms))]
+        out[f"likeness{suffix}"] = centroid_similarity(embedder.images([open_rgb(p) for p in paths]), train_emb)
     return out
 
 

@@ -6,7 +6,8 @@ Pure functions on numpy arrays and plain rows, so tests feed them synthetic imag
   `colourfulness`, `clipped_share`, `high_frequency_share`, compared with the weight-0 image;
 - memorisation (001 guide: prompt training captions 1:1; near-copies mean overtraining):
   `nearest_distance` of a generated image's embedding to the training images' embeddings;
-- likeness: `centroid_similarity` of trigger-prompt images to the training set;
+- likeness: `centroid_similarity` of trigger-prompt images to the training set (the DreamBooth
+  paper's subject fidelity, CLIP-I, with CLIP): the recommendation's main signal;
 - the loss curve's `local_minima` (003 guide), and the validation loss when finetune measured it;
 - `recommend`: the documented rule over per-epoch rows.
 
@@ -239,6 +240,8 @@ class Verdict:
         overfit: the overfit signs over their limits at `Limits.check_weight`, e.g. ["saturation_rise 0.41 > 0.25"].
         loss_minimum: whether the epoch is a local minimum of the train loss.
         validation_loss: its validation loss (finetune's `validation.tsv`), or None.
+        likeness_gain: how much closer to the training images its renders are than the base
+            model's (`likeness − likeness_base`), or None when not measured.
     """
 
     epoch: int
@@ -246,6 +249,7 @@ class Verdict:
     overfit: list[str] = field(default_factory=list)
     loss_minimum: bool = False
     validation_loss: float | None = None
+    likeness_gain: float | None = None
 
 
 def judge(row: dict[str, Any], limits: Limits, minima: list[int]) -> Verdict:
@@ -265,17 +269,28 @@ def judge(row: dict[str, Any], limits: Limits, minima: list[int]) -> Verdict:
         if row.get(k) is not None and row[k] > getattr(limits, k)
     ]
     epoch = int(row["epoch"])
-    return Verdict(epoch, memorises, overfit, loss_minimum=epoch in minima, validation_loss=row.get("validation_loss"))
+    like, like_base = row.get("likeness"), row.get("likeness_base")
+    gain = like - like_base if like is not None and like_base is not None else None
+    return Verdict(
+        epoch,
+        memorises,
+        overfit,
+        loss_minimum=epoch in minima,
+        validation_loss=row.get("validation_loss"),
+        likeness_gain=gain,
+    )
 
 
 def recommend(rows: list[dict[str, Any]], limits: Limits) -> dict[str, Any]:
     """The epoch to ship, with the reasons.
 
     The rule: drop every epoch from the first memorising one on (001 guide); drop epochs with
-    overfit signs at the check weight (003 guide); of the rest, take the one with the lowest
-    validation loss when it was measured (ties: the earliest), else the latest local minimum of
-    the train loss (003 guide), else the latest. If nothing is left, ship the earliest epoch and
-    say that every epoch shows overtraining.
+    overfit signs at the check weight (003 guide); of the rest, take the one whose renders came
+    closest to the training images (the highest likeness gain over the base model: the concept
+    learned best), else, when no epoch gained likeness or it was not measured, the one with the
+    lowest validation loss (ties: the earliest), else the latest local minimum of the train loss
+    (003 guide), else the latest. If nothing is left, ship the earliest epoch and say that every
+    epoch shows overtraining. Why likeness before validation loss: docs/choosing-the-epoch.md.
 
     Args:
         rows: one row per epoch (see `judge`), with `epoch` and optionally `loss`, `validation_loss`.
@@ -304,12 +319,16 @@ def recommend(rows: list[dict[str, Any]], limits: Limits) -> dict[str, Any]:
 
 
 def choose(candidates: list[Verdict]) -> Verdict | None:
-    """The candidate with the lowest validation loss (the earliest of equals), else the latest
-    train-loss minimum among the candidates, else the latest candidate, else None.
+    """The candidate with the highest positive likeness gain (the earliest of equals), else the
+    one with the lowest validation loss (the earliest of equals), else the latest train-loss
+    minimum among the candidates, else the latest candidate, else None.
 
     Args:
         candidates: verdicts of the epochs that passed the memorisation and overfit checks.
     """
+    liked = [v for v in candidates if v.likeness_gain is not None and v.likeness_gain > 0]
+    if liked:
+        return max(liked, key=lambda v: (v.likeness_gain, -v.epoch))
     validated = [v for v in candidates if v.validation_loss is not None]
     if validated:
         return min(validated, key=lambda v: (v.validation_loss, v.epoch))
@@ -364,12 +383,28 @@ def explain(
     skipped = [v.epoch for v in verdicts if v.overfit and (first_memorising is None or v.epoch < first_memorising)]
     if skipped:
         reasons.append(f"skipped for overfit signs: epochs {', '.join(map(str, skipped))}")
+    return reasons + choice_reasons(chosen, row)
+
+
+def choice_reasons(chosen: Verdict, row: dict[str, Any]) -> list[str]:
+    """Why `choose` took this one of the passing epochs.
+
+    Args:
+        chosen: the recommended epoch's verdict.
+        row: its per-epoch row (for the train loss).
+    """
+    if chosen.likeness_gain is not None and chosen.likeness_gain > 0:
+        return [
+            f"the highest likeness gain of the epochs that passed (+{chosen.likeness_gain:.3g} over the base "
+            "model): its renders are the closest to the training images"
+        ]
+    reasons = []
+    if chosen.likeness_gain is not None:
+        reasons.append("no passing epoch's renders came closer to the training images than the base model's")
     if chosen.validation_loss is not None:
         reasons.append(f"the lowest validation loss of the epochs that passed ({chosen.validation_loss:.4g})")
+    elif chosen.loss_minimum:
+        reasons.append(f"a local minimum of the train loss (epoch loss {row['loss']:.4g})")
     else:
-        reasons.append(
-            f"a local minimum of the train loss (epoch loss {row['loss']:.4g})"
-            if chosen.loss_minimum
-            else "the latest epoch that passed (no passing epoch is a local minimum of the train loss)"
-        )
+        reasons.append("the latest epoch that passed (no passing epoch is a local minimum of the train loss)")
     return reasons
