@@ -494,7 +494,9 @@ def weight_sweep(project: Path, params: dict, groups: Groups, weights: list[floa
 def parse_args() -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=160, help="finetune.epochs (the demo's; long enough to over-train)")
+    parser.add_argument(
+        "--epochs", type=int, default=160, help="finetune.epochs (the demo's; long enough to over-train)"
+    )
     parser.add_argument("--every", type=int, default=20, help="finetune.save_every_n_epochs (the demo's)")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per group (style, bleed, held out)")
     parser.add_argument("--weights", default="0,0.5,1,1.5", help="LoRA weights of table 1 (0 and 1 always)")
