@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from PIL import ImageOps
+
 from loraforge.evaluation.embedding import Embedder, resolve_clip
 from loraforge.evaluation.epoch_metrics import (
     best_record,
@@ -41,7 +43,7 @@ from loraforge.evaluation.epoch_metrics import (
     weight_rows,
 )
 from loraforge.evaluation.epoch_metrics import validation_losses
-from loraforge.evaluation.metrics import Limits, recommend
+from loraforge.evaluation.metrics import Limits, as_array, image_signs, mean_signs, recommend
 from loraforge.store.fingerprint import hash_file, hash_json
 from loraforge.evaluation.grids import cross_epoch_grids, epoch_grids, open_rgb
 from loraforge.evaluation.html_report import read_tsv, render_page, write_tsv_text
@@ -115,6 +117,8 @@ class Context:
         shots: what every epoch renders (fixed prompts, random prompts, captions).
         train_images: training images by id (for the caption grid).
         train_emb: unit embeddings of all training images (N, D), or None when not declared.
+        train_signs: the training images' mean overfit signs at the render size (the level a
+            LoRA may reach without counting as burnt), or None when not declared.
         losses: train loss per epoch number (empty when not declared).
         validation: validation loss per saved epoch (empty when finetune's validation is off).
         progress: called with a number of images done.
@@ -126,6 +130,7 @@ class Context:
     shots: Shots
     train_images: dict[str, Path]
     train_emb: np.ndarray | None
+    train_signs: dict[str, float] | None
     losses: dict[int, float]
     validation: dict[int, float]
     progress: Callable[[int], None]
@@ -155,7 +160,8 @@ def cached_metrics(ctx: Context, env: "StageEnv", images: dict[str, Any], epoch:
     entry = item.get(".json")
     if entry is not None:
         return json.loads(entry.read_text())
-    signs = epoch_signs(images, ctx.shots, ctx.embedder, ctx.train_emb, ctx.params.check_weight)
+    train = (ctx.train_emb, ctx.train_signs) if ctx.train_emb is not None and ctx.train_signs else None
+    signs = epoch_signs(images, ctx.shots, ctx.embedder, train, ctx.params.check_weight)
     metrics = {"epoch": epoch, "loss": ctx.losses.get(epoch), **signs}
     item.put_bytes(".json", json.dumps(metrics).encode())
     return metrics
@@ -188,6 +194,17 @@ def training_images(folder: Path | None) -> dict[str, Path]:
     if not manifest.is_file():
         raise FileNotFoundError(f"input `training_images`: no manifest.jsonl in {folder}")
     return {r["id"]: folder / r["file"] for r in read_jsonl(manifest)}
+
+
+def training_signs(train: dict[str, Path], size: int) -> dict[str, float]:
+    """The training images' mean overfit signs, each image centre-cropped and resized to the
+    renders' size first (the high-frequency share depends on the scale).
+
+    Args:
+        train: training images by id (non-empty).
+        size: the render side in pixels.
+    """
+    return mean_signs([image_signs(as_array(ImageOps.fit(open_rgb(p), (size, size)))) for p in train.values()])
 
 
 def dataset_checks(inputs: "Paths") -> dict[str, dict[str, Any]]:
@@ -277,6 +294,7 @@ def build_context(params: Params, inputs: "Paths", env: "StageEnv") -> tuple[Con
         shots=shots_of(params, captions_rows, trigger),
         train_images=train,
         train_emb=train_emb,
+        train_signs=training_signs(train, renderer.size) if train else None,
         losses=read_losses(inputs.get("loss")),
         validation=validation_losses(inputs.get("loss"), inputs.get("extract_report")),  # of the shipped weights
         progress=lambda n: None,

@@ -78,6 +78,15 @@ def test_rises_are_relative_for_colour_and_detail_and_absolute_for_clipping():
     assert r == pytest.approx({"saturation_rise": 0.5, "high_freq_rise": 0.0, "clipped_rise": 0.10})
 
 
+def test_rises_start_from_the_training_images_where_they_are_more_vivid_than_the_base():
+    at_weight = {"colourfulness": 0.3, "high_freq": 0.1, "clipped": 0.12}
+    base = {"colourfulness": 0.2, "high_freq": 0.1, "clipped": 0.02}
+    vivid = {"colourfulness": 0.25, "high_freq": 0.05, "clipped": 0.10}  # a saturated style's own level
+    r = em.rises(at_weight, base, vivid)
+    assert r == pytest.approx({"saturation_rise": 0.2, "high_freq_rise": 0.0, "clipped_rise": 0.02})
+    assert em.rises(at_weight, base, {k: 0.0 for k in base}) == em.rises(at_weight, base)  # dull: the base
+
+
 def test_pixel_embedding_matches_the_same_picture_and_not_another():
     rng = np.random.default_rng(1)
     a = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -301,15 +310,16 @@ def expected_signs(root: Path, epoch: str, embedder: Embedder) -> dict[str, floa
     captions = grid_cells(grids / f"{epoch}-captions.png")[0]  # training image, weight 0, weight 1
     randoms = grid_cells(grids / f"{epoch}-random.png")  # rows: random prompts; columns: weight 0, weight 1
     liked = {w: [row[col] for row in sweep] + [row[col] for row in randoms] for w, col in ((1, 1), (0, 0))}
-    train = embedder.images(
-        [Image.open(p).convert("RGB") for p in evaluate.training_images(root / "data" / "upscaled").values()]
-    )
+    train_paths = evaluate.training_images(root / "data" / "upscaled")
+    train = embedder.images([Image.open(p).convert("RGB") for p in train_paths.values()])
+    at = {col: em.mean_signs([em.image_signs(em.as_array(row[col])) for row in sweep]) for col in (0, 2)}
     out = {
         "lora_effect": float(np.mean([em.mean_abs_difference(em.as_array(r[0]), em.as_array(r[2])) for r in sweep])),
         "memorisation": em.nearest_distance(embedder.images([captions[2]])[0], train),
         "memorisation_base": em.nearest_distance(embedder.images([captions[1]])[0], train),
         "likeness": em.centroid_similarity(embedder.images(liked[1]), train),  # every fixed and random render
         "likeness_base": em.centroid_similarity(embedder.images(liked[0]), train),
+        **em.rises(at[2], at[0], evaluate.training_signs(train_paths, 64)),  # weight 1.2 vs 0 or the training set
     }
     if embedder.has_text:
         trigger = read_jsonl(root / "data" / "captions" / "manifest.jsonl")[0]["trigger"]

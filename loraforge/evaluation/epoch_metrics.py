@@ -50,7 +50,11 @@ SERIES_KEYS = (
 
 
 def epoch_signs(
-    images: dict[str, Any], shots: Shots, embedder: Embedder, train_emb: np.ndarray | None, check_weight: float
+    images: dict[str, Any],
+    shots: Shots,
+    embedder: Embedder,
+    train: tuple[np.ndarray, dict[str, float]] | None,
+    check_weight: float,
 ) -> dict[str, Any]:
     """Every sign one epoch's renders show: `weight_signs`, then (with training images)
     `memorisation` and `likeness`, then (with CLIP) `clip_scores`.
@@ -59,11 +63,13 @@ def epoch_signs(
         images: `render.render_epoch`'s result.
         shots: what was rendered.
         embedder: the image (and text) embedder.
-        train_emb: unit embeddings of the training images (N, D), or None when not declared.
+        train: the training images' unit embeddings (N, D) and mean signs at the render size, or
+            None when they are not declared.
         check_weight: the weight at which the overfit rises are judged (`evaluate.check_weight`).
     """
     fixed = images["fixed"]
-    out = weight_signs(fixed, shots, check_weight)
+    train_emb, train_signs = train if train is not None else (None, None)
+    out = weight_signs(fixed, shots, check_weight, train_signs)
     if train_emb is not None and shots.captions:
         out.update(memorisation(embedder, images["caption"], [c["id"] for c in shots.captions], train_emb))
     if train_emb is not None:
@@ -73,14 +79,18 @@ def epoch_signs(
     return out
 
 
-def weight_signs(fixed: Fixed, shots: Shots, check_weight: float) -> dict[str, Any]:
+def weight_signs(
+    fixed: Fixed, shots: Shots, check_weight: float, train_signs: dict[str, float] | None = None
+) -> dict[str, Any]:
     """The overfit signs per weight (`per_weight`), the LoRA's effect (`lora_effect`: mean
-    difference between weight 0 and the largest weight) and the rises at `check_weight` vs weight 0.
+    difference between weight 0 and the largest weight) and the rises at `check_weight` vs weight 0
+    (or vs the training images where their level is higher: `metrics.rises`).
 
     Args:
         fixed: the fixed-prompt images.
         shots: what was rendered (pairs and the weight sweep).
         check_weight: the weight at which the rises are judged.
+        train_signs: the training images' mean signs at the render size, or None.
     """
     weights = shots.weights
     arrays = {k: as_array(open_rgb(v)) for k, v in fixed.items()}
@@ -92,7 +102,7 @@ def weight_signs(fixed: Fixed, shots: Shots, check_weight: float) -> dict[str, A
             np.mean([mean_abs_difference(arrays[(i, s, 0.0)], arrays[(i, s, top)]) for i, s in shots.pairs])
         )
     if 0.0 in weights and check_weight in weights:
-        out.update(rises(per_weight[check_weight], per_weight[0.0]))
+        out.update(rises(per_weight[check_weight], per_weight[0.0], train_signs))
     return out
 
 

@@ -111,22 +111,31 @@ def mean_signs(signs: Sequence[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([s[k] for s in signs])) for k in signs[0]}
 
 
-def rises(at_weight: dict[str, float], at_zero: dict[str, float]) -> dict[str, float]:
+def rises(
+    at_weight: dict[str, float], at_zero: dict[str, float], training: dict[str, float] | None = None
+) -> dict[str, float]:
     """How the signs rose from weight 0 to a weight: relative for colourfulness and high
     frequency (0.25 = 25 % more), absolute for the clipped share (0.05 = 5 points more).
+
+    With the training images' signs, each rise is measured from the higher of the base model's
+    and the training set's level: a LoRA that learned a vivid, saturated style (pure magenta is
+    clipped by definition) reproduces its training images, it is not burnt; only going beyond
+    them is an overfit sign.
 
     Args:
         at_weight: mean signs of the images at the weight in question.
         at_zero: mean signs of the same prompts and seeds at weight 0 (the base model).
+        training: mean signs of the training images at the render size, or None.
     """
+    floor = {k: max(v, training[k]) for k, v in at_zero.items()} if training else at_zero
 
     def relative(key: str) -> float:
-        return at_weight[key] / max(at_zero[key], 1e-6) - 1.0
+        return at_weight[key] / max(floor[key], 1e-6) - 1.0
 
     return {
         "saturation_rise": relative("colourfulness"),
         "high_freq_rise": relative("high_freq"),
-        "clipped_rise": at_weight["clipped"] - at_zero["clipped"],
+        "clipped_rise": at_weight["clipped"] - floor["clipped"],
     }
 
 
