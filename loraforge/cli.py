@@ -5,7 +5,7 @@ loraforge run [--from S]    run the whole pipeline as a Prefect flow; prints com
 loraforge sync-dvc [--check]  write dvc.yaml from pipeline.yaml (or fail when it is stale)
 loraforge sync-docs [--check]  write docs/params.md from the params schemas (or fail when it is stale)
 loraforge check             validate params.yaml against every stage's schema
-loraforge ui [--port N]     start the Prefect server (and UI) on 127.0.0.1
+loraforge ui [--port N] [--host H]   start the Prefect server (and UI) on 127.0.0.1 (or H), port N
 loraforge plan              the guides' steps arithmetic for the ingested dataset (reports/plan.json)
 loraforge compare EXP...    side-by-side page of DVC experiments or run folders (reports/compare/)
 loraforge extract --base A --tuned B --out X   a LoRA from two models, outside the pipeline
@@ -92,12 +92,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def ui_environment(host: str, port: int) -> dict[str, str]:
+    """The Prefect server's environment for `loraforge ui`: its own host and port, and the API
+    URL its UI hands the browser (`/ui-settings`) pointing at that same server: without it the
+    UI calls the default 127.0.0.1:4200 whatever port the server listens on.
+
+    Args:
+        host: the address the server binds to.
+        port: its port.
+    """
+    return {
+        **os.environ,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_API_HOST": host,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": f"http://{host}:{port}/api",
+    }
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
-    url = f"http://127.0.0.1:{args.port}"
+    url = f"http://{args.host}:{args.port}"
     print(f"Prefect UI: {url}\nIn another shell: export PREFECT_API_URL={url}/api && loraforge run")
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    command = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port)]
-    return subprocess.call(command, env=env)
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)]
+    return subprocess.call(command, env=ui_environment(args.host, args.port))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_check)
 
-    p = sub.add_parser("ui", help="start the Prefect server and UI on 127.0.0.1")
+    p = sub.add_parser("ui", help="start the Prefect server and UI (on 127.0.0.1 unless --host names another)")
     p.add_argument("--port", type=int, default=4200)
+    p.add_argument("--host", default="127.0.0.1", help="the address to bind; 0.0.0.0 exposes the UI to the network")
     p.set_defaults(func=cmd_ui)
 
     from loraforge.evaluation.compare import add_compare_command
