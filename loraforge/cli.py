@@ -1,7 +1,7 @@
 """The `loraforge` command line.
 
-loraforge stage NAME        run one stage (what dvc.yaml's cmd calls)
-loraforge run [--from S]    run the whole pipeline as a Prefect flow; prints computed/cached per stage
+loraforge stage NAME [--wait]  run one stage (what dvc.yaml's cmd calls), holding the project lock
+loraforge run [--force] [--wait]  run the whole pipeline as a Prefect flow; prints computed/cached per stage
 loraforge sync-dvc [--check]  write dvc.yaml from pipeline.yaml (or fail when it is stale)
 loraforge sync-docs [--check]  write docs/params.md from the params schemas (or fail when it is stale)
 loraforge check             validate params.yaml against every stage's schema
@@ -25,10 +25,21 @@ from loraforge.pipeline.params import load_all_params
 from loraforge.pipeline.spec import PIPELINE_FILE, find_root, load_pipeline
 
 
-def cmd_stage(args: argparse.Namespace) -> int:
-    from loraforge.pipeline.runner import run_stage
+def command_line() -> str:
+    """This process's command, as the project lock's holder line shows it."""
+    return " ".join(["loraforge", *sys.argv[1:]])
 
-    manifest = run_stage(find_root(), args.name, machine_rank=args.machine_rank)
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from loraforge.pipeline.lock import project_lock
+    from loraforge.pipeline.runner import STATE_DIR, run_stage
+
+    root = find_root()
+    if args.machine_rank:  # another machine's process writes under .loraforge/machine-N only
+        manifest = run_stage(root, args.name, machine_rank=args.machine_rank)
+    else:
+        with project_lock(root / STATE_DIR, command_line(), wait=args.wait):
+            manifest = run_stage(root, args.name, machine_rank=args.machine_rank)
     r = manifest["report"]
     print(f"{args.name}: {r['items']} items, {r['computed']} computed, {r['reused']} reused, {r['seconds']:.1f}s")
     return 0
@@ -36,8 +47,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import run_pipeline
+    from loraforge.pipeline.lock import project_lock
+    from loraforge.pipeline.runner import STATE_DIR
 
-    results = run_pipeline(find_root(), force=args.force)
+    root = find_root()
+    with project_lock(root / STATE_DIR, command_line(), wait=args.wait):
+        results = run_pipeline(root, force=args.force)
     width = max(len(name) for name in results)
     for name, status in results.items():
         print(f"{name:<{width}}  {status}")
@@ -117,6 +132,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(command, env=ui_environment(args.host, args.port))
 
 
+def add_wait_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="when another loraforge run holds the project, wait for it instead of stopping",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraforge", description="Stable Diffusion LoRA training as one reproducible pipeline."
@@ -132,10 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="multi-machine training: this machine's rank (overrides the accelerate config's `machine_rank`); "
         "a rank above 0 writes its outputs under .loraforge/machine-<rank>/, never the pipeline's",
     )
+    add_wait_option(p)
     p.set_defaults(func=cmd_stage)
 
     p = sub.add_parser("run", help="run the pipeline as a Prefect flow; unchanged stages come from cache")
     p.add_argument("--force", action="store_true", help="ignore the stage cache and recompute every stage")
+    add_wait_option(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sync-dvc", help="generate dvc.yaml from pipeline.yaml")
