@@ -412,3 +412,13 @@ def test_fused_backward_pass_maps_and_full_bf16_points_to_weights_dtype(project)
     imp, _ = import_kohya(write(project / "memory.json", config), None, project / "params.yaml")
     assert params_of(project)["finetune"]["fused_backward"] is True
     assert "`finetune.weights_dtype: bfloat16`" in dict(imp.unmapped)["full_bf16"]
+
+
+@pytest.mark.parametrize("value", ["no", "fp16", "bf16"])
+def test_mixed_precision_no_is_written_as_a_string_yaml_1_1_readers_read_back(project, value):
+    """kohya's `mixed_precision = "no"` (float32): written plain, PyYAML would read `no` as False."""
+    imp, _ = import_kohya(
+        write(project / "precision.toml", f'mixed_precision = "{value}"\n'), None, project / "params.yaml"
+    )
+    assert params_of(project)["finetune"]["mixed_precision"] == value  # yaml.safe_load, as every reader
+    load_all_params(project, load_pipeline(project))  # and it validates

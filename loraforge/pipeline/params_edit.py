@@ -68,9 +68,31 @@ def _representer() -> type:
     def represent_none(rep: Any, value: None) -> Any:
         return rep.represent_scalar("tag:yaml.org,2002:null", "null")
 
+    def represent_str(rep: Any, value: str) -> Any:
+        # ruamel writes YAML 1.2, where `no`, `on` or `1_000` are plain strings; loraforge, DVC and
+        # every other reader use PyYAML's YAML 1.1, where they are a bool or a number: quote them
+        style = "'" if reads_as_another_type(value) else None
+        return rep.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
     Representer.add_representer(float, represent_float)
     Representer.add_representer(type(None), represent_none)
+    Representer.add_representer(str, represent_str)
     return Representer
+
+
+def reads_as_another_type(text: str) -> bool:
+    """Whether PyYAML (YAML 1.1, `yaml.safe_load`) reads `text` written plain as something other
+    than this string: `no`/`yes`/`on`/`off` (bools), `1_000`, `1:30` (numbers), `~` (null)...
+
+    Args:
+        text: a string value.
+    """
+    import yaml
+
+    try:
+        return yaml.safe_load(text) != text
+    except yaml.YAMLError:
+        return False  # not plain-writable at all: ruamel quotes it by its own rules
 
 
 def _node(value: Any) -> Any:
