@@ -400,6 +400,22 @@ def test_values_are_parsed_never_evaluated():
         parse_pairs(["decouple"], "optimizer_args", Path("f"))
 
 
+def test_list_literals_and_several_flag_values_are_all_kept():
+    assert typed("[0.9,0.99]") == [0.9, 0.99] and typed("(0.9, 0.999)") == [0.9, 0.999]
+    flags = parse_flags('--optimizer_args "weight_decay=0.1" "betas=[0.9,0.99]" --x=2 --y', Path("f"))
+    assert flags["x"] == "2" and flags["y"] is True
+    pairs = parse_pairs(flags["optimizer_args"], "optimizer_args", Path("f"))
+    assert pairs == {"weight_decay": 0.1, "betas": [0.9, 0.99]}
+
+
+def test_optimizer_args_from_additional_parameters_import_every_pair(project):
+    config = {"optimizer": "AdamW", "additional_parameters": '--optimizer_args "weight_decay=0.05" "betas=[0.9,0.99]"'}
+    import_kohya(write(project / "gui.json", config), None, project / "params.yaml")
+    finetune = params_of(project)["finetune"]
+    assert finetune["optimizer_args"] == {"weight_decay": 0.05, "betas": [0.9, 0.99]}  # both pairs, typed
+    load_all_params(project, load_pipeline(project))  # and finetune's schema takes them
+
+
 def test_alpha_mask_turns_on_the_masked_loss_and_kohya_s_masked_loss_says_where_masks_go(project):
     config = write(project / "masked.toml", "alpha_mask = true\nmasked_loss = true\nnetwork_dim = 4\n")
     imp, _ = import_kohya(config, None, project / "params.yaml")

@@ -6,6 +6,7 @@ them). Values are parsed, never evaluated: nothing in a config is executed or un
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shlex
@@ -209,6 +210,8 @@ def typed(text: str) -> Any:
             anything else stays a string.
     """
     text = text.strip().strip("\"'")
+    if text[:1] + text[-1:] in ("[]", "()"):  # a Python list or tuple literal: `betas=[0.9,0.99]`
+        return [typed(part) for part in text[1:-1].split(",") if part.strip()]
     if "," in text:
         return [typed(part) for part in text.split(",") if part.strip()]
     if text.lower() in ("true", "false", "none"):
@@ -259,8 +262,10 @@ def parse_flags(text: Any, where: Path) -> dict[str, Any]:
             continue  # a value, taken with its flag below
         name, sep, value = token[2:].partition("=")
         if not sep:
-            nxt = tokens[i + 1] if i + 1 < len(tokens) else "--"
-            value, sep = (nxt, "=") if not nxt.startswith("--") else ("", "")
+            values = list(itertools.takewhile(lambda t: not t.startswith("--"), tokens[i + 1 :]))
+            # several values (`--optimizer_args "a=1" "b=2"`): kept quoted, as `parse_pairs` splits them
+            value = values[0] if len(values) == 1 else " ".join(shlex.quote(v) for v in values)
+            sep = "=" if values else ""
         flags[name] = value if sep else True  # a string, typed by the key's table entry like the GUI's
     return flags
 
