@@ -438,3 +438,15 @@ def test_mixed_precision_no_is_written_as_a_string_yaml_1_1_readers_read_back(pr
     )
     assert params_of(project)["finetune"]["mixed_precision"] == value  # yaml.safe_load, as every reader
     load_all_params(project, load_pipeline(project))  # and it validates
+
+
+@pytest.mark.parametrize(("optimizer", "args", "decay"), [("Prodigy", [], 0.0), ("Lion", [], 0.0), ("AdamW", [], 0.01),
+                                                          ("Prodigy", ["weight_decay=0.1"], None)])  # fmt: skip
+def test_weight_decay_is_the_optimizer_s_own_default_when_its_args_lack_it(project, optimizer, args, decay):
+    config = {"optimizer_type": optimizer, "optimizer_args": args, "learning_rate": 1.0}
+    import_kohya(write(project / "opt.json", config), None, project / "params.yaml")
+    finetune = params_of(project)["finetune"]
+    if decay is None:  # set in the args: the args carry it (they win over finetune.weight_decay)
+        assert finetune["optimizer_args"]["weight_decay"] == 0.1
+    else:
+        assert finetune["weight_decay"] == decay

@@ -146,6 +146,14 @@ OPTIMIZERS = {
     "pagedadamw8bit": "bitsandbytes.optim.PagedAdamW8bit", "pagedadamw32bit": "bitsandbytes.optim.PagedAdamW32bit",
     "lion8bit": "bitsandbytes.optim.Lion8bit", "pagedlion8bit": "bitsandbytes.optim.PagedLion8bit",
 }  # fmt: skip
+# each optimizer class's own weight_decay default: what kohya trains with when optimizer_args lacks it
+# (kohya passes none of its own; loraforge's finetune.weight_decay default is AdamW's 0.01)
+OWN_WEIGHT_DECAY = {
+    "AdamW": 0.01, "AdamW8bit": 0.01, "Lion": 0.0, "Prodigy": 0.0, "DAdaptAdam": 0.0, "Adafactor": 0.0,
+    "torch.optim.SGD": 0.0, "bitsandbytes.optim.PagedAdamW": 0.01, "bitsandbytes.optim.PagedAdamW8bit": 0.01,
+    "bitsandbytes.optim.PagedAdamW32bit": 0.01, "bitsandbytes.optim.Lion8bit": 0.0,
+    "bitsandbytes.optim.PagedLion8bit": 0.0,
+}  # fmt: skip
 PRECISIONS = {"fp16": "float16", "bf16": "bfloat16", "float": "float32", "fp32": "float32", "no": "float32"}
 PICKLE_FILE = (".ckpt", ".pt", ".pth", ".bin")
 REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: `2_lfx style` -> 2 repeats, class tokens `lfx style`

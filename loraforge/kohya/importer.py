@@ -280,6 +280,9 @@ def map_optimizer_and_network(s: dict[str, Any], lora: bool, imp: Imported) -> N
     elif name:
         imp.put("finetune.optimizer", mapped, key)
         args = {"momentum": 0.9, "nesterov": True, **args} if name.lower() == "sgdnesterov" else args  # as kohya
+        if "weight_decay" not in args and mapped in kc.OWN_WEIGHT_DECAY:
+            why = f"{key} without weight_decay in optimizer_args: {mapped}'s own default (kohya passes none)"
+            imp.put("finetune.weight_decay", kc.OWN_WEIGHT_DECAY[mapped], why)
     if args:
         imp.put("finetune.optimizer_args", args, "optimizer_args")
     imp.put("finetune.mode", "lora" if lora else "full", "network_* keys" if lora else "(no network_* keys)")
