@@ -168,7 +168,7 @@ def test_001_gui_json_lands_in_params_yaml_and_validates(project, monkeypatch):
     assert (f["batch_size"], f["gradient_accumulation"], f["ema_decay"], f["min_snr_gamma"]) == (1, 3, 0.9995, 5.0)
     assert (f["mixed_precision"], f["save_dtype"], f["seed"], f["save_every_n_epochs"]) == ("bf16", "float16", 1234, 10)
     assert f["train_text_encoder"] is True and f["text_encoder_lr"] == 1e-6  # kohya: the encoders at the same LR
-    assert "optimizer_args" not in f
+    assert f["optimizer_args"] == {}  # none in the config: none left from an earlier import either
     typed_params = load_all_params(project, load_pipeline(project))["finetune"]
     assert typed_params.ema_decay == 0.9995 and typed_params.lr == 1e-6
 
@@ -252,7 +252,7 @@ def test_what_loraforge_does_not_train_is_reported_not_written(project):
     p = params_of(project)
     assert p["model"]["base"] == "D:/models/sd_xl_base_1.0.ckpt" and p["latents"]["resolution"] is None
     assert p["model"]["vae"] == "D:/models/sdxl_vae.safetensors"
-    assert p["finetune"]["mode"] == "lora" and "optimizer_args" not in p["finetune"]
+    assert p["finetune"]["mode"] == "lora" and "optimizer_args" not in p["finetune"]  # its optimizer is not mapped
 
 
 @pytest.mark.parametrize(
@@ -450,3 +450,13 @@ def test_weight_decay_is_the_optimizer_s_own_default_when_its_args_lack_it(proje
         assert finetune["optimizer_args"]["weight_decay"] == 0.1
     else:
         assert finetune["weight_decay"] == decay
+
+
+def test_a_second_import_leaves_no_optimizer_args_of_the_first_behind(project):
+    first = {"optimizer_type": "Prodigy", "optimizer_args": "decouple=True d_coef=0.8", "learning_rate": 1.0}
+    import_kohya(write(project / "first.json", first), None, project / "params.yaml")
+    assert params_of(project)["finetune"]["optimizer_args"] == {"decouple": True, "d_coef": 0.8}
+    import_kohya(write(project / "second.json", {"optimizer_type": "AdamW"}), None, project / "params.yaml")
+    finetune = params_of(project)["finetune"]
+    assert finetune["optimizer"] == "AdamW" and finetune["optimizer_args"] == {}
+    load_all_params(project, load_pipeline(project))

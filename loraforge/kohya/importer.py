@@ -283,7 +283,7 @@ def map_optimizer_and_network(s: dict[str, Any], lora: bool, imp: Imported) -> N
         if "weight_decay" not in args and mapped in kc.OWN_WEIGHT_DECAY:
             why = f"{key} without weight_decay in optimizer_args: {mapped}'s own default (kohya passes none)"
             imp.put("finetune.weight_decay", kc.OWN_WEIGHT_DECAY[mapped], why)
-    if args:
+    if args or mapped:  # a new optimizer never keeps an earlier import's arguments
         imp.put("finetune.optimizer_args", args, "optimizer_args")
     imp.put("finetune.mode", "lora" if lora else "full", "network_* keys" if lora else "(no network_* keys)")
     if not lora:
