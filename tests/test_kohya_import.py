@@ -4,6 +4,7 @@ land in the right params.yaml keys, the rest is listed with a reason, the file k
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -236,7 +237,9 @@ def test_003_gui_json_reads_the_guide_s_quoted_optimizer_arguments(project):
 
 def test_what_loraforge_does_not_train_is_reported_not_written(project):
     config = {
-        "LoRA_type": "LyCORIS/iA3",
+        "LoRA_type": "Kohya LoCon",
+        "network_module": "networks.lora_sdxl",
+        "train_on_input": True,
         "pretrained_model_name_or_path": "D:/models/sd_xl_base_1.0.ckpt",
         "vae": "D:/models/sdxl_vae.safetensors",
         "optimizer": "DAdaptAdanIP",
@@ -247,7 +250,7 @@ def test_what_loraforge_does_not_train_is_reported_not_written(project):
     imp, _ = import_kohya(write(project / "ia3.json", config), None, project / "params.yaml")
     reasons = dict(imp.unmapped)
     assert "model.allow_pickle" in reasons["pretrained_model_name_or_path"]  # mapped, with the opt-in it needs
-    assert "'LyCORIS/iA3'" in reasons["LoRA_type"] and "DAdaptAdanIP" in reasons["optimizer"]
+    assert "DAdaptAdanIP" in reasons["optimizer"]
     assert "about 886" in reasons["max_resolution"]  # the same bucket area as 1024 × 768
     p = params_of(project)
     assert p["model"]["base"] == "D:/models/sd_xl_base_1.0.ckpt" and p["latents"]["resolution"] is None
@@ -460,3 +463,37 @@ def test_a_second_import_leaves_no_optimizer_args_of_the_first_behind(project):
     finetune = params_of(project)["finetune"]
     assert finetune["optimizer"] == "AdamW" and finetune["optimizer_args"] == {}
     load_all_params(project, load_pipeline(project))
+
+
+@pytest.mark.parametrize(
+    ("config", "kind"),
+    [
+        ({"flux1_checkbox": True, "LoRA_type": "Flux1", "network_dim": 16}, "a Flux config"),
+        ('network_module = "networks.lora_flux"\nae = "ae.safetensors"\n', "a Flux config"),
+        ({"sd3_checkbox": True, "network_dim": 16}, "an SD3 config"),
+        ({"token_string": "ohwx", "init_word": "style", "num_vectors_per_token": 8}, "a textual-inversion config"),
+        ('network_module = "networks.control_net_lllite"\ncond_emb_dim = 32\n', "a ControlNet-LLLite config"),
+        ({"LoRA_type": "LyCORIS/iA3", "network_dim": 8}, "an iA3 network config"),
+        ({"LoRA_type": "LyCORIS/Diag-OFT", "network_dim": 8}, "a Diag-OFT network config"),
+        ({"LoRA_type": "LyCORIS/GLoRA", "network_dim": 8}, "a GLoRA network config"),
+        ({"LoRA_type": "Kohya DyLoRA", "network_dim": 8}, "a DyLoRA network config"),
+        (
+            'network_module = "lycoris.kohya"\nnetwork_args = ["algo=full"]\n',
+            "a LyCORIS full (native fine-tuning) network",
+        ),
+    ],
+)
+def test_configs_for_other_models_or_methods_are_refused_naming_what_they_are(project, config, kind):
+    path = project / ("other.toml" if isinstance(config, str) else "other.json")
+    before = (project / "params.yaml").read_bytes()
+    with pytest.raises(InputError, match=f"{path.name}: {re.escape(kind)}.*nothing was imported"):
+        import_kohya(write(path, config), None, project / "params.yaml")
+    assert (project / "params.yaml").read_bytes() == before
+    result = run_cli(project, str(path))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1  # one line, no traceback
+
+
+def test_a_gui_lora_config_with_the_other_checkboxes_off_still_imports(project):
+    config = {"LoRA_type": "Standard", "flux1_checkbox": False, "sd3_checkbox": "False", "network_dim": 8}
+    import_kohya(write(project / "sdxl-lora.json", config), None, project / "params.yaml")
+    assert params_of(project)["finetune"]["network_dim"] == 8

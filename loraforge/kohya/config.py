@@ -340,6 +340,61 @@ def lycoris_settings(s: dict[str, Any], where: Path) -> list[tuple[str, Any, str
     return out
 
 
+OTHER_ALGOS = {  # LyCORIS / kohya network kinds loraforge does not train, by algo or GUI LoRA_type tail
+    "ia3": "an iA3", "diag-oft": "a Diag-OFT", "oft": "an OFT", "boft": "a BOFT", "glora": "a GLoRA",
+    "dylora": "a DyLoRA", "kohya dylora": "a DyLoRA", "full": "a LyCORIS full (native fine-tuning)",
+    "native fine-tuning": "a LyCORIS full (native fine-tuning)", "lora-fa": "a LoRA-FA",
+}  # fmt: skip
+
+
+def switched_on(value: Any) -> bool:
+    """A GUI checkbox or flag that is set (`true`, `"True"`, 1)."""
+    return value is True or str(value).strip().lower() in ("true", "1")
+
+
+def other_kind(s: dict[str, Any]) -> str | None:
+    """What a config trains when it is not an SD1.5/SDXL LoRA, LoCon, LoHa, LoKr, DoRA or full
+    finetune (a Flux or SD3 model, textual inversion, ControlNet-LLLite, another network kind),
+    else None.
+
+    Args:
+        s: the settings (`network_args` spelled out).
+    """
+    module, lora_type = str(s.get("network_module") or ""), str(s.get("LoRA_type") or "")
+    if switched_on(s.get("flux1_checkbox")) or "flux" in module or lora_type.startswith("Flux"):
+        return "a Flux config"
+    if switched_on(s.get("sd3_checkbox")) or "sd3" in module or lora_type.startswith("SD3"):
+        return "an SD3 config"
+    if str(s.get("token_string") or "").strip():
+        return "a textual-inversion config"
+    if "lllite" in module or not inactive(s.get("cond_emb_dim"), "cond_emb_dim"):
+        return "a ControlNet-LLLite config"
+    if module == "networks.dylora":
+        return "a DyLoRA network config"
+    for name in (str(s.get("algo") or "").lower(), lora_type.split("/")[-1].lower()):
+        if name in OTHER_ALGOS:
+            return f"{OTHER_ALGOS[name]} network config"
+    return None
+
+
+def refuse_other_kinds(s: dict[str, Any], where: Path) -> None:
+    """Stop, naming what the config is, when loraforge would train something else from it.
+
+    Args:
+        s: the settings (`network_args` spelled out).
+        where: the config file.
+
+    Raises:
+        InputError: the config is for another model family or training method.
+    """
+    kind = other_kind(s)
+    if kind is not None:
+        raise InputError(
+            f"{where}: {kind}: loraforge trains SD1.5 and SDXL full finetunes and LoRA, LoCon, LoHa, LoKr "
+            "and DoRA networks; nothing was imported"
+        )
+
+
 def inactive(value: Any, key: str) -> bool:
     """Whether a setting is off, empty or equal to loraforge's behaviour: nothing to carry over.
 

@@ -346,7 +346,9 @@ def import_kohya(config: Path, dataset: Path | None, params: Path, dry_run: bool
     if params.name != PARAMS_FILE or not params.is_file() or not (params.parent / PIPELINE_FILE).is_file():
         raise MissingInput(f"{params}: not a project's {PARAMS_FILE} (a {PARAMS_FILE} beside a {PIPELINE_FILE})")
     imp = Imported(config=config)
-    map_settings(gather(config, dataset, imp), imp)
+    settings = gather(config, dataset, imp)
+    kc.refuse_other_kinds(settings, config)
+    map_settings(settings, imp)
     root, text = params.parent, params.read_text(encoding="utf-8")
     pipeline = load_pipeline(root)
     refused, problems = refuse_invalid(imp.values, read_params_file(root), pipeline)
