@@ -497,3 +497,19 @@ def test_a_gui_lora_config_with_the_other_checkboxes_off_still_imports(project):
     config = {"LoRA_type": "Standard", "flux1_checkbox": False, "sd3_checkbox": "False", "network_dim": 8}
     import_kohya(write(project / "sdxl-lora.json", config), None, project / "params.yaml")
     assert params_of(project)["finetune"]["network_dim"] == 8
+
+
+@pytest.mark.parametrize(
+    ("general", "subset", "command_line", "expected"),
+    [("", "num_repeats = 3\n", 7, 3), ("num_repeats = 5\n", "", 7, 5), ("", "", 7, 7), ("", "", None, 1)],
+)
+def test_repeats_follow_kohya_s_precedence_subset_dataset_general_then_the_command_line(
+    project, general, subset, command_line, expected
+):
+    dataset = write(
+        project / "dataset.toml",
+        f'[general]\n{general}[[datasets]]\n[[datasets.subsets]]\nimage_dir = "img"\n{subset}',
+    )
+    config = {"network_dim": 4} | ({"dataset_repeats": command_line} if command_line is not None else {})
+    import_kohya(write(project / "lora.json", config), dataset, project / "params.yaml")
+    assert params_of(project)["finetune"]["repeats"] == expected

@@ -97,6 +97,29 @@ def gather(config: Path, dataset_config: Path | None, imp: Imported) -> dict[str
     return s
 
 
+def map_repeats(s: dict[str, Any], subset: dict[str, Any], where: Path, imp: Imported) -> None:
+    """`finetune.repeats` as kohya resolves it: the subset's `num_repeats` (or its dataset's, or
+    `[general]`'s), else the training config's `dataset_repeats`, else 1.
+
+    Args:
+        s: the training config's settings (`dataset_repeats` leaves them here).
+        subset: the training subset's merged settings (`num_repeats` leaves them here).
+        where: the dataset config.
+        imp: the import.
+    """
+    fallback = s.pop("dataset_repeats", None)
+    if "num_repeats" in subset:
+        imp.put("finetune.repeats", kc.coerce(subset.pop("num_repeats"), "i", "num_repeats", where), "num_repeats")
+        if fallback is not None:
+            imp.unmapped.append(
+                ("dataset_repeats", f"{where.name}'s num_repeats wins (kohya: subset > dataset > general)")
+            )
+    elif fallback is not None:
+        imp.put("finetune.repeats", kc.coerce(fallback, "i", "dataset_repeats", imp.config), "dataset_repeats")
+    else:
+        imp.put("finetune.repeats", 1, "num_repeats (kohya's default, 1)")
+
+
 def map_dataset(s: dict[str, Any], data: dict[str, Any], where: Path, imp: Imported) -> dict[str, Any]:
     """Images, repeats, trigger and regularisation folder from a dataset config; returns the first
     training subset's remaining settings (flip, captions, buckets...) for the common tables.
@@ -126,7 +149,7 @@ def map_dataset(s: dict[str, Any], data: dict[str, Any], where: Path, imp: Impor
     imp.files.update(dict.fromkeys(first, where))
     if train:
         imp.put("ingest.source", kc.coerce(first.pop("image_dir", None), "s", "image_dir", where), "image_dir")
-        imp.put("finetune.repeats", kc.coerce(first.pop("num_repeats", 1), "i", "num_repeats", where), "num_repeats")
+        map_repeats(s, first, where, imp)
     if first.get("class_tokens"):  # kohya captions an image without a caption file with its class tokens
         imp.put("caption.trigger", kc.coerce(first["class_tokens"], "s", "class_tokens", where), "class_tokens")
         imp.put("caption.template", "{trigger}", "class_tokens (the caption of an image without a caption file)")
