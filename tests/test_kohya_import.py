@@ -513,3 +513,20 @@ def test_repeats_follow_kohya_s_precedence_subset_dataset_general_then_the_comma
     config = {"network_dim": 4} | ({"dataset_repeats": command_line} if command_line is not None else {})
     import_kohya(write(project / "lora.json", config), dataset, project / "params.yaml")
     assert params_of(project)["finetune"]["repeats"] == expected
+
+
+@pytest.mark.parametrize(
+    ("rates", "train", "te1", "te2"),
+    [
+        ({"learning_rate_te": 2e-6}, True, 2e-6, None),  # SD1.5 DreamBooth
+        ({"learning_rate_te1": 1e-6, "learning_rate_te2": 0}, True, 1e-6, 0.0),  # SDXL: the second frozen
+        ({"learning_rate_te1": 0, "learning_rate_te2": 0}, False, None, None),  # both frozen: UNet only
+    ],
+)
+def test_dreambooth_text_encoder_rates_are_written_and_zero_freezes(project, rates, train, te1, te2):
+    import_kohya(write(project / "db.json", {"learning_rate": 4e-6, **rates}), None, project / "params.yaml")
+    finetune = params_of(project)["finetune"]
+    assert finetune["mode"] == "full" and finetune["train_text_encoder"] is train
+    if train:
+        assert finetune["text_encoder_lr"] == te1 and finetune.get("text_encoder_2_lr") == te2
+    load_all_params(project, load_pipeline(project))

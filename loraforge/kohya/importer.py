@@ -245,9 +245,14 @@ def map_rates(s: dict[str, Any], lora: bool, imp: Imported) -> None:
         te1, te2, train_te = imp.get(s, te_key, "f"), imp.get(s, "learning_rate_te2", "f"), None
         if te2 is None and te_key == "learning_rate_te1":
             te2 = lr  # sdxl_train: the second encoder's LR defaults to the UNet's
+        rates = {k: imp.get(s, k, "f") for k in ("learning_rate_te", "learning_rate_te1", "learning_rate_te2")}
+        rates = {k: v for k, v in rates.items() if v is not None}
         if imp.get(s, "train_text_encoder", "b") is not None:
             train_te = imp.get(s, "train_text_encoder", "b")
             imp.put("finetune.train_text_encoder", train_te, "train_text_encoder")
+        elif rates:  # the GUI's DreamBooth / finetune: an encoder with a rate above 0 trains, 0 freezes it
+            train_te = any(v > 0 for v in rates.values())
+            imp.put("finetune.train_text_encoder", train_te, f"{', '.join(rates)} (a rate above 0 trains)")
     if train_te and te1 is not None:
         imp.put("finetune.text_encoder_lr", te1, te_key)
     elif train_te and lr is not None:
