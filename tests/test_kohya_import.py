@@ -11,8 +11,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from loraforge import cli
 from loraforge.errors import InputError
@@ -530,3 +532,26 @@ def test_dreambooth_text_encoder_rates_are_written_and_zero_freezes(project, rat
     if train:
         assert finetune["text_encoder_lr"] == te1 and finetune.get("text_encoder_2_lr") == te2
     load_all_params(project, load_pipeline(project))
+
+
+def test_class_tokens_caption_only_images_without_a_caption_file(tmp_path, monkeypatch):
+    """End to end (ingest and caption on the tiny model): kohya trains `a.txt` as written and
+    captions `b.png`, which has no caption file, with its folder's class tokens."""
+    from loraforge.pipeline.runner import run_stage
+    from tests.helpers import FAST_MODEL, make_project
+
+    project = make_project(tmp_path / "p", {"model": FAST_MODEL}, git=False)
+    folder = project / "img" / "2_lfx style"
+    folder.mkdir(parents=True)
+    for seed, name in enumerate(("a", "b")):  # unlike pictures (flat ones would be near-duplicates)
+        pixels = np.random.default_rng(seed).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{name}.png")
+    (folder / "a.txt").write_text("a red square\n", encoding="utf-8")
+    monkeypatch.chdir(project)
+    config = {"train_data_dir": "img", "network_dim": 4, "caption_extension": ".txt"}
+    import_kohya(write(project / "lora.json", config), None, project / "params.yaml")
+    for stage in ("ingest", "upscale", "caption"):
+        run_stage(project, stage)
+    rows = [json.loads(line) for line in (project / "data/captions/manifest.jsonl").read_text().splitlines()]
+    captions = sorted(r["caption"] for r in rows)
+    assert captions == ["a red square", "lfx style"]

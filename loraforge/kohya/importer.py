@@ -120,6 +120,19 @@ def map_repeats(s: dict[str, Any], subset: dict[str, Any], where: Path, imp: Imp
         imp.put("finetune.repeats", 1, "num_repeats (kohya's default, 1)")
 
 
+def captions_as_they_are(imp: Imported, key: str) -> None:
+    """kohya uses the class tokens only as the caption of an image without a caption file, and
+    trains caption files as they are: no trigger inserted, none required.
+
+    Args:
+        imp: the import.
+        key: the kohya key the class tokens came from.
+    """
+    why = f"{key} (kohya: class tokens caption only the images without a caption file)"
+    imp.put("caption.trigger_position", "none", why)
+    imp.put("caption.require_trigger", False, why)
+
+
 def map_dataset(s: dict[str, Any], data: dict[str, Any], where: Path, imp: Imported) -> dict[str, Any]:
     """Images, repeats, trigger and regularisation folder from a dataset config; returns the first
     training subset's remaining settings (flip, captions, buckets...) for the common tables.
@@ -153,6 +166,7 @@ def map_dataset(s: dict[str, Any], data: dict[str, Any], where: Path, imp: Impor
     if first.get("class_tokens"):  # kohya captions an image without a caption file with its class tokens
         imp.put("caption.trigger", kc.coerce(first["class_tokens"], "s", "class_tokens", where), "class_tokens")
         imp.put("caption.template", "{trigger}", "class_tokens (the caption of an image without a caption file)")
+        captions_as_they_are(imp, "class_tokens")
     return {k: v for k, v in first.items() if k not in ("is_reg", "class_tokens", "image_dir", "num_repeats")}
 
 
@@ -178,6 +192,7 @@ def map_folders(s: dict[str, Any], imp: Imported) -> None:
     if len(names) == 1:
         imp.put("caption.trigger", names[0], f"{key} (its folder `{matches[names[0]]}`)")
         imp.put("caption.template", "{trigger}", f"{key} (kohya's caption of an image without a caption file)")
+        captions_as_they_are(imp, key)
     elif names:
         imp.unmapped.append((key, f"its folders name several class tokens ({', '.join(names)}): set `caption.trigger`"))
     elif not folder.is_dir():
