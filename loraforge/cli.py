@@ -11,6 +11,7 @@ loraforge compare EXP...    side-by-side page of DVC experiments or run folders 
 loraforge extract --base A --tuned B --out X   a LoRA from two models, outside the pipeline
 loraforge resize IN --rank N --out Y           resize any kohya LoRA, outside the pipeline
 loraforge import-kohya CONFIG [--dataset-config TOML] [--dry-run]   params.yaml from a kohya_ss / sd-scripts config
+loraforge du                the item store's size by kind (.loraforge/store)
 """
 
 from __future__ import annotations
@@ -186,12 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     from loraforge.kohya.importer import add_import_kohya_command
     from loraforge.lora.commands import add_extract_command, add_resize_command
     from loraforge.planning.command import add_plan_command
+    from loraforge.store.usage import add_du_command
 
     add_plan_command(sub)
     add_compare_command(sub)
     add_extract_command(sub)
     add_resize_command(sub)
     add_import_kohya_command(sub)
+    add_du_command(sub)
     return parser
 
 
