@@ -69,6 +69,7 @@ def limits_of(params: Params) -> Limits:
         high_freq_rise=params.high_freq_limit,
         clipped_rise=params.clipped_limit,
         memorisation_ratio=params.memorisation_ratio,
+        validation_tolerance=params.validation_tolerance,
     )
 
 

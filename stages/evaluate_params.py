@@ -51,6 +51,9 @@ class Params:
         saturation_limit: largest allowed relative colourfulness rise vs weight 0 at `check_weight`.
         high_freq_limit: largest allowed relative high-frequency rise vs weight 0 at `check_weight`.
         clipped_limit: largest allowed clipped-pixel share rise (absolute) at `check_weight`.
+        validation_tolerance: with finetune's validation loss, only epochs whose loss is at most
+            this share above the lowest one compete on likeness (0.1 = 10 %); the validation
+            loss rises as the LoRA over-fits its images and loses other prompts.
         memorisation_ratio: an epoch memorises when its caption images' nearest-training-image
             distance falls below this fraction of the base model's.
     """
@@ -74,6 +77,7 @@ class Params:
     high_freq_limit: float = Field(0.25, ge=0)
     clipped_limit: float = Field(0.05, ge=0)
     memorisation_ratio: float = Field(0.5, gt=0, le=1)
+    validation_tolerance: float = Field(0.1, ge=0, le=10)
 
     @field_validator("prompts", "seeds", "weights", "random_pool")
     @classmethod

@@ -580,3 +580,18 @@ def test_a_clip_folder_with_only_pickle_weights_needs_the_opt_in(tmp_path):
         Embedder(folder)
     clip = Embedder(folder, allow_pickle=True)
     assert clip.has_text and clip.texts(["a cat"]).shape == (1, 16)
+
+
+def test_rule_compares_likeness_only_among_epochs_near_the_lowest_validation_loss():
+    rows = series(
+        4,
+        likeness=[0.2, 0.3, 0.5, 0.6],
+        likeness_base=[0.1] * 4,
+        validation_loss=[0.100, 0.105, 0.109, 0.130],  # epoch 4 is the most alike, but 30 % over
+    )
+    best = em.recommend(rows, em.Limits(validation_tolerance=0.1))
+    assert best["epoch"] == 3
+    assert "not compared on likeness (validation loss over 1.1 × the lowest): epochs 4" in best["reasons"]
+    assert em.recommend(rows, em.Limits(validation_tolerance=0.5))["epoch"] == 4  # a looser window
+    without = [{k: v for k, v in r.items() if k != "validation_loss"} for r in rows]
+    assert em.recommend(without, em.Limits())["epoch"] == 4  # no validation loss: likeness alone

@@ -230,6 +230,8 @@ class Limits:
         clipped_rise: largest allowed rise in clipped-pixel share vs weight 0 (absolute).
         memorisation_ratio: an epoch memorises when its caption images' distance to the nearest
             training image falls below this fraction of the base model's distance.
+        validation_tolerance: with validation losses, only epochs at most this share above the
+            lowest one compete on likeness (0.1 = 10 %).
     """
 
     check_weight: float = 1.2
@@ -237,6 +239,7 @@ class Limits:
     high_freq_rise: float = 0.25
     clipped_rise: float = 0.05
     memorisation_ratio: float = 0.5
+    validation_tolerance: float = 0.1
 
 
 @dataclass
@@ -296,10 +299,11 @@ def recommend(rows: list[dict[str, Any]], limits: Limits) -> dict[str, Any]:
     The rule: drop every epoch from the first memorising one on (001 guide); drop epochs with
     overfit signs at the check weight (003 guide); of the rest, take the one whose renders came
     closest to the training images (the highest likeness gain over the base model: the concept
-    learned best), else, when no epoch gained likeness or it was not measured, the one with the
-    lowest validation loss (ties: the earliest), else the latest local minimum of the train loss
-    (003 guide), else the latest. If nothing is left, ship the earliest epoch and say that every
-    epoch shows overtraining. Why likeness before validation loss: docs/choosing-the-epoch.md.
+    learned best) among those whose validation loss, when measured, is within
+    `validation_tolerance` of the lowest; else, when none gained likeness or it was not measured,
+    the one with the lowest validation loss (ties: the earliest), else the latest local minimum
+    of the train loss (003 guide), else the latest. If nothing is left, ship the earliest epoch
+    and say that every epoch shows overtraining. Why: docs/choosing-the-epoch.md.
 
     Args:
         rows: one row per epoch (see `judge`), with `epoch` and optionally `loss`, `validation_loss`.
@@ -312,11 +316,16 @@ def recommend(rows: list[dict[str, Any]], limits: Limits) -> dict[str, Any]:
     verdicts = [judge(r, limits, local_minima(losses)) for r in rows]
     first_memorising = next((v.epoch for v in verdicts if v.memorises), None)
     candidates = [v for v in verdicts if (first_memorising is None or v.epoch < first_memorising) and not v.overfit]
-    chosen = choose(candidates)
+    contenders = within_validation(candidates, limits.validation_tolerance)
+    chosen = choose(candidates, contenders)
     fallback = chosen is None
     if fallback:
         chosen = verdicts[0]
     reasons = explain(chosen, verdicts, first_memorising, limits, rows, fallback)
+    above = [v.epoch for v in candidates if v not in contenders]
+    if above and not fallback and chosen.likeness_gain is not None and chosen.likeness_gain > 0:
+        ceiling = f"{1 + limits.validation_tolerance:g} × the lowest"
+        reasons.insert(-1, f"not compared on likeness (validation loss over {ceiling}): epochs {join(above)}")
     return {
         "epoch": chosen.epoch,
         "reasons": reasons,
@@ -327,15 +336,36 @@ def recommend(rows: list[dict[str, Any]], limits: Limits) -> dict[str, Any]:
     }
 
 
-def choose(candidates: list[Verdict]) -> Verdict | None:
-    """The candidate with the highest positive likeness gain (the earliest of equals), else the
-    one with the lowest validation loss (the earliest of equals), else the latest train-loss
-    minimum among the candidates, else the latest candidate, else None.
+def join(epochs: list[int]) -> str:
+    """Epoch numbers as `10, 20, 30`."""
+    return ", ".join(map(str, epochs))
+
+
+def within_validation(candidates: list[Verdict], tolerance: float) -> list[Verdict]:
+    """The candidates whose validation loss is at most `tolerance` above the lowest of them
+    (all of them when none was measured; an epoch without one is kept).
 
     Args:
         candidates: verdicts of the epochs that passed the memorisation and overfit checks.
+        tolerance: the share above the lowest validation loss allowed (0.1 = 10 %).
     """
-    liked = [v for v in candidates if v.likeness_gain is not None and v.likeness_gain > 0]
+    measured = [v.validation_loss for v in candidates if v.validation_loss is not None]
+    if not measured:
+        return candidates
+    ceiling = min(measured) * (1 + tolerance)
+    return [v for v in candidates if v.validation_loss is None or v.validation_loss <= ceiling]
+
+
+def choose(candidates: list[Verdict], contenders: list[Verdict]) -> Verdict | None:
+    """The contender with the highest positive likeness gain (the earliest of equals), else the
+    candidate with the lowest validation loss (the earliest of equals), else the latest
+    train-loss minimum among the candidates, else the latest candidate, else None.
+
+    Args:
+        candidates: verdicts of the epochs that passed the memorisation and overfit checks.
+        contenders: the candidates within the validation-loss tolerance (`within_validation`).
+    """
+    liked = [v for v in contenders if v.likeness_gain is not None and v.likeness_gain > 0]
     if liked:
         return max(liked, key=lambda v: (v.likeness_gain, -v.epoch))
     validated = [v for v in candidates if v.validation_loss is not None]
