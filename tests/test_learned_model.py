@@ -71,9 +71,9 @@ def test_it_is_shipped_as_a_small_fp16_diffusers_folder_that_names_its_recipe(sh
 
 # The least share of renders with the right shape colour and background, per model: (seen, held out).
 # Measured over all 84 seen combinations at guidance 5 and 7 (20 Euler steps): sdxl 0.99-1.0 each,
-# held out 1.0; sd15 (step 6000, still in training) colour 0.85, background 0.76-0.77, held out
-# 0.58 / 0.54: under the 80% it is to reach (the issue notes).
-LEAST = {"sdxl": (0.8, 0.8), "sd15": (0.6, 0.3)}
+# held out 1.0; sd15 (10,000 steps) colour 0.90-0.93, background 0.86-0.88, held out 0.79-0.83.
+# The tests render 12 seen and 4 held-out scenes, so their thresholds leave room for that noise.
+LEAST = {"sdxl": (0.8, 0.8), "sd15": (0.75, 0.5)}
 
 
 def test_it_draws_the_colours_and_shapes_its_prompts_name(shapes):
@@ -96,8 +96,6 @@ def test_it_composes_combinations_it_never_saw(shapes):
 
 def test_the_prompt_decides_what_is_drawn_not_the_seed(shapes):
     info, pipe = shapes
-    if info.arch == "sd15":
-        pytest.skip("shapes-sd15 at step 6000 is still in training: colours right in 76-85% of renders")
     red_on_blue, blue_on_red = Scene("circle", "red", "blue"), Scene("circle", "blue", "red")
     images = render(pipe, [red_on_blue.caption, blue_on_red.caption], seed=5)
     assert read(images[0]).faithful_to(red_on_blue) and read(images[1]).faithful_to(blue_on_red)
