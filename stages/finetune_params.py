@@ -44,8 +44,9 @@ class Params:
             balanced split of each dimension.
         decompose_both: LoKr: also decompose the smaller Kronecker factor into a low-rank pair
             (LyCORIS `decompose_both`); default off.
-        use_tucker: Tucker decomposition of the 3×3 convolutions (LyCORIS `use_tucker`; loha,
-            lokr, dora with `conv_dim` > 0); default off.
+        use_tucker: Tucker decomposition of the 3×3 convolutions (LyCORIS `use_tucker`; loha
+            and dora with `conv_dim` > 0; not lokr, whose Tucker layers no loader reads the same
+            way); default off.
         epochs: passes over the (repeated) dataset; the 001 guide trains 100.
         batch_size: images per step (same bucket); the 001 guide: 1, with accumulation 3.
         gradient_accumulation: steps whose gradients are summed before one optimizer step.
@@ -265,7 +266,13 @@ class Params:
         if algo != "lokr" and (self.network_factor != -1 or self.decompose_both):
             key = "network_factor" if self.network_factor != -1 else "decompose_both"
             raise ValueError(f"`finetune.{key}` applies to `finetune.network_algo: lokr` only (it is `{algo}`)")
-        if self.use_tucker and algo not in ("loha", "lokr", "dora"):
-            raise ValueError(f"`finetune.use_tucker` applies to `network_algo` loha, lokr or dora (it is `{algo}`)")
+        if self.use_tucker and algo not in ("loha", "dora"):
+            why = (
+                "LoKr's Tucker convolutions are read differently by every loader (ComfyUI skips them, Forge "
+                "raises, LyCORIS' loader fails)"
+                if algo == "lokr"
+                else f"it is `{algo}`"
+            )
+            raise ValueError(f"`finetune.use_tucker` applies to `network_algo` loha or dora: {why}")
         if self.network_factor == 0:
             raise ValueError("`finetune.network_factor` must be -1 (balanced) or a factor ≥ 1, got 0")

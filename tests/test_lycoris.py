@@ -193,11 +193,14 @@ def test_network_algo_params_are_checked():
         "not implemented by LyCORIS loha": {"mode": "lora", "network_algo": "loha", "network_dropout": 0.1},
         "applies to `finetune.network_algo: lokr` only": {"mode": "lora", "network_algo": "loha", "network_factor": 4},
         "does not apply to `network_algo: dora`": {"mode": "lora", "network_algo": "dora", "scale_weight_norms": 1},
+        "ComfyUI skips them": {"mode": "lora", "network_algo": "lokr", "conv_dim": 2, "use_tucker": True},
+        "loha or dora: it is `lora`": {"mode": "lora", "conv_dim": 2, "use_tucker": True},
     }
     for message, given in cases.items():
         with pytest.raises(ValueError, match=message):
             Params(model={}, **given)
     assert Params(model={}, mode="lora", network_algo="lokr", network_factor=4).network_factor == 4
+    assert Params(model={}, mode="lora", network_algo="loha", conv_dim=2, use_tucker=True).use_tucker
     # locon is the plain LoRA network with the 3×3 convolutions: kohya's networks.lora file
     from loraforge.training.lora_net import LoRANetwork, add_lora
 
@@ -277,3 +280,25 @@ def test_finetune_trains_loha_extract_and_resize_pass_it_through_evaluation_rend
 
     base, with_lora = image(None, 0.0), image(final, 1.0)
     assert (with_lora - base).abs().max() > 0 and torch.equal(image(None, 0.0), base)
+
+
+def test_a_tucker_lokr_file_stops_evaluation_in_one_line_naming_it(tmp_path):
+    """An older loraforge wrote LoKr files with `.lokr_t2` (Tucker) convolutions that LyCORIS'
+    loader fails on: rendering one stops with an InputError naming the file, not a traceback."""
+    from safetensors.torch import save_file
+
+    from loraforge.errors import InputError
+    from loraforge.evaluation.render import lycoris_adapter
+
+    layer = "lora_unet_down_blocks_0_resnets_0_conv1"
+    tensors = {
+        f"{layer}.lokr_w1": torch.ones(2, 2),
+        f"{layer}.lokr_w2_a": torch.ones(2, 2),
+        f"{layer}.lokr_w2_b": torch.ones(2, 2),
+        f"{layer}.lokr_t2": torch.ones(2, 2, 3, 3),
+        f"{layer}.alpha": torch.tensor(2.0),
+    }
+    path = tmp_path / "old-lokr.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(InputError, match=rf"old-lokr.safetensors: a LoKr with Tucker.*\(1 layers, e.g. {layer}\)"):
+        lycoris_adapter(None, "sd15", path)

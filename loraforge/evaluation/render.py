@@ -338,9 +338,10 @@ def lycoris_adapter(pipe: Any, arch: str, lora: Path) -> Any:
         lora: the `.safetensors` file.
     """
     from loraforge.lora.format import load_lora
-    from loraforge.lora.lycoris import DeltaAdapter, file_algo
+    from loraforge.lora.lycoris import DeltaAdapter, file_algo, refuse_tucker_lokr
 
     tensors, _ = load_lora(lora)
+    refuse_tucker_lokr(tensors, lora)
     if file_algo(tensors) == "lora":
         return None
     names = ("unet", "text_encoder", "text_encoder_2")

@@ -47,6 +47,29 @@ def file_algo(tensors: Mapping[str, Tensor]) -> Algo:
     return "lora"
 
 
+def refuse_tucker_lokr(tensors: Mapping[str, Tensor], where: Any) -> None:
+    """Stop, naming the file, on a LoKr whose convolutions are Tucker-decomposed (`.lokr_t1` /
+    `.lokr_t2`): LyCORIS' loader fails on them, ComfyUI skips those layers and Forge raises, so
+    no render of it means what it would elsewhere. loraforge no longer writes them
+    (`finetune.use_tucker` is refused with `network_algo: lokr`); older files stop here.
+
+    Args:
+        tensors: a LoRA state dict.
+        where: the file, for the message.
+
+    Raises:
+        InputError: the file holds Tucker LoKr layers.
+    """
+    from loraforge.errors import InputError
+
+    layers = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith((".lokr_t1", ".lokr_t2"))})
+    if layers:
+        raise InputError(
+            f"{where}: a LoKr with Tucker-decomposed convolutions ({len(layers)} layers, e.g. {layers[0]}), "
+            "which no LoRA loader reads the same way: retrain it with `finetune.use_tucker: false`"
+        )
+
+
 def component_targets(model: nn.Module, arch: str, component: str) -> dict[str, str]:
     """Module name -> kohya name of every layer a file may adapt in `model` (convolutions included).
 

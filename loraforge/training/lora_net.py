@@ -40,7 +40,7 @@ class LoraSettings:
             (lycoris modules: `loraforge.training.lycoris_net`).
         network_factor: LoKr's Kronecker factor (-1: the most balanced split).
         decompose_both: LoKr: also split the smaller Kronecker factor into a low-rank pair.
-        use_tucker: LyCORIS' Tucker decomposition of k×k convolutions (loha, lokr, dora).
+        use_tucker: LyCORIS' Tucker decomposition of k×k convolutions (loha, dora; refused for lokr).
     """
 
     network_dim: int = 16
