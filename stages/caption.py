@@ -335,7 +335,10 @@ def run(params: Params, inputs: "Paths", outputs: "Paths", env: "StageEnv") -> d
     for row in rows:
         merged = merge_caption(choices[row["id"]], generated.get(row["id"], ""), params.merge, params.captioner)
         text, source = merged or choose_caption(row, params)  # None: no source applies, choose_caption says so
-        caption = insert_trigger(remove_tags(text, params.remove_tags), params.trigger, params.trigger_position)
+        framed = " ".join(
+            part for part in (params.prefix, remove_tags(text, params.remove_tags), params.suffix) if part
+        )
+        caption = insert_trigger(framed, params.trigger, params.trigger_position)
         tokens = count_tokens(tokenizer, caption)
         if tokens > params.max_tokens:
             overflow.append({"id": row["id"], "source": row["source"], "tokens": tokens})

@@ -23,6 +23,8 @@ class Params:
         remove_tags: comma-separated tags to prune from every caption, matched case-insensitively
             with `_` = space (the 003 guide prunes `navel` so the concept always shows it).
         require_trigger: stop the run, naming the files, when a final caption lacks the trigger.
+        prefix: text put before every caption, with a space (kohya's `caption_prefix`); "" = none.
+        suffix: text put after every caption, with a space (kohya's `caption_suffix`); "" = none.
         sources: caption sources in order of precedence.
         template: used when no other source applies; `{trigger}` and `{class_token}` are filled in.
         max_tokens: CLIP's window (75 tokens between BOS and EOS); longer captions are reported.
@@ -53,6 +55,8 @@ class Params:
     trigger_position: Literal["first", "last", "none"] = "first"
     remove_tags: tuple[str, ...] = ()
     require_trigger: bool = True
+    prefix: str = ""
+    suffix: str = ""
     sources: tuple[CaptionSource, ...] = ("sidecar", "filename", "template")
     template: str = "{trigger} {class_token}"
     max_tokens: int = Field(75, ge=1)

@@ -116,3 +116,12 @@ def test_stage_stops_naming_captions_without_the_trigger(tmp_path: Path, state_d
     assert [r["caption"] for r in read_jsonl(out / "manifest.jsonl")] == ["a sks cat", "a plain dog", "another dog"]
     with pytest.raises(ValueError, match="`caption.remove_tags` lists the trigger 'sks'"):
         caption(images, tmp_path / "work", state_dir, trigger="sks", remove_tags=("SKS",))
+
+
+def test_prefix_and_suffix_frame_every_caption_and_the_trigger_goes_by_them(tmp_path: Path, state_dir: Path) -> None:
+    images = manifest(tmp_path / "images", ["red dress", "jnx, hat"])
+    _, out = caption(images, tmp_path / "work", state_dir, None, trigger="jnx", prefix="masterpiece,", suffix=", 4k")
+    assert [r["caption"] for r in read_jsonl(out / "manifest.jsonl")] == [
+        "jnx, masterpiece, red dress , 4k",
+        "masterpiece, jnx, hat , 4k",
+    ]

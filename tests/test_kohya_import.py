@@ -555,3 +555,10 @@ def test_class_tokens_caption_only_images_without_a_caption_file(tmp_path, monke
     rows = [json.loads(line) for line in (project / "data/captions/manifest.jsonl").read_text().splitlines()]
     captions = sorted(r["caption"] for r in rows)
     assert captions == ["a red square", "lfx style"]
+
+
+def test_caption_prefix_and_suffix_map_onto_the_caption_stage(project):
+    config = write(project / "p.toml", 'caption_prefix = "masterpiece,"\ncaption_suffix = ", 4k"\nnetwork_dim = 4\n')
+    import_kohya(config, None, project / "params.yaml")
+    caption = params_of(project)["caption"]
+    assert (caption["prefix"], caption["suffix"]) == ("masterpiece,", ", 4k")

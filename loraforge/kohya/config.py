@@ -32,7 +32,7 @@ adaptive_noise_scale finetune.adaptive_noise_scale f      multires_noise_iterati
 multires_noise_discount finetune.multires_noise_discount f      ip_noise_gamma finetune.ip_noise_gamma f
 loss_type finetune.loss_type s      huber_c finetune.huber_c f      max_grad_norm finetune.max_grad_norm f
 gradient_checkpointing finetune.gradient_checkpointing b      prior_loss_weight finetune.prior_loss_weight f
-fused_backward_pass finetune.fused_backward b
+fused_backward_pass finetune.fused_backward b      caption_prefix caption.prefix s      caption_suffix caption.suffix s
 shuffle_caption finetune.shuffle_caption b      keep_tokens finetune.keep_tokens i
 caption_dropout_rate finetune.caption_dropout_rate f      caption_tag_dropout_rate finetune.caption_tag_dropout_rate f
 caption_dropout_every_n_epochs finetune.caption_dropout_every_n_epochs i
@@ -93,7 +93,7 @@ _REASON_GROUPS = {
         "and set `finetune.masked_loss: true`"
     ),
     "caption_extension": "captions are read from `.txt` / `.caption` sidecar files",
-    "keep_tokens_separator secondary_separator enable_wildcard caption_prefix caption_suffix token_warmup_min "
+    "keep_tokens_separator secondary_separator enable_wildcard token_warmup_min "
     "token_warmup_step": "caption option loraforge does not have (edit the captions or `caption.template`)",
     "metadata_file in_json": "captions come from sidecar files or file names: write the metadata's captions as .txt",
     "block_lr down_lr_weight mid_lr_weight up_lr_weight block_dims block_alphas conv_block_dims conv_block_alphas "
