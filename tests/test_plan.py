@@ -13,7 +13,7 @@ import yaml
 
 from loraforge.planning import steps as p
 from loraforge.planning import command as plan_cli
-from loraforge.data.images import write_jsonl
+from loraforge.data.images import read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,3 +160,20 @@ def test_plan_command_writes_reports_plan_json(tmp_path: Path, capsys: pytest.Ca
     assert plan["images"] == 10 and plan["steps_000"]["repeats_for_target"] == 39  # the 000 guide's 3500 / 10 / 9
     assert plan["dreambooth_002"]["spf"] == pytest.approx(200)  # LR 1e-5 without TE
     assert "repeats_for_target" in capsys.readouterr().out
+
+
+def test_flipped_copies_count_as_examples_as_finetune_trains_them(tmp_path: Path) -> None:
+    """`latents.flip` trains every image twice per repeat: the plan's samples and steps double,
+    and equal the examples finetune builds from the same manifests."""
+    from loraforge.pipeline.runner import run_stage
+    from loraforge.training.data import load_examples
+    from tests.helpers import FAST_MODEL, make_project
+
+    project = make_project(tmp_path / "p", {"model": FAST_MODEL, "latents": {"flip": True}}, git=False)
+    for stage in ("ingest", "upscale", "caption", "latents"):
+        run_stage(project, stage)
+    plan = plan_cli.plan_for_project(project)
+    rows = read_jsonl(project / "data" / "ingested" / "manifest.jsonl")
+    assert plan["samples_per_epoch"] == 2 * sum(int(r.get("repeats", 1)) for r in rows)
+    examples = load_examples(project / "data" / "latents", project / "data" / "captions", repeats=1)
+    assert plan["samples_per_epoch"] == len(examples)

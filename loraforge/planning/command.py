@@ -69,6 +69,7 @@ def plan_for_project(
         base_resolution=native,
         strength=strength,
         target_steps=target_steps,
+        flip=bool(getattr(lat, "flip", False)),
     )
     plan["memory"] = project_memory(root, ft, lat, native, model_path, arch, vram)
     return plan

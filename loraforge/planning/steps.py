@@ -242,6 +242,7 @@ def build_plan(
     base_resolution: int,
     strength: float = STRENGTH["medium"],
     target_steps: int | None = None,
+    flip: bool = False,
 ) -> dict[str, Any]:
     """Every formula above, applied to a dataset and the finetune settings.
 
@@ -258,11 +259,12 @@ def build_plan(
         base_resolution: the model's base resolution.
         strength: F for the LR suggestion (002's medium = 1).
         target_steps: a step count to reach; adds the repeats for it (000's reverse formula).
+        flip: `latents.flip`: every image also trains flipped, a second example per repeat.
     """
     fn = len(rows)
     if fn == 0:
         raise ValueError("the dataset holds no images: run ingest first")
-    samples = sum(int(r.get("repeats", 1)) * repeats for r in rows)  # images × repeats, per epoch
+    samples = sum(int(r.get("repeats", 1)) * repeats for r in rows) * (2 if flip else 1)  # per epoch
     settings = {
         "repeats": repeats,
         "batch": batch,
