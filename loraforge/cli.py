@@ -108,6 +108,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_du(args: argparse.Namespace) -> int:
+    from loraforge.pipeline.runner import STATE_DIR
+    from loraforge.store.usage import store_usage, usage_table
+
+    root = find_root() / STATE_DIR / "store"
+    usage = store_usage(root)
+    print(f"{root}:\n{usage_table(usage)}" if usage else f"{root}: empty (nothing cached yet)")
+    return 0
+
+
 def ui_environment(host: str, port: int) -> dict[str, str]:
     """The Prefect server's environment for `loraforge ui`: its own host and port, and the API
     URL its UI hands the browser (`/ui-settings`) pointing at that same server: without it the
@@ -178,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_check)
 
+    p = sub.add_parser("du", help="the item store's size by kind (.loraforge/store)")
+    p.set_defaults(func=cmd_du)
+
     p = sub.add_parser("ui", help="start the Prefect server and UI (on 127.0.0.1 unless --host names another)")
     p.add_argument("--port", type=int, default=4200)
     p.add_argument("--host", default="127.0.0.1", help="the address to bind; 0.0.0.0 exposes the UI to the network")
@@ -187,14 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     from loraforge.kohya.importer import add_import_kohya_command
     from loraforge.lora.commands import add_extract_command, add_resize_command
     from loraforge.planning.command import add_plan_command
-    from loraforge.store.usage import add_du_command
 
     add_plan_command(sub)
     add_compare_command(sub)
     add_extract_command(sub)
     add_resize_command(sub)
     add_import_kohya_command(sub)
-    add_du_command(sub)
     return parser
 
 

@@ -7,7 +7,6 @@ counted once on disk, under the store).
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,27 +77,3 @@ def usage_table(usage: dict[str, KindUsage]) -> str:
     total = KindUsage(*(sum(getattr(u, f) for u in usage.values()) for f in ("entries", "files", "size", "linked")))
     lines.append(f"{'total':<{width}}  {total.entries:>8}  {human(total.size):>10}  {human(total.linked):>10}")
     return "\n".join(lines)
-
-
-def cmd_du(args: argparse.Namespace) -> int:
-    from loraforge.pipeline.runner import STATE_DIR
-    from loraforge.pipeline.spec import find_root
-
-    root = find_root() / STATE_DIR / "store"
-    usage = store_usage(root)
-    if not usage:
-        print(f"{root}: empty (nothing cached yet)")
-        return 0
-    print(f"{root}:")
-    print(usage_table(usage))
-    return 0
-
-
-def add_du_command(sub: argparse._SubParsersAction) -> None:
-    """`loraforge du`: the item store's size by kind.
-
-    Args:
-        sub: the CLI's subparsers.
-    """
-    p = sub.add_parser("du", help="the item store's size by kind (.loraforge/store)")
-    p.set_defaults(func=cmd_du)
