@@ -263,10 +263,10 @@ def test_what_loraforge_does_not_train_is_reported_not_written(project):
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
-        ({"network_module": "lycoris.kohya", "network_args": ["algo=loha", "use_tucker=True"]}, ("loha", None, True)),
-        ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=8"]}, ("lokr", 8, None)),
-        ({"network_module": "lycoris.kohya", "network_args": ["algo=locon", "dora_wd=True"]}, ("dora", None, None)),
-        ({"LoRA_type": "LyCORIS/LoKr", "factor": -1, "decompose_both": True}, ("lokr", None, None)),
+        ({"network_module": "lycoris.kohya", "network_args": ["algo=loha", "use_tucker=True"]}, ("loha", -1, True)),
+        ({"network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=8"]}, ("lokr", 8, False)),
+        ({"network_module": "lycoris.kohya", "network_args": ["algo=locon", "dora_wd=True"]}, ("dora", -1, False)),
+        ({"LoRA_type": "LyCORIS/LoKr", "factor": -1, "decompose_both": True}, ("lokr", -1, False)),
     ],
 )
 def test_lycoris_algo_and_dora_map_onto_network_algo(project, settings, expected):
@@ -274,7 +274,7 @@ def test_lycoris_algo_and_dora_map_onto_network_algo(project, settings, expected
     imp, _ = import_kohya(write(project / "lyco.json", config), None, project / "params.yaml")
     f = params_of(project)["finetune"]
     assert (f["network_algo"], f.get("network_factor"), f.get("use_tucker")) == expected
-    assert f.get("decompose_both") is (True if "decompose_both" in settings else None)
+    assert f["decompose_both"] is ("decompose_both" in settings)  # written either way: no leftovers
     assert [k for k, _ in imp.unmapped if "algo" in k or "dora" in k or "factor" in k or "LoRA_type" in k] == []
     from stages.finetune_params import Params
 
@@ -562,3 +562,16 @@ def test_caption_prefix_and_suffix_map_onto_the_caption_stage(project):
     import_kohya(config, None, project / "params.yaml")
     caption = params_of(project)["caption"]
     assert (caption["prefix"], caption["suffix"]) == ("masterpiece,", ", 4k")
+
+
+def test_a_plain_lora_import_after_a_lokr_one_leaves_no_lokr_settings(project):
+    lokr = {"LoRA_type": "LyCORIS/LoKr", "network_dim": 8, "network_args": "factor=4 decompose_both=True"}
+    import_kohya(write(project / "lokr.json", lokr), None, project / "params.yaml")
+    f = params_of(project)["finetune"]
+    assert (f["network_algo"], f["network_factor"], f["decompose_both"]) == ("lokr", 4, True)
+    import_kohya(
+        write(project / "lora.json", {"LoRA_type": "Standard", "network_dim": 8}), None, project / "params.yaml"
+    )
+    f = params_of(project)["finetune"]
+    assert (f["network_algo"], f["network_factor"], f["decompose_both"], f["use_tucker"]) == ("lora", -1, False, False)
+    load_all_params(project, load_pipeline(project))

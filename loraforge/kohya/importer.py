@@ -303,6 +303,14 @@ def map_schedule(s: dict[str, Any], imp: Imported) -> None:
             imp.unmapped.append((key, kc.NOTES["ema_option"]))
 
 
+NETWORK_DEFAULTS = {
+    "finetune.network_algo": "lora",
+    "finetune.network_factor": -1,
+    "finetune.decompose_both": False,
+    "finetune.use_tucker": False,
+}
+
+
 def map_optimizer_and_network(s: dict[str, Any], lora: bool, imp: Imported) -> None:
     """`finetune.optimizer` (kohya's names, or a `module.Class` path), its arguments, and the
     network: dim and alpha (kohya's defaults 4 and 1), which `resize` keeps (the LoRA ships as trained).
@@ -338,8 +346,13 @@ def map_optimizer_and_network(s: dict[str, Any], lora: bool, imp: Imported) -> N
     imp.put("finetune.network_alpha", 1.0 if alpha is None else alpha, "network_alpha")
     imp.put("resize.rank", dim, "network_dim (the trained LoRA ships at its rank)")
     imp.put("resize.method", "fixed", "network_dim (the trained LoRA ships at its rank)")
-    for target, value, source in kc.lycoris_settings(s, imp.config):  # LoHa / LoKr / DoRA
+    lycoris = kc.lycoris_settings(s, imp.config)  # LoHa / LoKr / DoRA
+    for target, value, source in lycoris:
         imp.put(target, value, source)
+    given = {target for target, _, _ in lycoris}
+    for target, value in NETWORK_DEFAULTS.items():  # no leftovers of an earlier import's network
+        if target not in given:
+            imp.put(target, value, "network_* keys (not set: a plain LoRA, as kohya)")
     for key in ("LoRA_type", "network_module"):
         value = s.get(key)
         if not kc.inactive(value, key) and not (key == "network_module" and value == "lycoris.kohya"):
