@@ -29,9 +29,9 @@ class Params:
     """The `evaluate` section.
 
     Attributes:
-        prompts: the fixed prompts; `{trigger}` becomes the caption trigger. The first is the
-            simple one (likeness is measured on it), then a complex one with context absent from
-            the dataset (004 guide).
+        prompts: the fixed prompts; `{trigger}` becomes the caption trigger: a simple one, then
+            a complex one with context absent from the dataset (004 guide). Likeness is measured
+            on all of them and on the random prompts.
         seeds: fixed seeds, the same for every epoch and experiment.
         weights: the LoRA-weight sweep (0 = the base model; the 003 guide checks > 1.2).
         random_prompts: how many random prompts (`random_template` filled from `random_pool`) to render.
