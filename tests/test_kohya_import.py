@@ -575,3 +575,10 @@ def test_a_plain_lora_import_after_a_lokr_one_leaves_no_lokr_settings(project):
     f = params_of(project)["finetune"]
     assert (f["network_algo"], f["network_factor"], f["decompose_both"], f["use_tucker"]) == ("lora", -1, False, False)
     load_all_params(project, load_pipeline(project))
+
+
+def test_a_prefix_with_shuffled_captions_is_imported_and_the_difference_reported(project):
+    config = write(project / "s.toml", 'caption_prefix = "masterpiece,"\nshuffle_caption = true\nnetwork_dim = 4\n')
+    imp, _ = import_kohya(config, None, project / "params.yaml")
+    assert params_of(project)["caption"]["prefix"] == "masterpiece,"
+    assert "shuffled with the tags" in dict(imp.unmapped)["caption_prefix with shuffle_caption"]

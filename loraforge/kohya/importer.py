@@ -383,6 +383,12 @@ def map_settings(s: dict[str, Any], imp: Imported) -> None:
             imp.unmapped.append((key, kc.REASONS[key]))
         elif key not in kc.DIRECT and key not in kc.REASONS and not kc.inactive(value, key):
             imp.unmapped.append((key, "not a kohya setting loraforge knows"))
+    framed = [k for k in ("caption_prefix", "caption_suffix") if not kc.inactive(s.get(k), k)]
+    if framed and imp.get(s, "shuffle_caption", "b"):
+        imp.unmapped.append(
+            (f"{' / '.join(framed)} with shuffle_caption", "written into the caption files, so shuffled with the tags "
+             "(sd-scripts adds them after shuffling): raise `finetune.keep_tokens` over a prefix, or stop shuffling")
+        )  # fmt: skip
     done = {o.split()[0] for o in imp.origin.values()} | {k for k, _ in imp.unmapped}
     imp.quiet = sum(1 for key in s if key not in done)
 
