@@ -24,6 +24,7 @@ preservation, validation set, resume folder).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -229,7 +230,29 @@ def save(
     progress["saved"].append(name)
     if keep is not None:  # built in the resume folder, hard-linked into the outputs
         resume.publish_checkpoint(keep / "checkpoints" / name, outputs)
+    prune_checkpoints(progress, s.save_last_n_epochs, outputs, keep)
+    if keep is not None:
         resume.save_state(keep, epoch, t.trained, t.optimizer, t.lr_schedule, t.ema, t.precision.scaler, progress)
+
+
+def prune_checkpoints(progress: dict[str, Any], last_n: int | None, outputs: Path, keep: Path | None) -> None:
+    """Remove the saved checkpoints before the newest `last_n` from the outputs and the resume
+    folder, and from the progress (a resumed run then neither restores nor lists them).
+
+    Args:
+        progress: the loop's progress (`saved`: checkpoint names, oldest first).
+        last_n: `finetune.save_last_n_epochs`, or None to keep every checkpoint.
+        outputs: the stage's checkpoints folder.
+        keep: the run's resume folder, or None.
+    """
+    if last_n is None or len(progress["saved"]) <= last_n:
+        return
+    for name in progress["saved"][:-last_n]:
+        for folder in (outputs / name, keep / "checkpoints" / name if keep else None):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        progress.setdefault("pruned", []).append(name)
+    progress["saved"] = progress["saved"][-last_n:]
 
 
 # --- the params as the settings loraforge.training takes ------------------------------------------

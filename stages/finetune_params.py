@@ -99,6 +99,9 @@ class Params:
         compile: compile the UNet's forward with `torch.compile` (inductor): the first steps pay
             the compile time, later ones run faster; weights keep their plain key names.
         save_every_n_epochs: checkpoint interval; the last epoch is always saved.
+        save_last_n_epochs: keep only the newest N saved epochs (kohya's `save_last_n_epochs`):
+            each new checkpoint removes the ones before them from `models/checkpoints` (and the
+            resume folder), so extract and evaluate see those N; null = keep every one.
         save_dtype: dtype of saved checkpoints (float16 halves disk; extraction works in float32).
         save_single_file: mode full: also write each saved epoch (and its EMA) as one original-layout
             `model.safetensors` that A1111 / ComfyUI / `model.base` load (disk: one more model per epoch).
@@ -195,6 +198,7 @@ class Params:
     num_processes: int = Field(1, ge=1)
     accelerate_config: str | None = Field(None, min_length=1)
     save_every_n_epochs: int = Field(1, ge=1)
+    save_last_n_epochs: int | None = Field(None, ge=1)
     save_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     save_single_file: bool = False
     seed: int = 42

@@ -516,6 +516,20 @@ def test_resume_needs_the_same_params_and_is_off_by_default(project, tmp_path, c
     assert len(list((project / ".loraforge" / "resume").iterdir())) == 2
 
 
+def test_save_last_n_epochs_keeps_the_newest_checkpoints_and_a_resumed_run_keeps_them_so(project, tmp_path, capsys):
+    shutil.rmtree(project / ".loraforge" / "resume", ignore_errors=True)
+    report, out = train(project, tmp_path / "a", epochs=4, save_last_n_epochs=2, resume="auto")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0003", "epoch-0004"]
+    assert report["epochs_saved"] == ["epoch-0003", "epoch-0004"]
+    kept = next((project / ".loraforge" / "resume").iterdir()) / "checkpoints"
+    assert sorted(p.name for p in kept.iterdir()) == ["epoch-0003", "epoch-0004"]  # gone from the resume folder too
+    capsys.readouterr()
+    _, out = train(project, tmp_path / "b", epochs=4, save_last_n_epochs=2, resume="auto")  # all done: restored
+    assert "resumed from state-epoch-0004" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0003", "epoch-0004"]
+    shutil.rmtree(project / ".loraforge" / "resume", ignore_errors=True)
+
+
 # ---------------------------------------------------------------- 8: fp16 with loss scaling
 
 

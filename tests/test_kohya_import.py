@@ -582,3 +582,11 @@ def test_a_prefix_with_shuffled_captions_is_imported_and_the_difference_reported
     imp, _ = import_kohya(config, None, project / "params.yaml")
     assert params_of(project)["caption"]["prefix"] == "masterpiece,"
     assert "shuffled with the tags" in dict(imp.unmapped)["caption_prefix with shuffle_caption"]
+
+
+@pytest.mark.parametrize(("value", "expected"), [(3, 3), (0, None)])
+def test_save_last_n_epochs_maps_and_zero_keeps_every_checkpoint(project, value, expected):
+    import_kohya(
+        write(project / "s.json", {"save_last_n_epochs": value, "network_dim": 4}), None, project / "params.yaml"
+    )
+    assert params_of(project)["finetune"].get("save_last_n_epochs") == expected

@@ -32,6 +32,7 @@ adaptive_noise_scale finetune.adaptive_noise_scale f      multires_noise_iterati
 multires_noise_discount finetune.multires_noise_discount f      ip_noise_gamma finetune.ip_noise_gamma f
 loss_type finetune.loss_type s      huber_c finetune.huber_c f      max_grad_norm finetune.max_grad_norm f
 gradient_checkpointing finetune.gradient_checkpointing b      prior_loss_weight finetune.prior_loss_weight f
+save_last_n_epochs finetune.save_last_n_epochs I
 fused_backward_pass finetune.fused_backward b      caption_prefix caption.prefix s      caption_suffix caption.suffix s
 shuffle_caption finetune.shuffle_caption b      keep_tokens finetune.keep_tokens i
 caption_dropout_rate finetune.caption_dropout_rate f      caption_tag_dropout_rate finetune.caption_tag_dropout_rate f
@@ -68,7 +69,7 @@ _REASON_GROUPS = {
         "samples are the `evaluate` stage's job (`evaluate.prompts`, `evaluate.seeds`)"
     ),
     "max_train_steps": "loraforge counts in epochs (`finetune.epochs`); `loraforge plan` does the steps arithmetic",
-    "save_every_n_steps save_last_n_epochs save_last_n_steps save_last_n_epochs_state save_last_n_steps_state "
+    "save_every_n_steps save_last_n_steps save_last_n_epochs_state save_last_n_steps_state "
     "save_n_epoch_ratio save_state_on_train_end": "checkpoints are saved every `finetune.save_every_n_epochs` epochs",
     "max_data_loader_n_workers persistent_data_loader_workers num_cpu_threads_per_process": (
         "training reads cached latents in-process; no loader workers to set"

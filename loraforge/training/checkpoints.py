@@ -67,6 +67,7 @@ class SaveSettings:
         save_single_file: also write `model.safetensors`, the whole model in original layout (mode full).
         model: the resolved base model (`ModelInfo`): the components that did not train, and the
             VAE the run used, come from it into the single file.
+        save_last_n_epochs: keep only this many of the newest checkpoints; None = all.
     """
 
     mode: str
@@ -79,6 +80,7 @@ class SaveSettings:
     about: dict[str, Any]
     save_single_file: bool = False
     model: Any = None
+    save_last_n_epochs: int | None = None
 
 
 def training_record(params: Mapping[str, Any]) -> dict[str, Any]:
