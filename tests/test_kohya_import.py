@@ -590,3 +590,15 @@ def test_save_last_n_epochs_maps_and_zero_keeps_every_checkpoint(project, value,
         write(project / "s.json", {"save_last_n_epochs": value, "network_dim": 4}), None, project / "params.yaml"
     )
     assert params_of(project)["finetune"].get("save_last_n_epochs") == expected
+
+
+def test_adafactor_s_relative_step_default_is_reported_not_trained_as_an_absolute_lr(project):
+    config = {"optimizer": "Adafactor", "learning_rate": 1.0, "network_dim": 4}
+    imp, _ = import_kohya(write(project / "ada.json", config), None, project / "params.yaml")
+    assert "relative_step=True" in dict(imp.unmapped)["optimizer"]
+    assert params_of(project)["finetune"]["optimizer_args"] == {}
+    load_all_params(project, load_pipeline(project))
+    explicit = {"optimizer": "Adafactor", "optimizer_args": "relative_step=False scale_parameter=False"}
+    imp, _ = import_kohya(write(project / "ada2.json", explicit), None, project / "params.yaml")
+    assert "optimizer" not in dict(imp.unmapped)
+    assert params_of(project)["finetune"]["optimizer_args"] == {"relative_step": False, "scale_parameter": False}

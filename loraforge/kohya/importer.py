@@ -331,6 +331,12 @@ def map_optimizer_and_network(s: dict[str, Any], lora: bool, imp: Imported) -> N
     elif name:
         imp.put("finetune.optimizer", mapped, key)
         args = {"momentum": 0.9, "nesterov": True, **args} if name.lower() == "sgdnesterov" else args  # as kohya
+        if mapped == "Adafactor" and args.get("relative_step", True) is not False:
+            imp.unmapped.append(
+                (key, "kohya's Adafactor defaults to relative_step=True (its own step size; the LR only starts it); "
+                 "loraforge trains Adafactor with relative_step=False at `finetune.lr`: set a real LR there")
+            )  # fmt: skip
+            args = {k: v for k, v in args.items() if k not in ("relative_step", "scale_parameter", "warmup_init")}
         if "weight_decay" not in args and mapped in kc.OWN_WEIGHT_DECAY:
             why = f"{key} without weight_decay in optimizer_args: {mapped}'s own default (kohya passes none)"
             imp.put("finetune.weight_decay", kc.OWN_WEIGHT_DECAY[mapped], why)
