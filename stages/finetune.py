@@ -323,7 +323,7 @@ def plan_steps(
         inputs: `latents` and `captions` folders (and `validation_folder` when declared).
         env: the publisher and state folder.
     """
-    examples = data.load_examples(inputs.latents, inputs.captions, params.repeats)
+    examples = data.load_examples(inputs.latents, inputs.captions, params.repeats, params.keep_tokens_separator)
     examples, held = validation.split_examples(examples, params.validation_split)
     folder = prior.reg_images_folder(params.validation_folder, inputs, env.state_dir, "validation_folder")
     if folder is not None:  # a missing or empty folder stops here, before the model loads

@@ -140,6 +140,10 @@ class Params:
         prior_loss_weight: weight of the class images' loss (the 002 guide: 1).
         shuffle_caption: shuffle comma-separated tags after the first `keep_tokens` (003: on).
         keep_tokens: leading tags kept in place and never dropped (003: 1, the activation tag).
+        keep_tokens_separator: kohya's: in a caption holding it (e.g. `|||`), the tags before it,
+            and after a second one, stay in place instead of the first `keep_tokens`; the
+            separators never reach the text encoder (`reg_images` and `validation_folder`
+            sidecars are read as written); "" = none.
         caption_dropout_rate: share of examples trained with an empty caption.
         caption_dropout_every_n_epochs: every n-th epoch trains without captions; 0 disables.
         caption_tag_dropout_rate: drop each non-kept tag with this probability.
@@ -224,6 +228,7 @@ class Params:
     prior_loss_weight: float = Field(1.0, ge=0)
     shuffle_caption: bool = False
     keep_tokens: int = Field(0, ge=0)
+    keep_tokens_separator: str = ""
     caption_dropout_rate: float = Field(0.0, ge=0, le=1)
     caption_dropout_every_n_epochs: int = Field(0, ge=0)
     caption_tag_dropout_rate: float = Field(0.0, ge=0, le=1)

@@ -610,6 +610,29 @@ def test_fp16_training_runs_the_unet_in_half_precision_and_reports_the_loss_scal
 # ---------------------------------------------------------------- 4: captions at train time
 
 
+def test_keep_tokens_separator_keeps_the_tags_around_the_flexible_middle_and_never_trains_it():
+    plain, keep = cap.split_at_separator("ohwx, style ||| red, circle, flat ||| masterpiece", "|||")
+    assert plain == "ohwx, style, red, circle, flat, masterpiece" and keep == (2, 1)
+    assert cap.split_at_separator("ohwx, red", "|||") == ("ohwx, red", None)
+    assert cap.split_at_separator("a ||| b", "") == ("a ||| b", None)  # no separator set: as written
+    s = cap.CaptionSettings(shuffle=True, keep_tokens=5)  # the separator decides, not keep_tokens
+    outs = {cap.train_caption(plain, s, random.Random(i), 1, keep) for i in range(30)}
+    assert len(outs) > 2 and all(o.startswith("ohwx, style, ") and o.endswith(", masterpiece") for o in outs)
+    assert all(sorted(o.split(", ")) == sorted(plain.split(", ")) for o in outs)
+    assert cap.train_caption(plain, cap.CaptionSettings(), random.Random(0), 1, keep) == plain  # no "|||" trains
+
+
+def test_examples_read_separated_captions_as_plain_text_with_their_kept_tags(tmp_path):
+    latents, captions = tmp_path / "latents", tmp_path / "captions"
+    latents.mkdir()
+    captions.mkdir()
+    (latents / "manifest.jsonl").write_text(json.dumps({"id": "a", "file": "a.safetensors", "bucket": [64, 64]}) + "\n")
+    (captions / "manifest.jsonl").write_text(json.dumps({"id": "a", "caption": "ohwx ||| red, circle"}) + "\n")
+    [example] = data.load_examples(latents, captions, 1, "|||")
+    assert example["caption"] == "ohwx, red, circle" and example["keep"] == (1, 0)
+    assert data.batch_captions([example], cap.CaptionSettings(shuffle=True), 0, 3, 1)[0].startswith("ohwx, ")
+
+
 def test_caption_shuffle_keeps_the_first_tokens_and_drops_by_rate():
     s = cap.CaptionSettings(shuffle=True, keep_tokens=1)
     text = "lfxstyle, red, circle, yellow, background, flat"

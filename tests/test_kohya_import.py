@@ -602,3 +602,9 @@ def test_adafactor_s_relative_step_default_is_reported_not_trained_as_an_absolut
     imp, _ = import_kohya(write(project / "ada2.json", explicit), None, project / "params.yaml")
     assert "optimizer" not in dict(imp.unmapped)
     assert params_of(project)["finetune"]["optimizer_args"] == {"relative_step": False, "scale_parameter": False}
+
+
+def test_keep_tokens_separator_maps_onto_finetune(project):
+    config = write(project / "sep.toml", 'keep_tokens_separator = "|||"\nshuffle_caption = true\nnetwork_dim = 4\n')
+    import_kohya(config, None, project / "params.yaml")
+    assert params_of(project)["finetune"]["keep_tokens_separator"] == "|||"

@@ -35,6 +35,7 @@ gradient_checkpointing finetune.gradient_checkpointing b      prior_loss_weight 
 save_last_n_epochs finetune.save_last_n_epochs I
 fused_backward_pass finetune.fused_backward b      caption_prefix caption.prefix s      caption_suffix caption.suffix s
 shuffle_caption finetune.shuffle_caption b      keep_tokens finetune.keep_tokens i
+keep_tokens_separator finetune.keep_tokens_separator s
 caption_dropout_rate finetune.caption_dropout_rate f      caption_tag_dropout_rate finetune.caption_tag_dropout_rate f
 caption_dropout_every_n_epochs finetune.caption_dropout_every_n_epochs i
 network_dim finetune.network_dim i      network_alpha finetune.network_alpha f
@@ -94,7 +95,7 @@ _REASON_GROUPS = {
         "and set `finetune.masked_loss: true`"
     ),
     "caption_extension": "captions are read from `.txt` / `.caption` sidecar files",
-    "keep_tokens_separator secondary_separator enable_wildcard token_warmup_min "
+    "secondary_separator enable_wildcard token_warmup_min "
     "token_warmup_step": "caption option loraforge does not have (edit the captions or `caption.template`)",
     "metadata_file in_json": "captions come from sidecar files or file names: write the metadata's captions as .txt",
     "block_lr down_lr_weight mid_lr_weight up_lr_weight block_dims block_alphas conv_block_dims conv_block_alphas "

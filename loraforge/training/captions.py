@@ -1,8 +1,9 @@
 """Caption augmentation at train time: tag shuffle with `keep_tokens`, tag dropout, caption dropout.
 
 Captions are comma-separated tags; the first `keep_tokens` tags (the activation tag: the 003
-guide sets 1) stay in place. Randomness comes from a `random.Random` seeded per (seed, step,
-index in batch), so a resumed run draws the same captions.
+guide sets 1) stay in place, or, in a caption written with `finetune.keep_tokens_separator`
+(kohya's, e.g. `|||`), the tags before it (and after a second one). Randomness comes from a
+`random.Random` seeded per (seed, step, index in batch), so a resumed run draws the same captions.
 """
 
 from __future__ import annotations
@@ -33,7 +34,25 @@ class CaptionSettings:
         return bool(self.shuffle or self.tag_dropout_rate or self.dropout_rate or self.dropout_every_n_epochs)
 
 
-def train_caption(caption: str, s: CaptionSettings, rng: random.Random, epoch: int) -> str:
+def split_at_separator(caption: str, separator: str) -> tuple[str, tuple[int, int] | None]:
+    """kohya's `keep_tokens_separator`: `fixed ||| flex` or `fixed ||| flex ||| fixed suffix`
+    as one plain comma-separated caption (the separators gone) and how many tags at its start
+    and at its end stay in place; `(caption, None)` when the caption has no separator.
+
+    Args:
+        caption: the caption as written.
+        separator: `finetune.keep_tokens_separator` ("" = none).
+    """
+    if not separator or separator not in caption:
+        return caption, None
+    parts = [[t.strip() for t in part.split(",") if t.strip()] for part in caption.split(separator, 2)]
+    fixed, flex, suffix = (parts + [[], []])[:3]
+    return ", ".join(fixed + flex + suffix), (len(fixed), len(suffix))
+
+
+def train_caption(
+    caption: str, s: CaptionSettings, rng: random.Random, epoch: int, keep: tuple[int, int] | None = None
+) -> str:
     """The caption an example is trained with this step.
 
     Args:
@@ -41,6 +60,8 @@ def train_caption(caption: str, s: CaptionSettings, rng: random.Random, epoch: i
         s: caption settings.
         rng: the example's random source for this step.
         epoch: 1-based epoch (for `dropout_every_n_epochs`).
+        keep: tags kept in place at the start and at the end (`split_at_separator`); None = the
+            first `keep_tokens`.
     """
     if s.dropout_every_n_epochs and epoch % s.dropout_every_n_epochs == 0:
         return ""
@@ -49,9 +70,10 @@ def train_caption(caption: str, s: CaptionSettings, rng: random.Random, epoch: i
     if not (s.shuffle or s.tag_dropout_rate):
         return caption
     tags = [t.strip() for t in caption.split(",") if t.strip()]
-    kept, rest = tags[: s.keep_tokens], tags[s.keep_tokens :]
+    head, tail = keep if keep is not None else (s.keep_tokens, 0)
+    kept, rest, end = tags[:head], tags[head : len(tags) - tail], tags[len(tags) - tail :] if tail else []
     if s.tag_dropout_rate:
         rest = [t for t in rest if rng.random() >= s.tag_dropout_rate]
     if s.shuffle:
         rng.shuffle(rest)
-    return ", ".join(kept + rest)
+    return ", ".join(kept + rest + end)

@@ -21,26 +21,31 @@ import torch
 from safetensors.torch import load_file
 
 from loraforge.data.images import read_jsonl
-from loraforge.training.captions import CaptionSettings, train_caption
+from loraforge.training.captions import CaptionSettings, split_at_separator, train_caption
 from loraforge.errors import Diverged, InputError
 
 Example = dict[str, Any]
 
 
-def load_examples(latents_dir: Path, captions_dir: Path, repeats: int) -> list[Example]:
-    """One example per latent (flipped copies included), joined with its caption, repeated.
+def load_examples(latents_dir: Path, captions_dir: Path, repeats: int, separator: str = "") -> list[Example]:
+    """One example per latent (flipped copies included), joined with its caption, repeated. A
+    caption written with the separator is read as its plain text, its kept tags in `keep`.
 
     Args:
         latents_dir: the latents stage's folder (manifest.jsonl + one safetensors per latent).
         captions_dir: the caption stage's folder (manifest.jsonl).
         repeats: `finetune.repeats`, multiplied with each image's folder repeats.
+        separator: `finetune.keep_tokens_separator` ("" = none).
     """
-    captions = {row["id"]: row["caption"] for row in read_jsonl(captions_dir / "manifest.jsonl")}
+    captions = {
+        row["id"]: split_at_separator(row["caption"], separator) for row in read_jsonl(captions_dir / "manifest.jsonl")
+    }
     examples = []
     for row in read_jsonl(latents_dir / "manifest.jsonl"):
         if row["id"] not in captions:
             raise InputError(f"latent {row['file']} has no caption in {captions_dir / 'manifest.jsonl'}")
-        example = {**row, "path": latents_dir / row["file"], "caption": captions[row["id"]]}
+        caption, keep = captions[row["id"]]
+        example = {**row, "path": latents_dir / row["file"], "caption": caption, "keep": keep}
         examples += [example] * (row.get("repeats", 1) * repeats)
     if not examples:
         raise InputError(f"no training examples in {latents_dir}")
@@ -168,5 +173,6 @@ def batch_captions(batch: list[Example], settings: CaptionSettings, seed: int, s
         epoch: 1-based epoch.
     """
     return [
-        train_caption(e["caption"], settings, random.Random(f"{seed}/{step}/{i}"), epoch) for i, e in enumerate(batch)
+        train_caption(e["caption"], settings, random.Random(f"{seed}/{step}/{i}"), epoch, e.get("keep"))
+        for i, e in enumerate(batch)
     ]
