@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 from loraforge.errors import StopRun
@@ -140,7 +139,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     url = f"http://{args.host}:{args.port}"
     print(f"Prefect UI: {url}\nIn another shell: export PREFECT_API_URL={url}/api && loraforge run")
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.port)]
-    return subprocess.call(command, env=ui_environment(args.host, args.port))
+    sys.stdout.flush()
+    os.execve(sys.executable, command, ui_environment(args.host, args.port))  # the server takes this process
+    return 0  # not reached: a signal to this pid now reaches the server, which leaves no orphan behind
 
 
 def add_wait_option(p: argparse.ArgumentParser) -> None:

@@ -4,6 +4,8 @@ server; `check` validates without running anything."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from loraforge import cli
 
 def test_ui_starts_the_prefect_server_on_loopback_only(monkeypatch, capsys):
     seen = {}
-    monkeypatch.setattr(cli.subprocess, "call", lambda command, env: seen.update(command=command, env=env) or 0)
+    monkeypatch.setattr(cli.os, "execve", lambda path, command, env: seen.update(command=command, env=env))
     assert cli.main(["ui", "--port", "4321"]) == 0
     command = seen["command"]
     assert command[command.index("--host") + 1] == "127.0.0.1"
@@ -56,7 +58,11 @@ def test_the_ui_on_another_port_hands_the_browser_the_api_of_its_own_server(repo
     port = free_port()
     log = (tmp_path / "ui.log").open("w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "loraforge", "ui", "--port", str(port)], cwd=repo_root, stdout=log, stderr=log
+        [sys.executable, "-m", "loraforge", "ui", "--port", str(port)],
+        cwd=repo_root,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,  # its own process group: the teardown stops every process it started
     )
     try:
         deadline, settings = time.monotonic() + 240, None
@@ -67,6 +73,11 @@ def test_the_ui_on_another_port_hands_the_browser_the_api_of_its_own_server(repo
         assert settings["api_url"] == f"http://127.0.0.1:{port}/api"
         assert get_json(f"http://127.0.0.1:{port}/api/health") is True  # and that API answers
     finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
+        server.terminate()  # `loraforge ui` became the server (exec): this reaches it
+        try:
+            server.wait(timeout=60)
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+            log.close()
+    assert server.returncode is not None
